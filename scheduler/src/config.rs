@@ -1,0 +1,297 @@
+//! Configuration: flags and `SM_*` environment variables, validated once at start-up into
+//! [`Settings`]. A bad value stops the start with a clear message; nothing falls back silently.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+
+use crate::domain::InternalTopics;
+use crate::slice::{Ladder, LadderError};
+use crate::time::Zone;
+
+/// Scheduled message delivery for Apache Kafka.
+///
+/// Produce a record to the ingest topic (SCHEDULED_MESSAGES) with headers `time` (when) and `topic`
+/// (where); it is kept in Kafka, in time-slice topics, and republished to `topic` at `time` with its
+/// key, value and headers.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "scheduler", version)]
+pub struct Config {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "SM_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    pub bootstrap_servers: String,
+
+    /// Address of the HTTP API (/api/jq, /api/wq, /api/job_log, /api/config, /healthz, /metrics).
+    #[arg(long, env = "SM_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+
+    /// Zone for `time` values written without one: an IANA name or UTC, GMT, CET, MET, EET, WET.
+    #[arg(long, env = "SM_DEFAULT_TZ", default_value = "UTC")]
+    pub default_tz: Zone,
+
+    /// Consumer group shared by every scheduler process of one deployment.
+    #[arg(long, env = "SM_GROUP_ID", default_value = "message-scheduler")]
+    pub group_id: String,
+
+    /// Topic users produce scheduled records to.
+    #[arg(long, env = "SM_INGEST_TOPIC", default_value = "SCHEDULED_MESSAGES")]
+    pub ingest_topic: String,
+
+    /// Dead-letter topic [default: <ingest topic>.DLQ].
+    #[arg(long, env = "SM_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+
+    /// Prefix of the time-slice topics; the slice width and slot number follow it.
+    #[arg(long, env = "SM_SLICE_PREFIX", default_value = "__SM_SLICE")]
+    pub slice_prefix: String,
+
+    /// Width of the finest time slice (e.g. 1s, 200ms). Records due sooner than about this
+    /// wait in memory.
+    #[arg(long, env = "SM_SMALLEST_SLICE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub smallest_slice: Duration,
+
+    /// Each level's slices are this many times wider than the level below.
+    #[arg(long, env = "SM_SLICE_RATIO", default_value_t = 4)]
+    pub slice_ratio: i64,
+
+    /// Upper bound on the widest slice; the widest level also holds everything beyond it.
+    #[arg(long, env = "SM_LARGEST_SLICE", default_value = "1day", value_parser = humantime::parse_duration)]
+    pub largest_slice: Duration,
+
+    /// Time a record must have before its slice is swept, covering produce latency and clock skew
+    /// between instances. Must be below smallest-slice / ratio.
+    #[arg(long, env = "SM_SAFETY_MARGIN", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub safety_margin: Duration,
+
+    /// Sweep workers in this process.
+    #[arg(long, env = "SM_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+
+    /// Partitions of the ingest topic when this process creates it.
+    #[arg(long, env = "SM_INGEST_PARTITIONS", default_value_t = 16)]
+    pub ingest_partitions: i32,
+
+    /// Partitions of each slice topic when this process creates it.
+    #[arg(long, env = "SM_SLICE_PARTITIONS", default_value_t = 4)]
+    pub slice_partitions: i32,
+
+    /// Replication factor of the topics this process creates.
+    #[arg(long, env = "SM_REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i32,
+
+    /// Retention of slice topics: the longest outage the scheduler survives without loss.
+    #[arg(long, env = "SM_SLICE_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub slice_retention: Duration,
+
+    /// How often safe offsets are committed.
+    #[arg(long, env = "SM_COMMIT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub commit_interval: Duration,
+
+    /// Any librdkafka property for every client, as key=value (repeat the flag; in the environment
+    /// separate pairs with ';'). For TLS and SASL: security.protocol, ssl.ca.location,
+    /// sasl.mechanism, sasl.username, sasl.password...
+    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not key=value"))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// A configuration error that stops the start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("slice ladder: {0}")]
+    Ladder(#[from] LadderError),
+    #[error("{0} must be at least 1")]
+    NotPositive(&'static str),
+    #[error("{0} is too long (at most {1})")]
+    TooLong(&'static str, String),
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub ladder: Ladder,
+    pub internal: InternalTopics,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Settings {
+    pub fn new(config: Config) -> Result<Settings, ConfigError> {
+        let ladder = Ladder::new(
+            millis(config.smallest_slice),
+            config.slice_ratio,
+            millis(config.largest_slice),
+            millis(config.safety_margin),
+        )?;
+        for (name, value) in [
+            ("workers", config.workers as i64),
+            ("ingest-partitions", config.ingest_partitions as i64),
+            ("slice-partitions", config.slice_partitions as i64),
+            ("replication-factor", config.replication_factor as i64),
+        ] {
+            if value < 1 {
+                return Err(ConfigError::NotPositive(name));
+            }
+        }
+        if config.commit_interval.is_zero() {
+            return Err(ConfigError::NotPositive("commit-interval"));
+        }
+        let internal = InternalTopics {
+            dlq: config
+                .dlq_topic
+                .clone()
+                .unwrap_or_else(|| format!("{}.DLQ", config.ingest_topic)),
+            ingest: config.ingest_topic.clone(),
+            slice_prefix: config.slice_prefix.clone(),
+        };
+        if config.slice_prefix.len() > 200 {
+            return Err(ConfigError::TooLong(
+                "slice-prefix",
+                "200 characters".into(),
+            ));
+        }
+        Ok(Settings {
+            config,
+            ladder,
+            internal,
+        })
+    }
+
+    /// The slice topic for a level's slot.
+    pub fn slice_topic(&self, level: usize, slot: i64) -> String {
+        self.ladder.topic(&self.config.slice_prefix, level, slot)
+    }
+
+    /// What `GET /api/config` shows: everything but secrets.
+    pub fn view(&self) -> ConfigView {
+        let c = &self.config;
+        ConfigView {
+            bootstrap_servers: c.bootstrap_servers.clone(),
+            http_addr: c.http_addr.to_string(),
+            default_tz: c.default_tz.to_string(),
+            group_id: c.group_id.clone(),
+            ingest_topic: self.internal.ingest.clone(),
+            dlq_topic: self.internal.dlq.clone(),
+            slice_widths_ms: self.ladder.widths().to_vec(),
+            slice_ratio: self.ladder.ratio(),
+            slots_per_level: self.ladder.slots(),
+            safety_margin_ms: self.ladder.margin_ms(),
+            workers: c.workers,
+            ingest_partitions: c.ingest_partitions,
+            slice_partitions: c.slice_partitions,
+            replication_factor: c.replication_factor,
+            slice_retention_ms: millis(c.slice_retention),
+            commit_interval_ms: millis(c.commit_interval),
+            kafka_properties: c
+                .kafka_properties
+                .iter()
+                .map(|(k, v)| (k.clone(), redact(k, v)))
+                .collect(),
+        }
+    }
+}
+
+/// Hides values of properties that hold secrets.
+pub fn redact(key: &str, value: &str) -> String {
+    let k = key.to_ascii_lowercase();
+    let secret = [
+        "password",
+        "secret",
+        "jaas",
+        "key.pem",
+        "private",
+        "token",
+        "credential",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+        || k.ends_with(".key");
+    if secret {
+        "[redacted]".to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigView {
+    pub bootstrap_servers: String,
+    pub http_addr: String,
+    pub default_tz: String,
+    pub group_id: String,
+    pub ingest_topic: String,
+    pub dlq_topic: String,
+    pub slice_widths_ms: Vec<i64>,
+    pub slice_ratio: i64,
+    pub slots_per_level: i64,
+    pub safety_margin_ms: i64,
+    pub workers: usize,
+    pub ingest_partitions: i32,
+    pub slice_partitions: i32,
+    pub replication_factor: i32,
+    pub slice_retention_ms: i64,
+    pub commit_interval_ms: i64,
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let mut argv = vec!["scheduler"];
+        argv.extend_from_slice(args);
+        let config = Config::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Settings::new(config).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.internal.dlq, "SCHEDULED_MESSAGES.DLQ");
+        assert_eq!(s.ladder.width(0), 1000);
+        assert_eq!(s.slice_topic(1, 3), "__SM_SLICE_4000MS_3");
+    }
+
+    #[test]
+    fn bad_values_stop_the_start() {
+        assert!(parse(&["--default-tz", "PST"]).unwrap_err().contains("PST"));
+        assert!(parse(&["--slice-ratio", "1"])
+            .unwrap_err()
+            .contains("ratio"));
+        assert!(parse(&["--workers", "0"]).unwrap_err().contains("workers"));
+        assert!(parse(&["-X", "novalue"]).unwrap_err().contains("key=value"));
+        assert!(parse(&["--safety-margin", "5s"])
+            .unwrap_err()
+            .contains("margin"));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = parse(&[
+            "-X",
+            "sasl.password=hunter2",
+            "-X",
+            "security.protocol=SASL_SSL",
+        ])
+        .unwrap();
+        let view = serde_json::to_string(&s.view()).unwrap();
+        assert!(!view.contains("hunter2"));
+        assert!(view.contains("SASL_SSL"));
+    }
+}

@@ -1,0 +1,575 @@
+//! The domain: header names, a scheduled record as parsed once at the door, why a record is refused,
+//! and the records built for each next place (a slice, the target, the dead-letter topic).
+//!
+//! Parsing happens once, here; everything downstream holds a [`Scheduled`] whose due time and
+//! target are already valid. Internal headers are rebuilt on every hop, never appended.
+
+use crate::time::{DueTime, TimeError, Zone};
+
+/// Header names. Everything starting with `sm-` is reserved for the scheduler.
+pub mod header {
+    /// When to deliver (user-supplied).
+    pub const TIME: &str = "time";
+    /// Where to deliver (user-supplied).
+    pub const TOPIC: &str = "topic";
+    /// The schedule's id (user-supplied, optional).
+    pub const ID: &str = "id";
+    /// The schedule's id, on every internal and delivered copy.
+    pub const SM_ID: &str = "sm-id";
+    /// The due time in UTC epoch milliseconds, on every internal and delivered copy.
+    pub const SM_DUE_MS: &str = "sm-due-ms";
+    /// The validated target topic, on internal copies.
+    pub const SM_TOPIC: &str = "sm-topic";
+    /// `partition-offset` of the record in the ingest topic: the tie-break that keeps the order of
+    /// records due at the same instant.
+    pub const SM_ORIGIN: &str = "sm-origin";
+    /// How many slices the record has passed through.
+    pub const SM_HOPS: &str = "sm-hops";
+    /// The slice (`level:window`) an internal copy was written for.
+    pub const SM_SLICE: &str = "sm-slice";
+    /// On a dead-lettered copy: the reason code.
+    pub const SM_ERROR: &str = "sm-error";
+    /// On a dead-lettered copy: the reason in words.
+    pub const SM_ERROR_DETAIL: &str = "sm-error-detail";
+    /// On a dead-lettered copy: `topic/partition/offset` it was read from.
+    pub const SM_SOURCE: &str = "sm-source";
+    /// The prefix of every reserved header.
+    pub const RESERVED_PREFIX: &str = "sm-";
+}
+
+/// A header as it came off the wire. The name may not be UTF-8, which rdkafka's own accessor
+/// would panic on, so records are read through [`crate::kafka::detach`] into this form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawHeader {
+    pub name: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A record read from Kafka, detached from the consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<RawHeader>,
+}
+
+impl Incoming {
+    /// The last header with this name (Kafka's `lastHeader` convention for repeated names).
+    fn last(&self, name: &str) -> Option<&RawHeader> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|h| h.name == name.as_bytes())
+    }
+
+    /// `topic/partition/offset`, for logs and the DLQ's `sm-source` header.
+    pub fn source(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// A header that will be written: a UTF-8 name and an optional value.
+pub type Header = (String, Option<Vec<u8>>);
+
+/// A record on its way to its next place. Owned, so a failed send can be retried or
+/// dead-lettered without going back to the consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<Header>,
+}
+
+impl Outgoing {
+    /// The value of the first header with this name.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+}
+
+/// The position of a record in the ingest topic. Ids default to it, and it orders records due at
+/// the same millisecond the way they were produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Origin {
+    fn encode(&self) -> String {
+        format!("{}-{}", self.partition, self.offset)
+    }
+
+    fn decode(s: &str) -> Option<Origin> {
+        let (p, o) = s.split_once('-')?;
+        Some(Origin {
+            partition: p.parse().ok()?,
+            offset: o.parse().ok()?,
+        })
+    }
+}
+
+/// A target topic that passed every check: a legal Kafka name that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetTopic(String);
+
+impl TargetTopic {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The topics a user may never target: the ingest topic, its DLQ, the slices, and anything starting
+/// with `__` (Kafka's own `__consumer_offsets`, `__transaction_state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalTopics {
+    pub ingest: String,
+    pub dlq: String,
+    pub slice_prefix: String,
+}
+
+impl InternalTopics {
+    pub fn contains(&self, topic: &str) -> bool {
+        topic == self.ingest
+            || topic == self.dlq
+            || topic.starts_with(&self.slice_prefix)
+            || topic.starts_with("__")
+    }
+
+    /// Checks a target topic name: Kafka's rules (1-249 characters of `[A-Za-z0-9._-]`, not `.`
+    /// or `..`), then that it is not internal.
+    pub fn target(&self, name: &str) -> Result<TargetTopic, Rejection> {
+        let legal = !name.is_empty()
+            && name.len() <= 249
+            && name != "."
+            && name != ".."
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if !legal {
+            return Err(Rejection::InvalidTopic(name.chars().take(300).collect()));
+        }
+        if self.contains(name) {
+            return Err(Rejection::InternalTopic(name.to_string()));
+        }
+        Ok(TargetTopic(name.to_string()))
+    }
+}
+
+/// Why a record goes to the dead-letter topic instead of its target. Each has a stable code for
+/// the `sm-error` header and a sentence for `sm-error-detail`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("the record has no 'time' header")]
+    MissingTime,
+    #[error("the 'time' header is invalid: {0}")]
+    InvalidTime(#[from] TimeError),
+    #[error("the record has no 'topic' header")]
+    MissingTopic,
+    #[error("the 'topic' header is not a legal topic name: {0:?}")]
+    InvalidTopic(String),
+    #[error("the target topic {0:?} is internal to the scheduler or to Kafka")]
+    InternalTopic(String),
+    #[error("the 'id' header must be UTF-8 of 1 to 256 bytes")]
+    InvalidId,
+    #[error("a header name is not UTF-8")]
+    InvalidHeaderName,
+    #[error("an internal record is corrupt: {0}")]
+    CorruptInternal(String),
+    #[error("the target topic {0:?} does not exist and the broker will not create it")]
+    UnknownTopic(String),
+    #[error("the broker refused the record: {0}")]
+    RefusedByBroker(String),
+}
+
+impl Rejection {
+    /// The `sm-error` code: stable, lowercase, for filters and metrics labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::MissingTime => "missing-time",
+            Rejection::InvalidTime(_) => "invalid-time",
+            Rejection::MissingTopic => "missing-topic",
+            Rejection::InvalidTopic(_) => "invalid-topic",
+            Rejection::InternalTopic(_) => "internal-topic",
+            Rejection::InvalidId => "invalid-id",
+            Rejection::InvalidHeaderName => "invalid-header",
+            Rejection::CorruptInternal(_) => "corrupt-internal-record",
+            Rejection::UnknownTopic(_) => "unknown-topic",
+            Rejection::RefusedByBroker(_) => "refused-by-broker",
+        }
+    }
+}
+
+/// A record accepted for scheduling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduled {
+    pub id: String,
+    pub due: DueTime,
+    pub target: TargetTopic,
+    pub origin: Origin,
+    pub hops: u32,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// Every header the user sent except reserved `sm-*` ones, in order, `time`/`topic`/`id`
+    /// included, so that a dead-lettered copy can be resubmitted as it was.
+    pub user_headers: Vec<Header>,
+}
+
+fn utf8(raw: &[u8]) -> Option<&str> {
+    std::str::from_utf8(raw).ok()
+}
+
+/// The user's headers: UTF-8 names only, reserved ones dropped.
+fn user_headers(rec: &Incoming) -> Result<Vec<Header>, Rejection> {
+    let mut out = Vec::with_capacity(rec.headers.len());
+    for h in &rec.headers {
+        let name = utf8(&h.name).ok_or(Rejection::InvalidHeaderName)?;
+        if !name.starts_with(header::RESERVED_PREFIX) {
+            out.push((name.to_string(), h.value.clone()));
+        }
+    }
+    Ok(out)
+}
+
+impl Scheduled {
+    /// Parses a record from the ingest topic: `time` and `topic` required, `id` optional.
+    pub fn from_ingest(
+        rec: &Incoming,
+        default_zone: Zone,
+        internal: &InternalTopics,
+    ) -> Result<Scheduled, Rejection> {
+        let user_headers = user_headers(rec)?;
+        let time = rec
+            .last(header::TIME)
+            .and_then(|h| h.value.as_deref())
+            .ok_or(Rejection::MissingTime)?;
+        let due = DueTime::parse_bytes(time, default_zone)?;
+        let topic = rec
+            .last(header::TOPIC)
+            .and_then(|h| h.value.as_deref())
+            .ok_or(Rejection::MissingTopic)?;
+        let topic = utf8(topic).ok_or_else(|| {
+            Rejection::InvalidTopic(String::from_utf8_lossy(topic).chars().take(300).collect())
+        })?;
+        let target = internal.target(topic.trim())?;
+        let origin = Origin {
+            partition: rec.partition,
+            offset: rec.offset,
+        };
+        let id = match rec.last(header::ID).and_then(|h| h.value.as_deref()) {
+            None => origin.encode(),
+            Some(raw) => match utf8(raw) {
+                Some(id) if !id.is_empty() && id.len() <= 256 => id.to_string(),
+                _ => return Err(Rejection::InvalidId),
+            },
+        };
+        Ok(Scheduled {
+            id,
+            due,
+            target,
+            origin,
+            hops: 0,
+            key: rec.key.clone(),
+            payload: rec.payload.clone(),
+            user_headers,
+        })
+    }
+
+    /// Parses a record from a slice topic, written by [`Scheduled::to_slice`].
+    pub fn from_slice(rec: &Incoming, internal: &InternalTopics) -> Result<Scheduled, Rejection> {
+        let corrupt =
+            |what: &str| Rejection::CorruptInternal(format!("{what} at {}", rec.source()));
+        let text = |name: &str| {
+            rec.last(name)
+                .and_then(|h| h.value.as_deref())
+                .and_then(utf8)
+                .ok_or_else(|| corrupt(&format!("missing or non-UTF-8 {name}")))
+        };
+        let due_ms: i64 = text(header::SM_DUE_MS)?
+            .parse()
+            .map_err(|_| corrupt("bad sm-due-ms"))?;
+        let due = DueTime::from_millis(due_ms).map_err(|_| corrupt("sm-due-ms out of range"))?;
+        let target = internal.target(text(header::SM_TOPIC)?)?;
+        let origin =
+            Origin::decode(text(header::SM_ORIGIN)?).ok_or_else(|| corrupt("bad sm-origin"))?;
+        let hops = text(header::SM_HOPS)?
+            .parse()
+            .map_err(|_| corrupt("bad sm-hops"))?;
+        Ok(Scheduled {
+            id: text(header::SM_ID)?.to_string(),
+            due,
+            target,
+            origin,
+            hops,
+            key: rec.key.clone(),
+            payload: rec.payload.clone(),
+            user_headers: user_headers(rec)?,
+        })
+    }
+
+    /// The copy written into a slice topic: the user's headers and a fresh set of internal ones.
+    pub fn to_slice(&self, topic: String, slice: crate::slice::SliceId) -> Outgoing {
+        let mut headers = self.user_headers.clone();
+        headers.extend([
+            h(header::SM_ID, self.id.clone()),
+            h(header::SM_DUE_MS, self.due.as_millis().to_string()),
+            h(header::SM_TOPIC, self.target.as_str().to_string()),
+            h(header::SM_ORIGIN, self.origin.encode()),
+            h(header::SM_HOPS, (self.hops + 1).to_string()),
+            h(header::SM_SLICE, slice.encode()),
+        ]);
+        Outgoing {
+            topic,
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers,
+        }
+    }
+
+    /// The delivered copy: same key and value, the user's own headers (the scheduling headers
+    /// `time`, `topic` and `id` removed, so the copy cannot be re-scheduled by accident), plus
+    /// `sm-id` and `sm-due-ms`.
+    pub fn to_target(&self) -> Outgoing {
+        let mut headers: Vec<Header> = self
+            .user_headers
+            .iter()
+            .filter(|(n, _)| n != header::TIME && n != header::TOPIC && n != header::ID)
+            .cloned()
+            .collect();
+        headers.push(h(header::SM_ID, self.id.clone()));
+        headers.push(h(header::SM_DUE_MS, self.due.as_millis().to_string()));
+        Outgoing {
+            topic: self.target.as_str().to_string(),
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers,
+        }
+    }
+
+    /// The dead-lettered copy of an accepted record the target refused: the user's headers as sent
+    /// (so it can be resubmitted after a fix) plus the reason.
+    pub fn to_dlq(&self, dlq: &str, why: &Rejection) -> Outgoing {
+        let mut headers = self.user_headers.clone();
+        headers.extend(reason_headers(why));
+        headers.push(h(header::SM_ID, self.id.clone()));
+        Outgoing {
+            topic: dlq.to_string(),
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers,
+        }
+    }
+}
+
+fn h(name: &str, value: String) -> Header {
+    (name.to_string(), Some(value.into_bytes()))
+}
+
+fn reason_headers(why: &Rejection) -> [Header; 2] {
+    [
+        h(header::SM_ERROR, why.code().to_string()),
+        h(header::SM_ERROR_DETAIL, why.to_string()),
+    ]
+}
+
+/// The dead-lettered copy of a record refused at the door: the original record with every header
+/// it had (a name that is not UTF-8 is written lossily, the only change), plus the reason and
+/// where it was read from.
+pub fn dlq_original(rec: &Incoming, dlq: &str, why: &Rejection) -> Outgoing {
+    let mut headers: Vec<Header> = rec
+        .headers
+        .iter()
+        .map(|hd| {
+            (
+                String::from_utf8_lossy(&hd.name).into_owned(),
+                hd.value.clone(),
+            )
+        })
+        .collect();
+    headers.extend(reason_headers(why));
+    headers.push(h(header::SM_SOURCE, rec.source()));
+    Outgoing {
+        topic: dlq.to_string(),
+        key: rec.key.clone(),
+        payload: rec.payload.clone(),
+        headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slice::SliceId;
+    use proptest::prelude::*;
+
+    fn internal() -> InternalTopics {
+        InternalTopics {
+            ingest: "SCHEDULED_MESSAGES".into(),
+            dlq: "SCHEDULED_MESSAGES.DLQ".into(),
+            slice_prefix: "__SM_SLICE".into(),
+        }
+    }
+
+    fn rec(headers: &[(&str, &[u8])]) -> Incoming {
+        Incoming {
+            topic: "SCHEDULED_MESSAGES".into(),
+            partition: 3,
+            offset: 17,
+            key: Some(b"k".to_vec()),
+            payload: Some(b"v".to_vec()),
+            headers: headers
+                .iter()
+                .map(|(n, v)| RawHeader {
+                    name: n.as_bytes().to_vec(),
+                    value: Some(v.to_vec()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_good_record_survives_every_hop_intact() {
+        let r = rec(&[
+            ("trace", b"abc"),
+            ("time", b"2030-01-01T00:00:00Z"),
+            ("topic", b"orders"),
+            ("sm-hops", b"99"),
+        ]);
+        let s = Scheduled::from_ingest(&r, Zone::UTC, &internal()).unwrap();
+        assert_eq!(s.id, "3-17");
+        assert_eq!(s.target.as_str(), "orders");
+        // Reserved headers from the user are dropped, not trusted.
+        assert!(s.user_headers.iter().all(|(n, _)| !n.starts_with("sm-")));
+
+        let slice = SliceId {
+            level: 2,
+            window: 5,
+        };
+        let out = s.to_slice("__SM_SLICE_16000MS_5".into(), slice);
+        let back = Incoming {
+            topic: out.topic.clone(),
+            partition: 0,
+            offset: 0,
+            key: out.key.clone(),
+            payload: out.payload.clone(),
+            headers: out
+                .headers
+                .iter()
+                .map(|(n, v)| RawHeader {
+                    name: n.clone().into_bytes(),
+                    value: v.clone(),
+                })
+                .collect(),
+        };
+        let s2 = Scheduled::from_slice(&back, &internal()).unwrap();
+        assert_eq!(s2.hops, 1);
+        assert_eq!(
+            (s2.id.as_str(), s2.due, s2.origin),
+            (s.id.as_str(), s.due, s.origin)
+        );
+        assert_eq!(s2.user_headers, s.user_headers);
+        // Internal headers are replaced on each hop, never appended.
+        let again = s2.to_slice("t".into(), slice);
+        assert_eq!(
+            again.headers.iter().filter(|(n, _)| n == "sm-hops").count(),
+            1
+        );
+        assert_eq!(again.header("sm-hops"), Some(&b"2"[..]));
+
+        let delivered = s2.to_target();
+        assert_eq!(delivered.topic, "orders");
+        assert_eq!(delivered.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(delivered.payload.as_deref(), Some(&b"v"[..]));
+        let names: Vec<&str> = delivered.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["trace", "sm-id", "sm-due-ms"]);
+    }
+
+    #[test]
+    fn an_explicit_id_is_kept() {
+        let r = rec(&[("time", b"1"), ("topic", b"t"), ("id", b"order-42")]);
+        assert_eq!(
+            Scheduled::from_ingest(&r, Zone::UTC, &internal())
+                .unwrap()
+                .id,
+            "order-42"
+        );
+    }
+
+    #[test]
+    fn each_bad_input_has_its_reason() {
+        type Case<'a> = (&'a [(&'a str, &'a [u8])], &'a str);
+        let cases: [Case; 9] = [
+            (&[("topic", b"t")], "missing-time"),
+            (&[("time", b"soon"), ("topic", b"t")], "invalid-time"),
+            (&[("time", b"1")], "missing-topic"),
+            (&[("time", b"1"), ("topic", b"a b")], "invalid-topic"),
+            (&[("time", b"1"), ("topic", b"")], "invalid-topic"),
+            (
+                &[("time", b"1"), ("topic", b"SCHEDULED_MESSAGES")],
+                "internal-topic",
+            ),
+            (
+                &[("time", b"1"), ("topic", b"__SM_SLICE_1000MS_0")],
+                "internal-topic",
+            ),
+            (
+                &[("time", b"1"), ("topic", b"__consumer_offsets")],
+                "internal-topic",
+            ),
+            (
+                &[("time", b"1"), ("topic", b"t"), ("id", b"")],
+                "invalid-id",
+            ),
+        ];
+        for (headers, code) in cases {
+            let err = Scheduled::from_ingest(&rec(headers), Zone::UTC, &internal()).unwrap_err();
+            assert_eq!(err.code(), code, "{headers:?}");
+        }
+        let mut bad_name = rec(&[("time", b"1"), ("topic", b"t")]);
+        bad_name.headers.push(RawHeader {
+            name: vec![0xff],
+            value: None,
+        });
+        let err = Scheduled::from_ingest(&bad_name, Zone::UTC, &internal()).unwrap_err();
+        assert_eq!(err, Rejection::InvalidHeaderName);
+        // The DLQ copy keeps everything, with the reason and the source.
+        let dlq = dlq_original(&bad_name, "DLQ", &err);
+        assert_eq!(dlq.payload.as_deref(), Some(&b"v"[..]));
+        assert_eq!(dlq.header("sm-error"), Some(&b"invalid-header"[..]));
+        assert_eq!(
+            dlq.header("sm-source"),
+            Some(&b"SCHEDULED_MESSAGES/3/17"[..])
+        );
+        assert_eq!(dlq.headers.len(), 3 + 3);
+    }
+
+    proptest! {
+        /// Hostile headers never panic the parser: each record is either accepted or rejected.
+        #[test]
+        fn arbitrary_headers_never_panic(
+            headers in proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 0..12),
+                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))),
+                0..8),
+            with_time in any::<bool>(),
+        ) {
+            let mut r = rec(&[]);
+            r.headers = headers.into_iter().map(|(name, value)| RawHeader { name, value }).collect();
+            if with_time {
+                r.headers.push(RawHeader { name: b"time".to_vec(), value: Some(b"0".to_vec()) });
+            }
+            match Scheduled::from_ingest(&r, Zone::UTC, &internal()) {
+                Ok(s) => { let _ = s.to_target(); }
+                Err(e) => { let _ = dlq_original(&r, "DLQ", &e); }
+            }
+            let _ = Scheduled::from_slice(&r, &internal());
+        }
+    }
+}

@@ -1,0 +1,983 @@
+//! The engine: the data path from the ingest topic through the slices and the timer to the target.
+//!
+//! - `consume`: one consumer reads the ingest topic (always) and the slice partitions being swept
+//!   (only during their sweep; otherwise they stay paused). Each record is parsed once, routed by
+//!   [`Ladder::route`], and handed to its next place; bad records go to the DLQ.
+//! - `run_timer`: one task publishes what the timer holds, in due order, never before its time.
+//! - `run_planner`: creates a sweep job per window as its sweep time comes; `run_worker` tasks take
+//!   jobs and run them (position the slot's partitions, resume, wait until every record up to the
+//!   end has been placed, pause).
+//! - `run_committer`: commits, per partition, up to the lowest record not yet acknowledged in its
+//!   next place ([`OffsetTracker`]).
+//! - `run_control`: applies rebalance events (drop what a revoked partition handed over, catch up
+//!   newly assigned slices).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::domain::{dlq_original, Incoming, Outgoing, Scheduled};
+use crate::jobs::{Board, JobCounts, JobKind, JobSpec};
+use crate::kafka::{self, lock, EngineContext, RebalanceEvent, SendFailure, TopicSpec};
+use crate::metrics as m;
+use crate::offsets::{OffsetTracker, Ticket, Tp};
+use crate::slice::{Ladder, Route, SliceId};
+use crate::time::Clock;
+use crate::timer::TimerQueue;
+use crate::Error;
+
+/// How long a sweep may see no progress at all before it is abandoned (as ERROR) and retried at
+/// the slot's next sweep.
+const STALL: Duration = Duration::from_secs(30);
+/// Timeout of the broker round trips a sweep makes (watermarks, committed offsets, seek).
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A record waiting in the timer, with the ticket that releases its source offset once published.
+struct TimerEntry {
+    scheduled: Scheduled,
+    ticket: Ticket,
+}
+
+/// What acknowledging a send means.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    Slice { level: usize },
+    Deliver { due_ms: i64 },
+    DeadLetter { reason: &'static str },
+}
+
+/// A record on its way, with what to do once it is acknowledged.
+struct Send {
+    out: Outgoing,
+    then: Then,
+    /// The parsed record, to build a DLQ copy from if the destination refuses it for good.
+    scheduled: Option<Scheduled>,
+    ticket: Ticket,
+    sweep: Option<Arc<ActiveSweep>>,
+}
+
+/// Progress of a sweep over one slice partition, shared by the worker that runs it and the
+/// consumer loop that routes its records.
+struct ActiveSweep {
+    /// Records below this offset that belong in this very slot (a later window, or beyond the top
+    /// level's horizon) are written again at the end; from this offset on, such a record ends the
+    /// sweep, so a sweep never reads its own re-writes.
+    reappend_below: i64,
+    progress: Mutex<SweepProgress>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct SweepProgress {
+    processed_through: i64,
+    stopped_at: Option<i64>,
+    routed: u64,
+    placed: u64,
+    counts: JobCounts,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Placed {
+    Slice,
+    Timer,
+    DeadLetter,
+}
+
+impl ActiveSweep {
+    fn new(reappend_below: i64, next: i64) -> Self {
+        ActiveSweep {
+            reappend_below,
+            progress: Mutex::new(SweepProgress {
+                processed_through: next - 1,
+                ..Default::default()
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut SweepProgress)) {
+        f(&mut lock(&self.progress));
+        self.wake.notify_waiters();
+    }
+
+    fn placed(&self, how: Placed) {
+        self.update(|p| {
+            p.placed += 1;
+            match how {
+                Placed::Slice => p.counts.to_slices += 1,
+                Placed::Timer => p.counts.to_timer += 1,
+                Placed::DeadLetter => p.counts.dead_lettered += 1,
+            }
+        });
+    }
+
+    /// Waits until `done` holds, giving up after [`STALL`] without any progress.
+    async fn wait(&self, token: &CancellationToken, done: impl Fn(&SweepProgress) -> bool) -> Wait {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(&lock(&self.progress)) {
+                return Wait::Done;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(STALL) => return Wait::Stalled,
+                _ = token.cancelled() => return Wait::Cancelled,
+            }
+        }
+    }
+}
+
+enum Wait {
+    Done,
+    Stalled,
+    Cancelled,
+}
+
+/// Where a slice partition's next sweep starts, under the assignment generation it was learnt in.
+#[derive(Debug, Default)]
+struct Cursor {
+    generation: u64,
+    next: Option<i64>,
+}
+
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+    pub board: Board,
+    producer: FutureProducer,
+    consumer: Arc<StreamConsumer<EngineContext>>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    timer: Mutex<TimerQueue<TimerEntry>>,
+    timer_wake: Notify,
+    sweeps: Mutex<HashMap<Tp, Arc<ActiveSweep>>>,
+    cursors: Mutex<HashMap<Tp, Arc<tokio::sync::Mutex<Cursor>>>>,
+    /// slice topic -> (level, slot)
+    slices: HashMap<String, (usize, i64)>,
+    acks: TaskTracker,
+    token: CancellationToken,
+    fatal: Mutex<Option<String>>,
+}
+
+/// A started engine; [`Engine::stop`] shuts it down cleanly.
+pub struct Engine {
+    pub(crate) shared: Arc<Shared>,
+    tasks: TaskTracker,
+}
+
+impl Engine {
+    /// Creates the topics, connects, subscribes, and starts every task.
+    pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Engine, Error> {
+        let cfg = &settings.config;
+        let ladder = &settings.ladder;
+        let prefix = &settings.internal.slice_prefix;
+        let retention = i64::try_from(cfg.slice_retention.as_millis()).unwrap_or(i64::MAX);
+        let mut topics = vec![
+            TopicSpec {
+                name: settings.internal.ingest.clone(),
+                partitions: cfg.ingest_partitions,
+                configs: vec![("retention.ms", retention.to_string())],
+            },
+            TopicSpec {
+                name: settings.internal.dlq.clone(),
+                partitions: cfg.ingest_partitions,
+                configs: vec![],
+            },
+        ];
+        let slices: HashMap<String, (usize, i64)> = ladder
+            .all_topics(prefix)
+            .into_iter()
+            .map(|(level, slot, name)| (name, (level, slot)))
+            .collect();
+        for name in slices.keys() {
+            topics.push(TopicSpec {
+                name: name.clone(),
+                partitions: cfg.slice_partitions,
+                configs: vec![("retention.ms", retention.to_string())],
+            });
+        }
+        kafka::ensure_topics(&settings, &topics).await?;
+
+        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let context = EngineContext {
+            tracker: tracker.clone(),
+            slice_topics: slices.keys().cloned().collect(),
+            events: events_tx,
+        };
+        let consumer: StreamConsumer<EngineContext> =
+            kafka::consumer_config(&settings).create_with_context(context)?;
+        let mut subscription: Vec<&str> = vec![settings.internal.ingest.as_str()];
+        subscription.extend(slices.keys().map(String::as_str));
+        consumer.subscribe(&subscription)?;
+        let producer: FutureProducer = kafka::producer_config(&settings).create()?;
+
+        let shared = Arc::new(Shared {
+            settings,
+            clock,
+            board: Board::default(),
+            producer,
+            consumer: Arc::new(consumer),
+            tracker,
+            timer: Mutex::new(TimerQueue::default()),
+            timer_wake: Notify::new(),
+            sweeps: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(HashMap::new()),
+            slices,
+            acks: TaskTracker::new(),
+            token: CancellationToken::new(),
+            fatal: Mutex::new(None),
+        });
+
+        let tasks = TaskTracker::new();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<u64>(1024);
+        let jobs_rx = Arc::new(tokio::sync::Mutex::new(jobs_rx));
+        tasks.spawn(shared.clone().consume());
+        tasks.spawn(shared.clone().run_timer());
+        tasks.spawn(shared.clone().run_committer());
+        tasks.spawn(shared.clone().run_planner(jobs_tx.clone()));
+        tasks.spawn(shared.clone().run_control(events_rx, jobs_tx));
+        tasks.spawn(shared.clone().run_stats());
+        for n in 0..shared.settings.config.workers {
+            let id = format!("{}-w{}", std::process::id(), n + 1);
+            tasks.spawn(shared.clone().run_worker(id, jobs_rx.clone()));
+        }
+        tasks.close();
+        tracing::info!(
+            levels = shared.settings.ladder.levels(),
+            widths_ms = ?shared.settings.ladder.widths(),
+            "scheduler started"
+        );
+        Ok(Engine { shared, tasks })
+    }
+
+    /// Resolves when the engine stopped by itself (a fatal error).
+    pub async fn failed(&self) -> String {
+        self.shared.token.cancelled().await;
+        lock(&self.shared.fatal)
+            .clone()
+            .unwrap_or_else(|| "stopped".into())
+    }
+
+    /// Stops reading, lets in-flight sends finish (up to 10 s), commits what is safe, and returns.
+    /// Records still in the timer stay uncommitted and are read again by whoever owns their
+    /// partition next.
+    pub async fn stop(self) -> Result<(), Error> {
+        let s = &self.shared;
+        s.token.cancel();
+        self.tasks.wait().await;
+        s.acks.close();
+        if tokio::time::timeout(Duration::from_secs(10), s.acks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sends still unacknowledged after 10 s; they stay uncommitted");
+        }
+        s.commit(CommitMode::Sync);
+        let _ = s.producer.flush(Duration::from_secs(5));
+        s.consumer.unsubscribe();
+        match lock(&s.fatal).clone() {
+            Some(reason) => Err(Error::Fatal(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Shared {
+    fn ladder(&self) -> &Ladder {
+        &self.settings.ladder
+    }
+
+    fn slice_topic(&self, id: SliceId) -> String {
+        self.ladder().topic(
+            &self.settings.internal.slice_prefix,
+            id.level,
+            self.ladder().slot(id),
+        )
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "fatal error, stopping");
+        lock(&self.fatal).get_or_insert(reason);
+        self.token.cancel();
+    }
+
+    // ---- the consumer loop -------------------------------------------------------------------
+
+    async fn consume(self: Arc<Self>) {
+        loop {
+            let rec = tokio::select! {
+                _ = self.token.cancelled() => break,
+                msg = self.consumer.recv() => match msg {
+                    Ok(msg) => kafka::detach(&msg),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if rec.topic == self.settings.internal.ingest {
+                self.ingest(rec).await;
+            } else if self.slices.contains_key(&rec.topic) {
+                self.sweep_record(rec).await;
+            }
+        }
+    }
+
+    /// A record from the ingest topic: accepted and routed, or dead-lettered with its reason.
+    async fn ingest(self: &Arc<Self>, rec: Incoming) {
+        let Some(ticket) = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset) else {
+            return;
+        };
+        let internal = &self.settings.internal;
+        match Scheduled::from_ingest(&rec, self.settings.config.default_tz, internal) {
+            Err(why) => {
+                tracing::warn!(source = %rec.source(), reason = why.code(), detail = %why, "dead-lettering");
+                let out = dlq_original(&rec, &internal.dlq, &why);
+                let then = Then::DeadLetter { reason: why.code() };
+                self.send(Send {
+                    out,
+                    then,
+                    scheduled: None,
+                    ticket,
+                    sweep: None,
+                })
+                .await;
+            }
+            Ok(s) => {
+                metrics::counter!(m::SCHEDULED).increment(1);
+                let now = self.clock.now_ms();
+                if s.due.as_millis() <= now {
+                    metrics::counter!(m::PAST_DUE).increment(1);
+                }
+                let route = self.ladder().route(s.due.as_millis(), now);
+                self.forward(s, route, ticket, None).await;
+            }
+        }
+    }
+
+    /// A record from a slice partition under sweep.
+    async fn sweep_record(self: &Arc<Self>, rec: Incoming) {
+        let key = (rec.topic.clone(), rec.partition);
+        let Some(sweep) = lock(&self.sweeps).get(&key).cloned() else {
+            // Fetched before the partition was paused; the next sweep seeks back to it.
+            return;
+        };
+        if lock(&sweep.progress).stopped_at.is_some() {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {
+            let route = self.ladder().route(s.due.as_millis(), now);
+            (s, route)
+        });
+        if let Ok((_, Route::Slice(id))) = &parsed {
+            if rec.offset >= sweep.reappend_below && self.slice_topic(*id) == rec.topic {
+                // Already in the right place for a later window: leave it, and the rest, for then.
+                sweep.update(|p| p.stopped_at = Some(rec.offset));
+                return;
+            }
+        }
+        let Some(ticket) = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset) else {
+            return;
+        };
+        sweep.update(|p| {
+            p.processed_through = rec.offset;
+            p.routed += 1;
+            p.counts.records += 1;
+        });
+        match parsed {
+            Ok((s, route)) => self.forward(s, route, ticket, Some(sweep)).await,
+            Err(why) => {
+                tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
+                let out = dlq_original(&rec, &self.settings.internal.dlq, &why);
+                let then = Then::DeadLetter { reason: why.code() };
+                self.send(Send {
+                    out,
+                    then,
+                    scheduled: None,
+                    ticket,
+                    sweep: Some(sweep),
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Hands an accepted record to its next place.
+    async fn forward(
+        self: &Arc<Self>,
+        s: Scheduled,
+        route: Route,
+        ticket: Ticket,
+        sweep: Option<Arc<ActiveSweep>>,
+    ) {
+        match route {
+            Route::Timer => {
+                let (due, origin) = (s.due.as_millis(), s.origin);
+                lock(&self.timer).insert(
+                    due,
+                    origin,
+                    TimerEntry {
+                        scheduled: s,
+                        ticket,
+                    },
+                );
+                self.timer_wake.notify_one();
+                if let Some(sweep) = sweep {
+                    sweep.placed(Placed::Timer);
+                }
+            }
+            Route::Slice(id) => {
+                let out = s.to_slice(self.slice_topic(id), id);
+                let then = Then::Slice { level: id.level };
+                self.send(Send {
+                    out,
+                    then,
+                    scheduled: Some(s),
+                    ticket,
+                    sweep,
+                })
+                .await;
+            }
+        }
+    }
+
+    // ---- sending -----------------------------------------------------------------------------
+
+    /// Enqueues the record now (so records leave in the order they are handed over) and awaits
+    /// the broker's acknowledgement in a task of its own, so sends never wait on each other.
+    async fn send(self: &Arc<Self>, send: Send) {
+        let queued = self.enqueue(&send.out).await;
+        let me = self.clone();
+        self.acks
+            .spawn(async move { me.complete(send, queued).await });
+    }
+
+    async fn enqueue(&self, out: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
+        loop {
+            match self.producer.send_result(kafka::record(out)) {
+                Ok(fut) => return Ok(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Awaits the acknowledgement; retries transient failures with backoff (never dropping the
+    /// record), and dead-letters a record its destination refuses for good.
+    async fn complete(
+        self: Arc<Self>,
+        mut send: Send,
+        mut queued: Result<DeliveryFuture, KafkaError>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = match queued {
+                Ok(fut) => match fut.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    // The producer is gone (shutdown): the record stays uncommitted.
+                    Err(_) => return,
+                },
+                Err(e) => Err(e),
+            };
+            let err = match result {
+                Ok(()) => return self.acknowledged(send),
+                Err(e) => e,
+            };
+            if matches!(err, KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)) {
+                return self.fail(format!("producer fatal error: {err}"));
+            }
+            match kafka::classify(&err, &send.out.topic) {
+                SendFailure::Permanent(why) if !matches!(send.then, Then::DeadLetter { .. }) => {
+                    tracing::warn!(topic = %send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
+                    let dlq = &self.settings.internal.dlq;
+                    send.out = match &send.scheduled {
+                        Some(s) => s.to_dlq(dlq, &why),
+                        None => send.out,
+                    };
+                    send.then = Then::DeadLetter { reason: why.code() };
+                }
+                failure => {
+                    // Transient, or the DLQ itself refused: keep the record and retry loudly.
+                    tracing::warn!(topic = %send.out.topic, ?failure, retry_in = ?backoff, "send failed");
+                    metrics::counter!(m::SEND_RETRIES).increment(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.token.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            queued = self.enqueue(&send.out).await;
+        }
+    }
+
+    fn acknowledged(&self, send: Send) {
+        let placed = match send.then {
+            Then::Slice { level } => {
+                metrics::counter!(m::SLICE_WRITES, "level" => level.to_string()).increment(1);
+                Placed::Slice
+            }
+            Then::Deliver { due_ms } => {
+                let late = (self.clock.now_ms() - due_ms).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::LATENESS, "path" => "kafka").record(late);
+                metrics::counter!(m::DELIVERED, "path" => "kafka").increment(1);
+                Placed::Timer
+            }
+            Then::DeadLetter { reason } => {
+                metrics::counter!(m::DEAD_LETTERED, "reason" => reason).increment(1);
+                Placed::DeadLetter
+            }
+        };
+        lock(&self.tracker).finish(&send.ticket);
+        if let Some(sweep) = send.sweep {
+            sweep.placed(placed);
+        }
+    }
+
+    // ---- the timer ---------------------------------------------------------------------------
+
+    /// Publishes due records in due order. It sleeps until the earliest due time (or until a new
+    /// record arrives), takes everything due by the clock, and releases the lock before sending.
+    async fn run_timer(self: Arc<Self>) {
+        loop {
+            let now = self.clock.now_ms();
+            let (due, next) = {
+                let mut timer = lock(&self.timer);
+                (timer.pop_due(now), timer.next_due())
+            };
+            if !due.is_empty() {
+                for entry in due {
+                    if !lock(&self.tracker).is_current(&entry.ticket) {
+                        continue; // revoked: its new owner reads it again
+                    }
+                    let out = entry.scheduled.to_target();
+                    let then = Then::Deliver {
+                        due_ms: entry.scheduled.due.as_millis(),
+                    };
+                    let send = Send {
+                        out,
+                        then,
+                        scheduled: Some(entry.scheduled),
+                        ticket: entry.ticket,
+                        sweep: None,
+                    };
+                    self.send(send).await;
+                }
+                continue;
+            }
+            let wait = next.map_or(Duration::from_secs(1), |d| {
+                Duration::from_millis(u64::try_from(d - now).unwrap_or(0))
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.timer_wake.notified() => {}
+                _ = self.token.cancelled() => break,
+            }
+        }
+    }
+
+    // ---- commits and statistics --------------------------------------------------------------
+
+    async fn run_committer(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.config.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.token.cancelled() => break,
+            }
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.commit(CommitMode::Sync)).await;
+            let (pending, next) = {
+                let timer = lock(&self.timer);
+                (timer.len(), timer.next_due())
+            };
+            metrics::gauge!(m::TIMER_PENDING).set(pending as f64);
+            metrics::gauge!(m::NEXT_DUE).set(next.map_or(0.0, |d| d as f64 / 1000.0));
+            metrics::gauge!(m::IN_FLIGHT).set(lock(&self.tracker).in_flight() as f64);
+        }
+    }
+
+    /// Commits every partition's safe point that moved. A failed commit is retried on the next
+    /// tick (its points are handed back to the tracker as uncommitted).
+    fn commit(&self, mode: CommitMode) {
+        let points = lock(&self.tracker).take_commit_points();
+        if points.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &points {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, "commit failed; retrying");
+            lock(&self.tracker).uncommit(points.iter().map(|(tp, _)| tp));
+        }
+    }
+
+    /// Pending records per level in the slices this process owns (high watermark minus where the
+    /// next sweep starts), every 10 s.
+    async fn run_stats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.token.cancelled() => break,
+            }
+            let me = self.clone();
+            let Ok(Ok(per_level)) = tokio::task::spawn_blocking(move || me.slice_pending()).await
+            else {
+                continue;
+            };
+            for (level, pending) in per_level.into_iter().enumerate() {
+                metrics::gauge!(m::SLICE_PENDING, "level" => level.to_string()).set(pending as f64);
+            }
+        }
+    }
+
+    fn slice_pending(&self) -> KafkaResult<Vec<i64>> {
+        let mut per_level = vec![0i64; self.ladder().levels()];
+        let committed = self.consumer.committed(BROKER_TIMEOUT)?;
+        for e in committed.elements() {
+            let Some(&(level, _)) = self.slices.get(e.topic()) else {
+                continue;
+            };
+            let (low, high) =
+                self.consumer
+                    .fetch_watermarks(e.topic(), e.partition(), BROKER_TIMEOUT)?;
+            let from = match e.offset() {
+                Offset::Offset(o) => o.max(low),
+                _ => low,
+            };
+            per_level[level] += (high - from).max(0);
+        }
+        Ok(per_level)
+    }
+
+    /// What `GET /healthz` reports.
+    pub fn health(&self) -> serde_json::Value {
+        let tracker = lock(&self.tracker);
+        let timer = lock(&self.timer);
+        serde_json::json!({
+            "status": if self.token.is_cancelled() { "stopping" } else { "ok" },
+            "in_flight": tracker.in_flight(),
+            "timer_pending": timer.len(),
+            "next_due": timer.next_due().map(crate::time::format_millis),
+        })
+    }
+
+    // ---- jobs --------------------------------------------------------------------------------
+
+    fn sweep_job(&self, level: usize, window: i64) -> u64 {
+        let id = SliceId { level, window };
+        let spec = JobSpec {
+            kind: JobKind::Sweep,
+            level,
+            window: Some(window),
+            slot_topic: self.slice_topic(id),
+            bounds: Some(self.ladder().bounds(id)),
+            sweep_at: Some(self.ladder().sweep_at(id)),
+        };
+        self.board.create(spec, self.clock.now_ms())
+    }
+
+    /// Queues one sweep job per window, each when its sweep time comes. After a start or a
+    /// rebalance, catch-up jobs (from `run_control`) cover the windows already due.
+    async fn run_planner(self: Arc<Self>, jobs: mpsc::Sender<u64>) {
+        let levels = self.ladder().levels();
+        let now = self.clock.now_ms();
+        let mut next: Vec<i64> = (0..levels)
+            .map(|l| self.ladder().current_window(l, now) + 1)
+            .collect();
+        let mut ready: Vec<u64> = (0..levels).map(|l| self.sweep_job(l, next[l])).collect();
+        loop {
+            let Some((level, at)) = (0..levels)
+                .map(|level| {
+                    (
+                        level,
+                        self.ladder().sweep_at(SliceId {
+                            level,
+                            window: next[level],
+                        }),
+                    )
+                })
+                .min_by_key(|(_, at)| *at)
+            else {
+                return;
+            };
+            let wait = at - self.clock.now_ms();
+            if wait > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => continue,
+                    _ = self.token.cancelled() => return,
+                }
+            }
+            if jobs.send(ready[level]).await.is_err() {
+                return;
+            }
+            next[level] += 1;
+            ready[level] = self.sweep_job(level, next[level]);
+        }
+    }
+
+    async fn run_worker(
+        self: Arc<Self>,
+        id: String,
+        jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<u64>>>,
+    ) {
+        self.board.join(&id, self.clock.now_ms());
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let job = tokio::select! {
+                _ = self.token.cancelled() => break,
+                _ = beat.tick() => {
+                    self.board.heartbeat(&id, self.clock.now_ms());
+                    continue;
+                }
+                job = async { jobs.lock().await.recv().await } => job,
+            };
+            let Some(job_id) = job else { break };
+            self.run_job(job_id, &id).await;
+        }
+        self.board.leave(&id);
+    }
+
+    fn owned_partitions(&self, topic: &str) -> Vec<i32> {
+        lock(&self.tracker).partitions_of(topic)
+    }
+
+    async fn run_job(self: &Arc<Self>, job_id: u64, worker: &str) {
+        let Some(job) = self.board.get(job_id) else {
+            return;
+        };
+        let partitions = self.owned_partitions(&job.slot_topic);
+        if partitions.is_empty() {
+            self.board.discard(job_id);
+            return;
+        }
+        let started = self.clock.now_ms();
+        self.board
+            .start(job_id, worker, partitions.clone(), started);
+        metrics::gauge!(m::WORKERS_BUSY).increment(1.0);
+        let top = job.level + 1 == self.ladder().levels();
+        // Scheduled sweeps, and catch-ups of the top level (which also holds what lies beyond its
+        // horizon, mixed with due windows), rewrite in-place records; other catch-ups stop at them.
+        let reappend = job.kind == JobKind::Sweep || top;
+        let results = join_all(
+            partitions
+                .iter()
+                .map(|p| self.sweep_partition(&job.slot_topic, *p, reappend)),
+        )
+        .await;
+        let mut counts = JobCounts::default();
+        let mut errors = Vec::new();
+        for (p, r) in partitions.iter().zip(results) {
+            match r {
+                Ok(c) => counts.add(&c),
+                Err(e) => errors.push(format!("partition {p}: {e}")),
+            }
+        }
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        let status = if error.is_some() { "error" } else { "done" };
+        if let Some(e) = &error {
+            tracing::warn!(job = %job.name, error = %e, "sweep failed");
+        }
+        let now = self.clock.now_ms();
+        self.board.finish(job_id, counts, error, now);
+        metrics::gauge!(m::WORKERS_BUSY).decrement(1.0);
+        metrics::counter!(m::JOBS, "status" => status).increment(1);
+        metrics::histogram!(m::JOB_DURATION, "level" => job.level.to_string())
+            .record((now - started) as f64 / 1000.0);
+    }
+
+    /// Runs a blocking consumer call (a broker round trip) off the async threads.
+    async fn blocking<T: std::marker::Send + 'static>(
+        &self,
+        f: impl FnOnce(&StreamConsumer<EngineContext>) -> KafkaResult<T> + std::marker::Send + 'static,
+    ) -> Result<T, String> {
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || f(&consumer))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sweeps one slice partition: from where the last sweep stopped up to the high watermark
+    /// (and any stragglers that arrive meanwhile), routing each record on; returns once every
+    /// record read has been placed (acknowledged in a finer slice or the DLQ, or in the timer).
+    async fn sweep_partition(
+        self: &Arc<Self>,
+        topic: &str,
+        partition: i32,
+        reappend: bool,
+    ) -> Result<JobCounts, String> {
+        let tp: Tp = (topic.to_string(), partition);
+        let cursor = lock(&self.cursors).entry(tp.clone()).or_default().clone();
+        let mut cursor = cursor.lock().await;
+        let Some(generation) = lock(&self.tracker).generation(topic, partition) else {
+            return Ok(JobCounts::default());
+        };
+        if cursor.generation != generation {
+            *cursor = Cursor {
+                generation,
+                next: None,
+            };
+        }
+        let t = topic.to_string();
+        let (low, high) = self
+            .blocking(move |c| c.fetch_watermarks(&t, partition, BROKER_TIMEOUT))
+            .await?;
+        let next = match cursor.next {
+            Some(next) => next,
+            None => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, partition);
+                let committed = self
+                    .blocking(move |c| c.committed_offsets(tpl, BROKER_TIMEOUT))
+                    .await?;
+                match committed
+                    .find_partition(topic, partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(o)) => o,
+                    _ => low,
+                }
+            }
+        }
+        .max(low);
+        if next >= high {
+            cursor.next = Some(next);
+            return Ok(JobCounts::default());
+        }
+
+        let sweep = Arc::new(ActiveSweep::new(if reappend { high } else { next }, next));
+        lock(&self.sweeps).insert(tp.clone(), sweep.clone());
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let t = topic.to_string();
+        let positioned = self
+            .blocking(move |c| c.seek(&t, partition, Offset::Offset(next), BROKER_TIMEOUT))
+            .await
+            .and_then(|()| self.consumer.resume(&tpl).map_err(|e| e.to_string()));
+
+        let mut end = high;
+        let mut outcome = positioned;
+        while outcome.is_ok() {
+            let still_ours =
+                || lock(&self.tracker).generation(topic, partition) == Some(generation);
+            let wait = sweep
+                .wait(&self.token, |p| {
+                    p.stopped_at.is_some() || p.processed_through >= end - 1 || !still_ours()
+                })
+                .await;
+            match wait {
+                Wait::Done if !still_ours() => outcome = Err("partition revoked".into()),
+                Wait::Done if lock(&sweep.progress).stopped_at.is_some() => break,
+                Wait::Done => {
+                    // Caught up: take stragglers written since the sweep began, then stop.
+                    let t = topic.to_string();
+                    match self
+                        .blocking(move |c| c.fetch_watermarks(&t, partition, BROKER_TIMEOUT))
+                        .await
+                    {
+                        Ok((_, h)) if h > end => end = h,
+                        Ok(_) => break,
+                        Err(e) => outcome = Err(e),
+                    }
+                }
+                Wait::Stalled => outcome = Err(format!("no progress for {STALL:?}")),
+                Wait::Cancelled => outcome = Err("shutting down".into()),
+            }
+        }
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::warn!(error = %e, topic, partition, "pause failed");
+        }
+        lock(&self.sweeps).remove(&tp);
+        let resume_at = {
+            let p = lock(&sweep.progress);
+            p.stopped_at.unwrap_or(p.processed_through + 1)
+        };
+        cursor.next = Some(resume_at);
+        drop(cursor);
+
+        if outcome.is_ok() {
+            match sweep.wait(&self.token, |p| p.placed >= p.routed).await {
+                Wait::Done => {}
+                Wait::Stalled => outcome = Err("records not acknowledged in time".into()),
+                Wait::Cancelled => outcome = Err("shutting down".into()),
+            }
+        }
+        let counts = lock(&sweep.progress).counts;
+        outcome.map(|()| counts)
+    }
+
+    // ---- rebalances --------------------------------------------------------------------------
+
+    async fn run_control(
+        self: Arc<Self>,
+        mut events: mpsc::UnboundedReceiver<RebalanceEvent>,
+        jobs: mpsc::Sender<u64>,
+    ) {
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = self.token.cancelled() => None,
+            };
+            match event {
+                None => return,
+                Some(RebalanceEvent::Revoked(tps)) => {
+                    tracing::info!(partitions = tps.len(), "partitions revoked");
+                    // Drop what revoked partitions handed to the timer; their new owner re-reads
+                    // it from the committed offset. Current tickets (a re-assignment) stay.
+                    let tracker = self.tracker.clone();
+                    lock(&self.timer).retain(|e| lock(&tracker).is_current(&e.ticket));
+                    for sweep in lock(&self.sweeps).values() {
+                        sweep.wake.notify_waiters();
+                    }
+                }
+                Some(RebalanceEvent::Assigned(tps)) => {
+                    tracing::info!(partitions = tps.len(), "partitions assigned");
+                    let topics: BTreeSet<&String> = tps
+                        .iter()
+                        .map(|(t, _)| t)
+                        .filter(|t| self.slices.contains_key(*t))
+                        .collect();
+                    for topic in topics {
+                        let Some(&(level, _)) = self.slices.get(topic) else {
+                            continue;
+                        };
+                        let spec = JobSpec {
+                            kind: JobKind::CatchUp,
+                            level,
+                            window: None,
+                            slot_topic: topic.clone(),
+                            bounds: None,
+                            sweep_at: None,
+                        };
+                        let id = self.board.create(spec, self.clock.now_ms());
+                        if jobs.send(id).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

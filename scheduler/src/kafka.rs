@@ -1,0 +1,290 @@
+//! Kafka plumbing: client configurations, topic creation, reading records safely, classifying send
+//! errors, and the consumer context that turns rebalances into events.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header as KafkaHeader, Message, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::Settings;
+use crate::domain::{Header, Incoming, Outgoing, RawHeader, Rejection};
+use crate::offsets::{OffsetTracker, Tp};
+use crate::Error;
+
+/// The base configuration every client shares: bootstrap servers, then the pass-through
+/// properties (TLS, SASL...), which may override anything.
+pub fn base_config(settings: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.config.bootstrap_servers)
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in &settings.config.kafka_properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Producer settings for at-least-once without reordering: idempotence (so librdkafka's retries
+/// neither duplicate nor reorder), `acks=all`, and Java's murmur2 partitioner so that a record
+/// lands on the partition an ordinary Java producer would pick for its key.
+pub fn producer_config(settings: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "30000")
+        .set("queue.buffering.max.messages", "500000")
+        .set("topic.metadata.propagation.max.ms", "10000");
+    merge(c, base_config(settings))
+}
+
+/// Consumer settings: nothing is committed or stored automatically; the engine commits what the
+/// offset tracker says is safe.
+pub fn consumer_config(settings: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("group.id", &settings.config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "20")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    merge(c, base_config(settings))
+}
+
+fn merge(mut defaults: ClientConfig, overrides: ClientConfig) -> ClientConfig {
+    for (k, v) in overrides.config_map() {
+        defaults.set(k, v);
+    }
+    defaults.set_log_level(overrides.log_level);
+    defaults
+}
+
+/// A topic to create at start-up.
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub configs: Vec<(&'static str, String)>,
+}
+
+/// Creates the topics that do not exist yet. Existing topics are left as they are (their partition
+/// counts are the operator's to change).
+pub async fn ensure_topics(settings: &Settings, topics: &[TopicSpec]) -> Result<(), Error> {
+    let admin: AdminClient<DefaultClientContext> = base_config(settings).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            t.configs.iter().fold(
+                NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(settings.config.replication_factor),
+                ),
+                |nt, (k, v)| nt.set(k, v),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(Error::CreateTopic(name, code)),
+        }
+    }
+    Ok(())
+}
+
+/// Copies a consumed record out of the consumer. Header names are read as bytes through
+/// librdkafka's C API because rdkafka's safe accessor panics on a name that is not UTF-8, and a
+/// hostile producer must not be able to crash the scheduler.
+pub fn detach(msg: &BorrowedMessage<'_>) -> Incoming {
+    Incoming {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(<[u8]>::to_vec),
+        payload: msg.payload().map(<[u8]>::to_vec),
+        headers: raw_headers(msg),
+    }
+}
+
+fn raw_headers(msg: &BorrowedMessage<'_>) -> Vec<RawHeader> {
+    use rdkafka::bindings as rd;
+    let mut out = Vec::new();
+    // SAFETY: `msg.ptr()` is a live rd_kafka_message_t for the lifetime of `msg`; the headers it
+    // returns and the name/value pointers read from them are owned by that message and are copied
+    // out before `msg` can be dropped. Names are NUL-terminated C strings per librdkafka's API.
+    unsafe {
+        let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+        if rd::rd_kafka_message_headers(msg.ptr(), &mut headers)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || headers.is_null()
+        {
+            return out;
+        }
+        let count = rd::rd_kafka_header_cnt(headers);
+        for idx in 0..count {
+            let mut name: *const std::os::raw::c_char = std::ptr::null();
+            let mut value: *const std::os::raw::c_void = std::ptr::null();
+            let mut size: usize = 0;
+            if rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size)
+                != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                || name.is_null()
+            {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(name).to_bytes().to_vec();
+            let value = (!value.is_null())
+                .then(|| std::slice::from_raw_parts(value as *const u8, size).to_vec());
+            out.push(RawHeader { name, value });
+        }
+    }
+    out
+}
+
+/// Builds the headers of an outgoing record.
+pub fn owned_headers(headers: &[Header]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |acc, (k, v)| {
+            acc.insert(KafkaHeader {
+                key: k.as_str(),
+                value: v.as_deref(),
+            })
+        },
+    )
+}
+
+/// A `FutureRecord` over an [`Outgoing`], partitioned by key (never a forced partition).
+pub fn record<'a>(out: &'a Outgoing) -> FutureRecord<'a, [u8], [u8]> {
+    let mut r = FutureRecord::to(&out.topic).headers(owned_headers(&out.headers));
+    if let Some(k) = out.key.as_deref() {
+        r = r.key(k);
+    }
+    if let Some(p) = out.payload.as_deref() {
+        r = r.payload(p);
+    }
+    r
+}
+
+/// What to do about a failed send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendFailure {
+    /// The broker or network is unwell; the record is fine. Retry with backoff, never drop.
+    Transient(String),
+    /// The record itself can never be accepted there: dead-letter it with this reason.
+    Permanent(Rejection),
+}
+
+/// Separates "try again later" from "this record will never be accepted there".
+pub fn classify(err: &KafkaError, topic: &str) -> SendFailure {
+    use RDKafkaErrorCode as C;
+    let code = match err {
+        KafkaError::MessageProduction(code) => *code,
+        other => return SendFailure::Transient(other.to_string()),
+    };
+    match code {
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
+            SendFailure::Permanent(Rejection::UnknownTopic(topic.to_string()))
+        }
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::InvalidTopic
+        | C::TopicAuthorizationFailed
+        | C::PolicyViolation
+        | C::InvalidArgument => {
+            SendFailure::Permanent(Rejection::RefusedByBroker(code.to_string()))
+        }
+        _ => SendFailure::Transient(code.to_string()),
+    }
+}
+
+/// A change of this process's partitions, sent to the engine's control task.
+#[derive(Debug, Clone)]
+pub enum RebalanceEvent {
+    Assigned(Vec<Tp>),
+    Revoked(Vec<Tp>),
+}
+
+/// The consumer context. It keeps the offset tracker's idea of ownership in step with the group
+/// synchronously (so no record of a newly assigned partition is read while it is unknown, and no
+/// ack for a revoked one is committed), pauses slice partitions the moment they are assigned (they
+/// are read only during their sweeps), commits what is safe before a revoke, and reports each
+/// change to the engine as an event.
+pub struct EngineContext {
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub slice_topics: HashSet<String>,
+    pub events: UnboundedSender<RebalanceEvent>,
+}
+
+fn tps(list: &TopicPartitionList) -> Vec<Tp> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for EngineContext {}
+
+impl ConsumerContext for EngineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked = tps(list);
+            let points = lock(&self.tracker).revoke(revoked.iter());
+            if !points.is_empty() {
+                let mut tpl = TopicPartitionList::new();
+                for ((topic, partition), offset) in &points {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+                }
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                    tracing::warn!(error = %e, "commit before revoke failed; the next owner re-reads from the previous commit");
+                }
+            }
+            let _ = self.events.send(RebalanceEvent::Revoked(revoked));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let assigned = tps(list);
+                let mut slices = TopicPartitionList::new();
+                for (topic, partition) in assigned
+                    .iter()
+                    .filter(|(t, _)| self.slice_topics.contains(t))
+                {
+                    slices.add_partition(topic, *partition);
+                }
+                if slices.count() > 0 {
+                    if let Err(e) = consumer.pause(&slices) {
+                        tracing::error!(error = %e, "could not pause slice partitions");
+                    }
+                }
+                lock(&self.tracker).assign(assigned.iter().cloned());
+                let _ = self.events.send(RebalanceEvent::Assigned(assigned));
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// Locks a std mutex, carrying on with the data if a panicking thread poisoned it: every structure
+/// behind these locks stays consistent between statements.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

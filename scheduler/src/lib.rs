@@ -1,0 +1,109 @@
+//! Scheduled message delivery for Apache Kafka.
+//!
+//! A record produced to the ingest topic with headers `time` and `topic` waits in Kafka, in
+//! time-slice topics ([`slice`]), and is republished to `topic` at `time` by the [`engine`]: never
+//! early, at least once, with its key, value and headers. [`run`] is the whole service; the
+//! `scheduler` binary only parses [`config::Config`] and calls it.
+
+pub mod config;
+pub mod domain;
+pub mod engine;
+mod http;
+pub mod jobs;
+pub mod kafka;
+pub mod metrics;
+pub mod offsets;
+pub mod slice;
+pub mod time;
+pub mod timer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+pub use config::{Config, Settings};
+pub use time::{Clock, DueTime, SystemClock, Zone};
+
+/// Errors that stop the scheduler. Per-record problems never become one of these: they go to the
+/// DLQ or are retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("could not create topic {0}: {1}")]
+    CreateTopic(String, RDKafkaErrorCode),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A running scheduler: its HTTP address, and a way to stop it.
+pub struct Scheduler {
+    pub http_addr: SocketAddr,
+    engine: engine::Engine,
+    http: tokio::task::JoinHandle<()>,
+    http_stop: tokio_util::sync::CancellationToken,
+}
+
+impl Scheduler {
+    /// Starts the engine and the HTTP API (bind to port 0 to let the OS pick).
+    pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Scheduler> {
+        let prometheus = metrics::install();
+        let listener = tokio::net::TcpListener::bind(settings.config.http_addr).await?;
+        let http_addr = listener.local_addr()?;
+        let engine = engine::Engine::start(settings, clock).await?;
+        let app = http::router(http::Api {
+            shared: engine.shared.clone(),
+            prometheus,
+        });
+        let http_stop = tokio_util::sync::CancellationToken::new();
+        let stop = http_stop.clone();
+        let http = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!(%http_addr, "http api listening");
+        Ok(Scheduler {
+            http_addr,
+            engine,
+            http,
+            http_stop,
+        })
+    }
+
+    /// Waits for `shutdown` (or a fatal error), then stops cleanly.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down"),
+            reason = self.engine.failed() => tracing::error!(%reason, "engine stopped"),
+        }
+        self.stop().await
+    }
+
+    /// Stops the engine (in-flight sends finish, safe offsets are committed) and the HTTP API.
+    pub async fn stop(self) -> Result<()> {
+        let result = self.engine.stop().await;
+        self.http_stop.cancel();
+        let _ = self.http.await;
+        result
+    }
+}
+
+/// Runs the scheduler with the system clock until `shutdown` resolves.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
+    Scheduler::start(settings, Arc::new(SystemClock))
+        .await?
+        .run_until(shutdown)
+        .await
+}

@@ -1,0 +1,58 @@
+//! Metric names and the Prometheus exporter. Names are shared with the db-scheduler baseline so one
+//! Grafana panel can compare both paths.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Histogram: seconds between the due time and the target's acknowledgement, label `path`.
+pub const LATENESS: &str = "sm_delivery_lateness_seconds";
+/// Counter: records accepted from the ingest topic.
+pub const SCHEDULED: &str = "sm_scheduled_total";
+/// Counter: records delivered to their target (acknowledged), label `path`.
+pub const DELIVERED: &str = "sm_delivered_total";
+/// Counter: records already past due when accepted.
+pub const PAST_DUE: &str = "sm_past_due_total";
+/// Counter: records dead-lettered, label `reason`.
+pub const DEAD_LETTERED: &str = "sm_dead_lettered_total";
+/// Counter: records written into a slice, label `level`.
+pub const SLICE_WRITES: &str = "sm_slice_writes_total";
+/// Counter: sends retried after a transient broker error.
+pub const SEND_RETRIES: &str = "sm_send_retries_total";
+/// Gauge: records waiting in the timer.
+pub const TIMER_PENDING: &str = "sm_timer_pending";
+/// Gauge: the earliest due time in the timer, epoch seconds (0 when empty).
+pub const NEXT_DUE: &str = "sm_next_due_timestamp_seconds";
+/// Gauge: records pending in the slice topics this process owns, label `level`.
+pub const SLICE_PENDING: &str = "sm_slice_pending";
+/// Gauge: records read but not yet acknowledged in their next place.
+pub const IN_FLIGHT: &str = "sm_in_flight";
+/// Histogram: sweep job durations, label `level`.
+pub const JOB_DURATION: &str = "sm_job_duration_seconds";
+/// Counter: jobs finished, label `status`.
+pub const JOBS: &str = "sm_jobs_total";
+/// Gauge: workers running a job.
+pub const WORKERS_BUSY: &str = "sm_workers_busy";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Installs the process-wide recorder once and returns its handle; later calls (several schedulers
+/// in one test process) share it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the bucket list is a non-empty constant")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed by an embedding program; ours then only
+            // renders what it sees, which is better than refusing to start.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

@@ -1,0 +1,211 @@
+//! Which offsets may be committed: per partition, everything below the lowest record not yet
+//! acknowledged in its next place.
+//!
+//! A record is begun when it is read and finished when its next place (a slice, the target, the
+//! DLQ) has acknowledged it; records held by the timer stay unfinished until published. A commit
+//! therefore never passes a record that a crash would lose.
+
+use std::collections::{BTreeSet, HashMap};
+
+/// A topic partition.
+pub type Tp = (String, i32);
+
+/// Proof that a record was begun under the current assignment of its partition. After a revoke
+/// and re-assign the generation changes, so a late acknowledgement cannot move the new owner's
+/// commit point.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub generation: u64,
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    generation: u64,
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset begun.
+    next: Option<i64>,
+    committed: Option<i64>,
+}
+
+impl PartitionState {
+    fn commit_point(&self) -> Option<i64> {
+        self.in_flight.first().copied().or(self.next)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<Tp, PartitionState>,
+    generations: u64,
+}
+
+impl OffsetTracker {
+    /// Starts tracking newly assigned partitions, each under a fresh generation.
+    pub fn assign(&mut self, tps: impl IntoIterator<Item = Tp>) {
+        for tp in tps {
+            self.generations += 1;
+            self.partitions.insert(
+                tp,
+                PartitionState {
+                    generation: self.generations,
+                    in_flight: BTreeSet::new(),
+                    next: None,
+                    committed: None,
+                },
+            );
+        }
+    }
+
+    /// Stops tracking revoked partitions; returns their last safe commit points, to commit before
+    /// they are handed to another member.
+    pub fn revoke<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) -> Vec<(Tp, i64)> {
+        tps.into_iter()
+            .filter_map(|tp| {
+                let state = self.partitions.remove(tp)?;
+                let point = state.commit_point()?;
+                (Some(point) != state.committed).then(|| (tp.clone(), point))
+            })
+            .collect()
+    }
+
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.partitions
+            .contains_key(&(topic.to_string(), partition))
+    }
+
+    /// The generation a partition is tracked under, if it is assigned.
+    pub fn generation(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.partitions
+            .get(&(topic.to_string(), partition))
+            .map(|s| s.generation)
+    }
+
+    /// Records that `offset` was read and is on its way; `None` when the partition is not ours.
+    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
+        let state = self.partitions.get_mut(&(topic.to_string(), partition))?;
+        state.in_flight.insert(offset);
+        state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        Some(Ticket {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            generation: state.generation,
+        })
+    }
+
+    /// Records that the ticket's record reached its next place. Stale tickets are ignored.
+    pub fn finish(&mut self, ticket: &Ticket) {
+        if let Some(state) = self.current_mut(ticket) {
+            state.in_flight.remove(&ticket.offset);
+        }
+    }
+
+    /// Whether the ticket belongs to the partition's current assignment.
+    pub fn is_current(&self, ticket: &Ticket) -> bool {
+        self.partitions
+            .get(&(ticket.topic.clone(), ticket.partition))
+            .is_some_and(|s| s.generation == ticket.generation)
+    }
+
+    fn current_mut(&mut self, ticket: &Ticket) -> Option<&mut PartitionState> {
+        self.partitions
+            .get_mut(&(ticket.topic.clone(), ticket.partition))
+            .filter(|s| s.generation == ticket.generation)
+    }
+
+    /// Commit points that moved since the last call; they are marked committed.
+    pub fn take_commit_points(&mut self) -> Vec<(Tp, i64)> {
+        let mut out = Vec::new();
+        for (tp, state) in &mut self.partitions {
+            if let Some(point) = state.commit_point() {
+                if state.committed != Some(point) {
+                    state.committed = Some(point);
+                    out.push((tp.clone(), point));
+                }
+            }
+        }
+        out
+    }
+
+    /// The assigned partitions of a topic, in order.
+    pub fn partitions_of(&self, topic: &str) -> Vec<i32> {
+        let mut out: Vec<i32> = self
+            .partitions
+            .keys()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| *p)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Forgets that these points were committed (the commit failed), so they are offered again.
+    pub fn uncommit<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) {
+        for tp in tps {
+            if let Some(state) = self.partitions.get_mut(tp) {
+                state.committed = None;
+            }
+        }
+    }
+
+    /// Records begun and not yet finished, over all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(|s| s.in_flight.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> Tp {
+        ("t".to_string(), p)
+    }
+
+    #[test]
+    fn commits_stop_below_the_lowest_unacknowledged_record() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(
+            t.begin("t", 0, 0),
+            None,
+            "unassigned partitions are not tracked"
+        );
+        t.assign([tp(0)]);
+        let a = t.begin("t", 0, 10).unwrap();
+        let b = t.begin("t", 0, 11).unwrap();
+        let c = t.begin("t", 0, 12).unwrap();
+        t.finish(&b);
+        t.finish(&c);
+        assert_eq!(t.take_commit_points(), vec![(tp(0), 10)]);
+        assert_eq!(
+            t.take_commit_points(),
+            vec![],
+            "unchanged points are not recommitted"
+        );
+        t.finish(&a);
+        assert_eq!(t.take_commit_points(), vec![(tp(0), 13)]);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_late_ack_after_reassignment_is_ignored() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0)]);
+        let old = t.begin("t", 0, 5).unwrap();
+        assert_eq!(t.revoke([&tp(0)]), vec![(tp(0), 5)]);
+        t.assign([tp(0)]);
+        let new = t.begin("t", 0, 5).unwrap();
+        assert!(!t.is_current(&old));
+        t.finish(&old);
+        assert_eq!(
+            t.take_commit_points(),
+            vec![(tp(0), 5)],
+            "the old ack must not release offset 5"
+        );
+        t.finish(&new);
+        assert_eq!(t.take_commit_points(), vec![(tp(0), 6)]);
+    }
+}
