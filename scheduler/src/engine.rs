@@ -375,8 +375,12 @@ impl Shared {
             // Fetched before the partition was paused; the next sweep seeks back to it.
             return;
         };
-        if lock(&sweep.progress).stopped_at.is_some() {
-            return;
+        {
+            let p = lock(&sweep.progress);
+            // Stopped, or a record this sweep already routed (fetched again after a seek).
+            if p.stopped_at.is_some() || rec.offset <= p.processed_through {
+                return;
+            }
         }
         let now = self.clock.now_ms();
         let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {

@@ -1,0 +1,386 @@
+//! Shared helpers for the integration tests: they talk to the real local broker started by
+//! `./messagescheduler.sh --stack` (SM_BOOTSTRAP_SERVERS, default 127.0.0.1:9092). Every test uses
+//! its own topics and group, so tests run in parallel without seeing each other's records.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use scheduler::{Config, Scheduler, Settings, SystemClock};
+
+pub fn bootstrap() -> String {
+    std::env::var("SM_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{name}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        now_ms() % 1_000_000_000
+    )
+}
+
+/// One test's topics and group.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub ingest: String,
+    pub dlq: String,
+    pub prefix: String,
+    pub group: String,
+    pub target: String,
+}
+
+impl Names {
+    pub fn new(test: &str) -> Names {
+        let base = unique(test);
+        Names {
+            ingest: format!("sched-{base}"),
+            dlq: format!("sched-{base}.DLQ"),
+            prefix: format!("__SM_SLICE_T{}", base.replace('-', "_")),
+            group: format!("group-{base}"),
+            target: format!("target-{base}"),
+        }
+    }
+
+    /// The scheduler's flags for these names and a small, fast ladder: 200 ms to 3.2 s, ratio 2
+    /// (five levels), so a few seconds of delay cross every level.
+    pub fn args(&self) -> Vec<String> {
+        [
+            "--bootstrap-servers",
+            &bootstrap(),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--group-id",
+            &self.group,
+            "--ingest-topic",
+            &self.ingest,
+            "--slice-prefix",
+            &self.prefix,
+            "--smallest-slice",
+            "200ms",
+            "--slice-ratio",
+            "2",
+            "--largest-slice",
+            "3200ms",
+            "--safety-margin",
+            "50ms",
+            "--ingest-partitions",
+            "4",
+            "--slice-partitions",
+            "2",
+            "--workers",
+            "4",
+            "-X",
+            "session.timeout.ms=6000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    pub fn settings(&self) -> Settings {
+        let mut argv = vec!["scheduler".to_string()];
+        argv.extend(self.args());
+        Settings::new(<Config as clap::Parser>::parse_from(argv)).expect("test settings are valid")
+    }
+}
+
+pub async fn start_in_process(names: &Names) -> Scheduler {
+    Scheduler::start(names.settings(), Arc::new(SystemClock))
+        .await
+        .expect("scheduler starts")
+}
+
+/// Starts the `scheduler` binary as a child process (for kill -9 tests).
+pub fn spawn_binary(names: &Names, log: &str) -> Child {
+    let log = std::fs::File::create(std::env::temp_dir().join(log)).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_scheduler"))
+        .args(names.args())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("scheduler binary starts")
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, &[]).await
+}
+
+pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("admin client");
+    let topic = configs.iter().fold(
+        NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+        |t, (k, v)| t.set(k, v),
+    );
+    let res = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .expect("create_topics answered");
+    for r in res {
+        if let Err((name, code)) = r {
+            assert_eq!(
+                code,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "creating {name}"
+            );
+        }
+    }
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer")
+}
+
+/// Produces one record and waits for its acknowledgement.
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: &[u8],
+    headers: &[(&str, &[u8])],
+) {
+    let mut h = OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    let mut rec = FutureRecord::to(topic).payload(value).headers(h);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
+    producer
+        .send(rec, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce acknowledged");
+}
+
+/// A record as a test sees it on arrival.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The record's timestamp: when the scheduler produced it.
+    pub timestamp_ms: i64,
+    /// The test's clock when it read the record.
+    pub received_ms: i64,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_ref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Reads every partition of `topic` from the beginning, without a group.
+pub fn reader(topic: &str, partitions: i32) -> StreamConsumer {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    c.assign(&tpl).expect("assign");
+    c
+}
+
+/// Collects records until `done` says so or the deadline passes.
+pub async fn collect(
+    consumer: &StreamConsumer,
+    deadline: Duration,
+    mut done: impl FnMut(&[Received]) -> bool,
+) -> Vec<Received> {
+    let end = Instant::now() + deadline;
+    let mut out = Vec::new();
+    while !done(&out) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(Received {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                received_ms: now_ms(),
+            }),
+            Ok(Err(e)) => panic!("reading: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Counts deliveries per `sm-id`.
+pub fn by_id(records: &[Received]) -> HashMap<String, Vec<&Received>> {
+    let mut map: HashMap<String, Vec<&Received>> = HashMap::new();
+    for r in records {
+        map.entry(r.header("sm-id").unwrap_or_default())
+            .or_default()
+            .push(r);
+    }
+    map
+}
+
+/// Lateness percentiles in ms (p50, p99, max) of arrivals against `sm-due-ms`.
+pub fn lateness(records: &[Received]) -> (i64, i64, i64) {
+    let mut late: Vec<i64> = records
+        .iter()
+        .filter_map(|r| Some(r.timestamp_ms - r.header("sm-due-ms")?.parse::<i64>().ok()?))
+        .collect();
+    late.sort_unstable();
+    if late.is_empty() {
+        return (0, 0, 0);
+    }
+    let pct = |p: f64| late[((late.len() - 1) as f64 * p) as usize];
+    (pct(0.5), pct(0.99), late[late.len() - 1])
+}
+
+/// Produces a record whose first header name is arbitrary bytes (not UTF-8), plus `time` and
+/// `topic`: rdkafka's safe API cannot write such a name, so this goes through librdkafka's C API,
+/// as any other client could.
+pub fn produce_with_raw_header_name(
+    topic: &str,
+    name: &[u8],
+    time: &str,
+    target: &str,
+    value: &[u8],
+) {
+    use rdkafka::bindings as rd;
+    use rdkafka::producer::{BaseProducer, Producer};
+    use std::ffi::CString;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("producer");
+    let topic = CString::new(topic).expect("topic");
+    let name = CString::new(name).expect("no NUL in the name");
+    let time_name = CString::new("time").expect("name");
+    let topic_name = CString::new("topic").expect("name");
+    let header = |name: &CString, val: &[u8]| rd::rd_kafka_vu_t {
+        vtype: rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
+        u: rd::rd_kafka_vu_s__bindgen_ty_1 {
+            header: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                name: name.as_ptr(),
+                val: val.as_ptr().cast(),
+                size: val.len() as isize,
+            },
+        },
+    };
+    let vus = [
+        rd::rd_kafka_vu_t {
+            vtype: rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
+            u: rd::rd_kafka_vu_s__bindgen_ty_1 {
+                cstr: topic.as_ptr(),
+            },
+        },
+        rd::rd_kafka_vu_t {
+            vtype: rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
+            u: rd::rd_kafka_vu_s__bindgen_ty_1 {
+                mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                    ptr: value.as_ptr() as *mut _,
+                    size: value.len(),
+                },
+            },
+        },
+        header(&name, b"odd"),
+        header(&time_name, time.as_bytes()),
+        header(&topic_name, target.as_bytes()),
+    ];
+    // SAFETY: every pointer in `vus` outlives the call; librdkafka copies value and headers
+    // (RD_KAFKA_MSG_F_COPY is the default for produceva), and the client handle is live.
+    let err =
+        unsafe { rd::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len()) };
+    assert!(err.is_null(), "produceva failed");
+    producer.flush(Duration::from_secs(10)).expect("flushed");
+}
+
+/// Reads until every id in `expected` has arrived (counting `before`, read earlier), then a
+/// moment longer so that late duplicates are seen too; returns `before` and everything read.
+pub async fn collect_all<'a>(
+    consumer: &StreamConsumer,
+    expected: impl IntoIterator<Item = &'a String>,
+    before: Vec<Received>,
+    deadline: Duration,
+) -> Vec<Received> {
+    let mut waiting: std::collections::HashSet<String> = expected.into_iter().cloned().collect();
+    for r in &before {
+        waiting.remove(&r.header("sm-id").unwrap_or_default());
+    }
+    let mut seen = 0;
+    let after = collect(consumer, deadline, |r| {
+        for x in &r[seen..] {
+            waiting.remove(&x.header("sm-id").unwrap_or_default());
+        }
+        seen = r.len();
+        waiting.is_empty()
+    })
+    .await;
+    let tail = collect(consumer, Duration::from_millis(1_500), |_| false).await;
+    before.into_iter().chain(after).chain(tail).collect()
+}
+
+/// Fails the test if any expected id never arrived.
+pub fn assert_all_arrived<'a>(expected: impl IntoIterator<Item = &'a String>, got: &[Received]) {
+    let ids = by_id(got);
+    let missing: Vec<&String> = expected
+        .into_iter()
+        .filter(|id| !ids.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
