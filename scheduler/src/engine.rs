@@ -166,7 +166,11 @@ pub(crate) struct Shared {
     /// slice topic -> (level, slot)
     slices: HashMap<String, (usize, i64)>,
     acks: TaskTracker,
+    /// Stops everything: the timer, the committer, send retries.
     token: CancellationToken,
+    /// Stops taking work in (the consumer loop, planner, workers, control); a child of `token`.
+    /// A clean stop cancels it first, so the timer can drain before the last commit.
+    intake: CancellationToken,
     fatal: Mutex<Option<String>>,
 }
 
@@ -223,6 +227,7 @@ impl Engine {
         consumer.subscribe(&subscription)?;
         let producer: FutureProducer = kafka::producer_config(&settings).create()?;
 
+        let token = CancellationToken::new();
         let shared = Arc::new(Shared {
             settings,
             clock,
@@ -236,7 +241,8 @@ impl Engine {
             cursors: Mutex::new(HashMap::new()),
             slices,
             acks: TaskTracker::new(),
-            token: CancellationToken::new(),
+            intake: token.child_token(),
+            token,
             fatal: Mutex::new(None),
         });
 
@@ -270,11 +276,24 @@ impl Engine {
             .unwrap_or_else(|| "stopped".into())
     }
 
-    /// Stops reading, lets in-flight sends finish (up to 10 s), commits what is safe, and returns.
-    /// Records still in the timer stay uncommitted and are read again by whoever owns their
-    /// partition next.
+    /// Stops reading, lets the timer publish what it holds (it only ever holds about
+    /// `w_0 + w_0/r` of due records, so this is short) and in-flight sends finish (up to 10 s),
+    /// commits what is safe, and returns. A restart after a clean stop therefore re-delivers
+    /// nothing; what could not finish stays uncommitted and is read again by the next owner.
     pub async fn stop(self) -> Result<(), Error> {
         let s = &self.shared;
+        s.intake.cancel();
+        let ladder = s.ladder();
+        let drain = Duration::from_millis(
+            (ladder.width(0) + ladder.lead(0) + ladder.margin_ms()) as u64 * 2,
+        ) + Duration::from_secs(1);
+        let deadline = tokio::time::Instant::now() + drain;
+        while !lock(&s.timer).is_empty()
+            && !s.token.is_cancelled()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         s.token.cancel();
         self.tasks.wait().await;
         s.acks.close();
@@ -318,7 +337,7 @@ impl Shared {
     async fn consume(self: Arc<Self>) {
         loop {
             let rec = tokio::select! {
-                _ = self.token.cancelled() => break,
+                _ = self.intake.cancelled() => break,
                 msg = self.consumer.recv() => match msg {
                     Ok(msg) => kafka::detach(&msg),
                     Err(e) => {
@@ -643,7 +662,7 @@ impl Shared {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = self.token.cancelled() => break,
+                _ = self.intake.cancelled() => break,
             }
             let me = self.clone();
             let Ok(Ok(per_level)) = tokio::task::spawn_blocking(move || me.slice_pending()).await
@@ -730,7 +749,7 @@ impl Shared {
             if wait > 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => continue,
-                    _ = self.token.cancelled() => return,
+                    _ = self.intake.cancelled() => return,
                 }
             }
             if jobs.send(ready[level]).await.is_err() {
@@ -750,7 +769,7 @@ impl Shared {
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
             let job = tokio::select! {
-                _ = self.token.cancelled() => break,
+                _ = self.intake.cancelled() => break,
                 _ = beat.tick() => {
                     self.board.heartbeat(&id, self.clock.now_ms());
                     continue;
@@ -887,7 +906,7 @@ impl Shared {
             let still_ours =
                 || lock(&self.tracker).generation(topic, partition) == Some(generation);
             let wait = sweep
-                .wait(&self.token, |p| {
+                .wait(&self.intake, |p| {
                     p.stopped_at.is_some() || p.processed_through >= end - 1 || !still_ours()
                 })
                 .await;
@@ -922,7 +941,7 @@ impl Shared {
         drop(cursor);
 
         if outcome.is_ok() {
-            match sweep.wait(&self.token, |p| p.placed >= p.routed).await {
+            match sweep.wait(&self.intake, |p| p.placed >= p.routed).await {
                 Wait::Done => {}
                 Wait::Stalled => outcome = Err("records not acknowledged in time".into()),
                 Wait::Cancelled => outcome = Err("shutting down".into()),
@@ -942,7 +961,7 @@ impl Shared {
         loop {
             let event = tokio::select! {
                 e = events.recv() => e,
-                _ = self.token.cancelled() => None,
+                _ = self.intake.cancelled() => None,
             };
             match event {
                 None => return,

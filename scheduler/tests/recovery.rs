@@ -124,3 +124,24 @@ async fn two_processes_share_the_work_and_survive_one_being_killed() {
     kill9(&mut b);
     check(&expected, &all);
 }
+
+/// A clean stop (what SIGTERM does) mid-run drains the timer and commits, so the scheduler that
+/// takes over delivers the rest without a single duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_and_restart_delivers_everything_exactly_once() {
+    let names = Names::new("clean");
+    create_topic(&names.target, TARGET_PARTITIONS).await;
+    let first = start_in_process(&names).await;
+    let expected = schedule(&names, 1_000, 1_000, 6_000).await;
+    let reader = reader(&names.target, TARGET_PARTITIONS);
+    let before = collect(&reader, Duration::from_secs(30), |r| r.len() >= 300).await;
+    first.stop().await.expect("clean stop");
+    let second = start_in_process(&names).await;
+    let all = collect_all(&reader, expected.keys(), before, Duration::from_secs(60)).await;
+    second.stop().await.expect("clean stop");
+    assert_eq!(
+        check(&expected, &all),
+        0,
+        "a clean restart delivers nothing twice"
+    );
+}
