@@ -35,6 +35,12 @@ pub struct Config {
     #[arg(long, env = "SM_GROUP_ID", default_value = "message-scheduler")]
     pub group_id: String,
 
+    /// A stable id for this process in the group (Kafka static membership, `group.instance.id`).
+    /// A process restarted with the same id gets its partitions back at once instead of after the
+    /// session timeout: set it per replica (e.g. the pod or container name).
+    #[arg(long, env = "SM_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
     /// Topic users produce scheduled records to.
     #[arg(long, env = "SM_INGEST_TOPIC", default_value = "SCHEDULED_MESSAGES")]
     pub ingest_topic: String,
@@ -185,6 +191,7 @@ impl Settings {
             http_addr: c.http_addr.to_string(),
             default_tz: c.default_tz.to_string(),
             group_id: c.group_id.clone(),
+            instance_id: c.instance_id.clone(),
             ingest_topic: self.internal.ingest.clone(),
             dlq_topic: self.internal.dlq.clone(),
             slice_widths_ms: self.ladder.widths().to_vec(),
@@ -234,6 +241,7 @@ pub struct ConfigView {
     pub http_addr: String,
     pub default_tz: String,
     pub group_id: String,
+    pub instance_id: Option<String>,
     pub ingest_topic: String,
     pub dlq_topic: String,
     pub slice_widths_ms: Vec<i64>,

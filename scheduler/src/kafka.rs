@@ -60,6 +60,9 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "20")
         .set("topic.metadata.refresh.interval.ms", "10000");
+    if let Some(id) = &settings.config.instance_id {
+        c.set("group.instance.id", id);
+    }
     merge(c, base_config(settings))
 }
 

@@ -74,7 +74,10 @@ fn check(expected: &HashMap<String, i64>, got: &[Received]) -> usize {
 async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
     let names = Names::new("kill");
     create_topic(&names.target, TARGET_PARTITIONS).await;
-    let mut first = spawn_binary(&names, &format!("{}-first.log", names.group));
+    // The restarted process takes over its predecessor's static membership at once.
+    let instance = format!("{}-1", names.group);
+    let static_member = ["--instance-id", instance.as_str()];
+    let mut first = spawn_binary(&names, &format!("{}-first.log", names.group), &static_member);
     let expected = schedule(&names, 1_500, 1_000, 9_000).await;
     let reader = reader(&names.target, TARGET_PARTITIONS);
     // Let some be delivered, then kill it mid-run.
@@ -85,7 +88,7 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
     );
     kill9(&mut first);
     let killed_at = now_ms();
-    let mut second = spawn_binary(&names, &format!("{}-second.log", names.group));
+    let mut second = spawn_binary(&names, &format!("{}-second.log", names.group), &static_member);
     let all = collect_all(&reader, expected.keys(), before, Duration::from_secs(90)).await;
     kill9(&mut second);
     let dups = check(&expected, &all);
@@ -114,8 +117,8 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
 async fn two_processes_share_the_work_and_survive_one_being_killed() {
     let names = Names::new("pair");
     create_topic(&names.target, TARGET_PARTITIONS).await;
-    let mut a = spawn_binary(&names, &format!("{}-a.log", names.group));
-    let mut b = spawn_binary(&names, &format!("{}-b.log", names.group));
+    let mut a = spawn_binary(&names, &format!("{}-a.log", names.group), &[]);
+    let mut b = spawn_binary(&names, &format!("{}-b.log", names.group), &[]);
     let expected = schedule(&names, 1_500, 2_000, 10_000).await;
     let reader = reader(&names.target, TARGET_PARTITIONS);
     let before = collect(&reader, Duration::from_secs(30), |r| r.len() >= 200).await;

@@ -108,10 +108,11 @@ pub async fn start_in_process(names: &Names) -> Scheduler {
 }
 
 /// Starts the `scheduler` binary as a child process (for kill -9 tests).
-pub fn spawn_binary(names: &Names, log: &str) -> Child {
+pub fn spawn_binary(names: &Names, log: &str, extra: &[&str]) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).expect("log file");
     Command::new(env!("CARGO_BIN_EXE_scheduler"))
         .args(names.args())
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
