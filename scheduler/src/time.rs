@@ -371,6 +371,46 @@ mod tests {
             let _ = DueTime::parse(&s, Zone::UTC);
         }
 
+        /// Around DST changes in zones with 60- and 30-minute shifts, a local time parses iff it
+        /// exists exactly once, and then it names that very wall-clock time.
+        #[test]
+        fn local_times_are_accepted_exactly_when_unambiguous(
+            zone in prop_oneof![Just("Europe/Amsterdam"), Just("America/New_York"), Just("Australia/Lord_Howe"), Just("CET")],
+            secs in 0i64..4_102_444_800,
+        ) {
+            let tz: Tz = zone.parse().unwrap();
+            let local = DateTime::from_timestamp(secs, 0).unwrap().naive_utc();
+            let text = format!("{} {zone}", local.format("%Y-%m-%d %H:%M:%S"));
+            match (DueTime::parse(&text, Zone::UTC), tz.from_local_datetime(&local)) {
+                (Ok(due), LocalResult::Single(expected)) => {
+                    prop_assert_eq!(due.as_millis(), expected.timestamp_millis());
+                    let back = tz.timestamp_millis_opt(due.as_millis()).unwrap().naive_local();
+                    prop_assert_eq!(back, local);
+                }
+                (Err(TimeError::NonexistentLocal { .. }), LocalResult::None) => {}
+                (Err(TimeError::AmbiguousLocal { .. }), LocalResult::Ambiguous(..)) => {}
+                (got, chrono) => prop_assert!(false, "{text}: parsed {got:?}, chrono says {chrono:?}"),
+            }
+        }
+
+        /// Every instant within 3 hours of a DST change in Amsterdam, written as local time with
+        /// the zone, either parses back to itself or is refused as ambiguous (the repeated hour).
+        #[test]
+        fn instants_near_dst_changes_round_trip_or_are_refused(
+            change in prop_oneof![Just("2026-03-29T01:00:00Z"), Just("2026-10-25T01:00:00Z")],
+            offset_s in -10_800i64..10_800,
+        ) {
+            let tz: Tz = "Europe/Amsterdam".parse().unwrap();
+            let instant = DateTime::parse_from_rfc3339(change).unwrap().timestamp() + offset_s;
+            let local = tz.timestamp_opt(instant, 0).unwrap().naive_local();
+            let text = format!("{} Europe/Amsterdam", local.format("%Y-%m-%d %H:%M:%S"));
+            match DueTime::parse(&text, Zone::UTC) {
+                Ok(due) => prop_assert_eq!(due.as_millis(), instant * 1000),
+                Err(TimeError::AmbiguousLocal { .. }) => {}
+                Err(e) => prop_assert!(false, "{text}: {e}"),
+            }
+        }
+
         #[test]
         fn rfc3339_round_trips(ms in MIN_DUE_MS / 2..MAX_DUE_MS) {
             let due = DueTime::from_millis(ms).unwrap();

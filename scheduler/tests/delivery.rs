@@ -170,7 +170,14 @@ fn reader_of(topic: &str) -> rdkafka::consumer::StreamConsumer {
 async fn bad_records_are_dead_lettered_with_a_reason_and_do_not_block_good_ones() {
     let names = Names::new("dlq");
     create_topic(&names.target, 1).await;
-    let sched = start_in_process(&names).await;
+    // Auto-creation off, as on a broker with auto.create.topics.enable=false.
+    let no_auto_create = [
+        "-X",
+        "allow.auto.create.topics=false",
+        "-X",
+        "topic.metadata.propagation.max.ms=2000",
+    ];
+    let sched = start_in_process_with(&names, &no_auto_create).await;
     let producer = producer();
     let soon = (now_ms() + 500).to_string();
     let slice_topic = format!("{}_200MS_0", names.prefix);
@@ -245,6 +252,16 @@ async fn bad_records_are_dead_lettered_with_a_reason_and_do_not_block_good_ones(
         &[("time", soon.as_bytes()), ("topic", small.as_bytes())],
     )
     .await;
+    // A target that does not exist, with auto-creation off.
+    let absent = format!("{}-absent", names.target);
+    produce(
+        &producer,
+        &names.ingest,
+        Some(b"k"),
+        b"v12",
+        &[("time", soon.as_bytes()), ("topic", absent.as_bytes())],
+    )
+    .await;
     // A header name that is not UTF-8: rdkafka's own accessor would panic on it.
     produce_with_raw_header_name(&names.ingest, b"\xff\xfe", &soon, target, b"v11");
     produce(
@@ -258,12 +275,12 @@ async fn bad_records_are_dead_lettered_with_a_reason_and_do_not_block_good_ones(
 
     let dlq = reader(&names.dlq, 4);
     let dead = collect(&dlq, Duration::from_secs(30), |r| {
-        r.len() >= cases.len() + 2
+        r.len() >= cases.len() + 3
     })
     .await;
     assert_eq!(
         dead.len(),
-        cases.len() + 2,
+        cases.len() + 3,
         "every bad record reaches the DLQ"
     );
     let mut seen: Vec<(String, Vec<u8>)> = dead
@@ -281,14 +298,16 @@ async fn bad_records_are_dead_lettered_with_a_reason_and_do_not_block_good_ones(
         .collect();
     want.push(("invalid-header".to_string(), b"v11".to_vec()));
     want.push(("refused-by-broker".to_string(), big.clone()));
+    want.push(("unknown-topic".to_string(), b"v12".to_vec()));
     seen.sort();
     want.sort();
     assert_eq!(seen, want);
     for r in &dead {
         assert!(r.header("sm-error-detail").is_some_and(|d| !d.is_empty()));
-        if r.header("sm-error").as_deref() == Some("refused-by-broker") {
+        let code = r.header("sm-error").unwrap_or_default();
+        if code == "refused-by-broker" || code == "unknown-topic" {
             // Refused at delivery: the user's headers as sent, so it can be resubmitted.
-            assert_eq!(r.header("topic"), Some(small.clone()));
+            assert!(r.header("topic").is_some_and(|t| t == small || t == absent));
             assert!(r.header("sm-id").is_some());
         } else {
             assert!(r

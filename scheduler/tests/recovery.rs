@@ -77,7 +77,11 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
     // The restarted process takes over its predecessor's static membership at once.
     let instance = format!("{}-1", names.group);
     let static_member = ["--instance-id", instance.as_str()];
-    let mut first = spawn_binary(&names, &format!("{}-first.log", names.group), &static_member);
+    let mut first = spawn_binary(
+        &names,
+        &format!("{}-first.log", names.group),
+        &static_member,
+    );
     let expected = schedule(&names, 1_500, 1_000, 9_000).await;
     let reader = reader(&names.target, TARGET_PARTITIONS);
     // Let some be delivered, then kill it mid-run.
@@ -88,7 +92,11 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
     );
     kill9(&mut first);
     let killed_at = now_ms();
-    let mut second = spawn_binary(&names, &format!("{}-second.log", names.group), &static_member);
+    let mut second = spawn_binary(
+        &names,
+        &format!("{}-second.log", names.group),
+        &static_member,
+    );
     let all = collect_all(&reader, expected.keys(), before, Duration::from_secs(90)).await;
     kill9(&mut second);
     let dups = check(&expected, &all);

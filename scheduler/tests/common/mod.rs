@@ -95,14 +95,24 @@ impl Names {
     }
 
     pub fn settings(&self) -> Settings {
+        self.settings_with(&[])
+    }
+
+    /// The settings with more flags after the defaults (later flags win).
+    pub fn settings_with(&self, extra: &[&str]) -> Settings {
         let mut argv = vec!["scheduler".to_string()];
         argv.extend(self.args());
+        argv.extend(extra.iter().map(|s| s.to_string()));
         Settings::new(<Config as clap::Parser>::parse_from(argv)).expect("test settings are valid")
     }
 }
 
 pub async fn start_in_process(names: &Names) -> Scheduler {
-    Scheduler::start(names.settings(), Arc::new(SystemClock))
+    start_in_process_with(names, &[]).await
+}
+
+pub async fn start_in_process_with(names: &Names, extra: &[&str]) -> Scheduler {
+    Scheduler::start(names.settings_with(extra), Arc::new(SystemClock))
         .await
         .expect("scheduler starts")
 }
