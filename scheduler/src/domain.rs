@@ -18,6 +18,8 @@ pub mod header {
     pub const SM_ID: &str = "sm-id";
     /// The due time in UTC epoch milliseconds, on every internal and delivered copy.
     pub const SM_DUE_MS: &str = "sm-due-ms";
+    /// On a delivered copy: which scheduler delivered it, `kafka` or `mysql` (the baseline).
+    pub const SM_PATH: &str = "sm-path";
     /// The validated target topic, on internal copies.
     pub const SM_TOPIC: &str = "sm-topic";
     /// `partition-offset` of the record in the ingest topic: the tie-break that keeps the order of
@@ -335,7 +337,7 @@ impl Scheduled {
 
     /// The delivered copy: same key and value, the user's own headers (the scheduling headers
     /// `time`, `topic` and `id` removed, so the copy cannot be re-scheduled by accident), plus
-    /// `sm-id` and `sm-due-ms`.
+    /// `sm-id`, `sm-due-ms` and `sm-path=kafka` (the baseline writes `mysql`).
     pub fn to_target(&self) -> Outgoing {
         let mut headers: Vec<Header> = self
             .user_headers
@@ -345,6 +347,7 @@ impl Scheduled {
             .collect();
         headers.push(h(header::SM_ID, self.id.clone()));
         headers.push(h(header::SM_DUE_MS, self.due.as_millis().to_string()));
+        headers.push(h(header::SM_PATH, "kafka".to_string()));
         Outgoing {
             topic: self.target.as_str().to_string(),
             key: self.key.clone(),
@@ -488,7 +491,7 @@ mod tests {
         assert_eq!(delivered.key.as_deref(), Some(&b"k"[..]));
         assert_eq!(delivered.payload.as_deref(), Some(&b"v"[..]));
         let names: Vec<&str> = delivered.headers.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["trace", "sm-id", "sm-due-ms"]);
+        assert_eq!(names, ["trace", "sm-id", "sm-due-ms", "sm-path"]);
     }
 
     #[test]

@@ -225,7 +225,11 @@ impl Engine {
         let mut subscription: Vec<&str> = vec![settings.internal.ingest.as_str()];
         subscription.extend(slices.keys().map(String::as_str));
         consumer.subscribe(&subscription)?;
-        let producer: FutureProducer = kafka::producer_config(&settings).create()?;
+        let producer: FutureProducer = kafka::producer_config(
+            &settings.config.bootstrap_servers,
+            &settings.config.kafka_properties,
+        )
+        .create()?;
 
         let token = CancellationToken::new();
         let shared = Arc::new(Shared {

@@ -22,20 +22,28 @@ use crate::Error;
 
 /// The base configuration every client shares: bootstrap servers, then the pass-through
 /// properties (TLS, SASL...), which may override anything.
-pub fn base_config(settings: &Settings) -> ClientConfig {
+pub fn client_config(bootstrap: &str, properties: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.config.bootstrap_servers)
+    c.set("bootstrap.servers", bootstrap)
         .set_log_level(RDKafkaLogLevel::Warning);
-    for (k, v) in &settings.config.kafka_properties {
+    for (k, v) in properties {
         c.set(k, v);
     }
     c
 }
 
+pub fn base_config(settings: &Settings) -> ClientConfig {
+    client_config(
+        &settings.config.bootstrap_servers,
+        &settings.config.kafka_properties,
+    )
+}
+
 /// Producer settings for at-least-once without reordering: idempotence (so librdkafka's retries
 /// neither duplicate nor reorder), `acks=all`, and Java's murmur2 partitioner so that a record
-/// lands on the partition an ordinary Java producer would pick for its key.
-pub fn producer_config(settings: &Settings) -> ClientConfig {
+/// lands on the partition an ordinary Java producer would pick for its key. Shared with the
+/// db-scheduler baseline, so both paths publish the same way.
+pub fn producer_config(bootstrap: &str, properties: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -44,7 +52,7 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
         .set("message.timeout.ms", "30000")
         .set("queue.buffering.max.messages", "500000")
         .set("topic.metadata.propagation.max.ms", "10000");
-    merge(c, base_config(settings))
+    merge(c, client_config(bootstrap, properties))
 }
 
 /// Consumer settings: nothing is committed or stored automatically; the engine commits what the

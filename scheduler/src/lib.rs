@@ -14,6 +14,8 @@ pub mod kafka;
 pub mod metrics;
 pub mod offsets;
 pub mod slice;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod time;
 pub mod timer;
 
@@ -100,10 +102,43 @@ impl Scheduler {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`): the set-up every binary of the
+/// workspace shares.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+}
+
 /// Runs the scheduler with the system clock until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     Scheduler::start(settings, Arc::new(SystemClock))
         .await?
         .run_until(shutdown)
         .await
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `kill` and container runtimes send).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

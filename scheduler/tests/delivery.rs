@@ -1,12 +1,10 @@
 //! End-to-end delivery against the real local broker: many records across every slice level, the
 //! dead-letter cases, and the HTTP API.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use scheduler::testkit::*;
 
 const TARGET_PARTITIONS: i32 = 3;
 
@@ -112,7 +110,7 @@ async fn thousands_of_records_cross_every_level_and_arrive_on_time_and_intact() 
         let names_: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names_,
-            ["trace", "sm-id", "sm-due-ms"],
+            ["trace", "sm-id", "sm-due-ms", "sm-path"],
             "{id}: user header kept, scheduling headers replaced"
         );
         assert_eq!(r.header("trace"), Some(id.clone()));

@@ -2,13 +2,11 @@
 //! a process killed with SIGKILL mid-run and restarted, and one of two processes killed. Nothing
 //! may be lost or delivered early; duplicates (only what was in flight) are counted and reported.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Child;
 use std::time::Duration;
 
-use common::*;
+use scheduler::testkit::*;
 
 const TARGET_PARTITIONS: i32 = 2;
 
@@ -41,10 +39,10 @@ async fn schedule(names: &Names, n: usize, lead_ms: i64, spread_ms: i64) -> Hash
     records.into_iter().collect()
 }
 
-fn kill9(child: &mut Child) {
-    // SIGKILL: no shutdown hook runs, nothing is flushed or committed.
-    child.kill().expect("kill -9");
-    child.wait().expect("reaped");
+fn spawn(names: &Names, log: &str, extra: &[&str]) -> Child {
+    let mut args = names.args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn_binary(env!("CARGO_BIN_EXE_scheduler"), &args, log)
 }
 
 /// Checks every record arrived, none early; returns the number of duplicates.
@@ -77,7 +75,7 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
     // The restarted process takes over its predecessor's static membership at once.
     let instance = format!("{}-1", names.group);
     let static_member = ["--instance-id", instance.as_str()];
-    let mut first = spawn_binary(
+    let mut first = spawn(
         &names,
         &format!("{}-first.log", names.group),
         &static_member,
@@ -92,7 +90,7 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
     );
     kill9(&mut first);
     let killed_at = now_ms();
-    let mut second = spawn_binary(
+    let mut second = spawn(
         &names,
         &format!("{}-second.log", names.group),
         &static_member,
@@ -125,8 +123,8 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
 async fn two_processes_share_the_work_and_survive_one_being_killed() {
     let names = Names::new("pair");
     create_topic(&names.target, TARGET_PARTITIONS).await;
-    let mut a = spawn_binary(&names, &format!("{}-a.log", names.group), &[]);
-    let mut b = spawn_binary(&names, &format!("{}-b.log", names.group), &[]);
+    let mut a = spawn(&names, &format!("{}-a.log", names.group), &[]);
+    let mut b = spawn(&names, &format!("{}-b.log", names.group), &[]);
     let expected = schedule(&names, 1_500, 2_000, 10_000).await;
     let reader = reader(&names.target, TARGET_PARTITIONS);
     let before = collect(&reader, Duration::from_secs(30), |r| r.len() >= 200).await;

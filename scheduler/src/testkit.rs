@@ -1,7 +1,8 @@
-//! Shared helpers for the integration tests: they talk to the real local broker started by
-//! `./messagescheduler.sh --stack` (SM_BOOTSTRAP_SERVERS, default 127.0.0.1:9092). Every test uses
-//! its own topics and group, so tests run in parallel without seeing each other's records.
-#![allow(dead_code)]
+//! Helpers for integration tests of every crate in the workspace (feature `testkit`): they talk
+//! to the real local broker started by `./messagescheduler.sh --stack` (SM_BOOTSTRAP_SERVERS,
+//! default 127.0.0.1:9092). Every test uses its own topics and group, so tests run in parallel
+//! without seeing each other's records. Test code: a failed set-up panics with a message.
+#![allow(clippy::missing_panics_doc)]
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -9,13 +10,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::{Config, Scheduler, Settings, SystemClock};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use scheduler::{Config, Scheduler, Settings, SystemClock};
 
 pub fn bootstrap() -> String {
     std::env::var("SM_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -118,16 +119,22 @@ pub async fn start_in_process_with(names: &Names, extra: &[&str]) -> Scheduler {
 }
 
 /// Starts the `scheduler` binary as a child process (for kill -9 tests).
-pub fn spawn_binary(names: &Names, log: &str, extra: &[&str]) -> Child {
+/// `binary` is the test's `env!("CARGO_BIN_EXE_...")`; its stderr goes to `log` in the temp dir.
+pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_scheduler"))
-        .args(names.args())
-        .args(extra)
+    Command::new(binary)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("scheduler binary starts")
+}
+
+/// SIGKILL: no shutdown hook runs, nothing is flushed or committed.
+pub fn kill9(child: &mut Child) {
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {

@@ -1,0 +1,72 @@
+//! Configuration of the db-scheduler, validated at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The classic baseline: a MySQL table polled for due rows, each published to its Kafka topic.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "db-scheduler", version)]
+pub struct Config {
+    /// MySQL (or MariaDB) connection URL.
+    #[arg(
+        long,
+        env = "SM_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/test"
+    )]
+    pub mysql_url: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "SM_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    pub bootstrap_servers: String,
+
+    /// Address of the HTTP API (/healthz, /metrics, /api/status).
+    #[arg(long, env = "SM_DB_HTTP_ADDR", default_value = "127.0.0.1:8001")]
+    pub http_addr: SocketAddr,
+
+    /// How often the table is polled for due rows: 10ms to 60s.
+    #[arg(long, env = "SM_POLL_INTERVAL", default_value = "1s", value_parser = parse_interval)]
+    pub poll_interval: Duration,
+
+    /// Most rows claimed by one poll.
+    #[arg(long, env = "SM_DB_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub batch_size: i64,
+
+    /// Any librdkafka property, as key=value (repeatable; ';'-separated in the environment).
+    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+        return Err(format!("{s} is outside 10ms..=60s"));
+    }
+    Ok(d)
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_is_bounded() {
+        let parse = |a: &[&str]| Config::try_parse_from([&["db-scheduler"], a].concat());
+        assert_eq!(parse(&[]).unwrap().poll_interval, Duration::from_secs(1));
+        assert_eq!(
+            parse(&["--poll-interval", "10ms"]).unwrap().poll_interval,
+            Duration::from_millis(10)
+        );
+        assert!(parse(&["--poll-interval", "5ms"]).is_err());
+        assert!(parse(&["--poll-interval", "61s"]).is_err());
+        assert!(parse(&["--batch-size", "0"]).is_err());
+    }
+}
