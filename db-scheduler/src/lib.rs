@@ -6,6 +6,8 @@
 pub mod config;
 pub mod poller;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -4,26 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use db_scheduler::testkit::fresh_database;
 use db_scheduler::{Config, DbScheduler, NewMessage, Store};
 use scheduler::testkit::*;
 use scheduler::{DueTime, SystemClock};
-use sqlx::Connection;
-
-/// A fresh database on the server of SM_MYSQL_URL; returns its URL.
-async fn fresh_database() -> String {
-    let base =
-        std::env::var("SM_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-    let name = unique("dbs").replace('-', "_");
-    let mut conn = sqlx::MySqlConnection::connect(&base)
-        .await
-        .expect("mysql answers");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create database");
-    let (server, _) = base.rsplit_once('/').expect("a URL with a database");
-    format!("{server}/{name}")
-}
 
 fn config(url: &str, interval: &str, batch: i64) -> Config {
     <Config as clap::Parser>::parse_from([

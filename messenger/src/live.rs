@@ -1,0 +1,228 @@
+//! Live figures for `/monitor`, the live page and the progress view: what each run sent and
+//! received per path, lateness as it arrives, and the senders' reported totals. In memory only;
+//! the audit store is the record.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::report::percentile;
+use crate::Path;
+
+/// A sender's totals as published on the status topic (the original's shape).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SenderStatus {
+    pub sender_id: String,
+    pub success_count: u64,
+    pub failed_count: u64,
+    pub total_processing_time: f64,
+}
+
+#[derive(Debug, Default)]
+struct PathStats {
+    sent: u64,
+    arrivals: u64,
+    seen: HashSet<String>,
+    lateness: Vec<i64>,
+}
+
+#[derive(Debug, Default)]
+struct RunStats {
+    expected: u64,
+    paths: BTreeMap<&'static str, PathStats>,
+}
+
+/// One second of arrivals on one path, for the chart.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Bucket {
+    count: u64,
+    sum_ms: i64,
+    max_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    runs: HashMap<String, RunStats>,
+    latest: Option<String>,
+    senders: BTreeMap<String, SenderStatus>,
+    series: VecDeque<(i64, BTreeMap<&'static str, Bucket>)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Live {
+    inner: Mutex<Inner>,
+}
+
+const SERIES_SECONDS: usize = 600;
+
+impl Live {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A run starts; `expected` messages per path.
+    pub fn start_run(&self, run_id: &str, expected: u64) {
+        let mut inner = self.lock();
+        inner.runs.insert(
+            run_id.to_string(),
+            RunStats {
+                expected,
+                ..Default::default()
+            },
+        );
+        inner.latest = Some(run_id.to_string());
+    }
+
+    pub fn sent(&self, run_id: &str, path: Path) {
+        if let Some(run) = self.lock().runs.get_mut(run_id) {
+            run.paths.entry(path.as_str()).or_default().sent += 1;
+        }
+    }
+
+    /// A copy arrived at a sender.
+    pub fn arrived(&self, run_id: &str, id: &str, path: Path, received_ms: i64, lateness_ms: i64) {
+        let mut inner = self.lock();
+        if let Some(run) = inner.runs.get_mut(run_id) {
+            let p = run.paths.entry(path.as_str()).or_default();
+            p.arrivals += 1;
+            if p.seen.insert(id.to_string()) {
+                p.lateness.push(lateness_ms);
+            }
+        }
+        let second = received_ms.div_euclid(1000);
+        if inner.series.back().is_none_or(|(s, _)| *s < second) {
+            inner.series.push_back((second, BTreeMap::new()));
+            if inner.series.len() > SERIES_SECONDS {
+                inner.series.pop_front();
+            }
+        }
+        if let Some((_, buckets)) = inner.series.iter_mut().rev().find(|(s, _)| *s == second) {
+            let b = buckets.entry(path.as_str()).or_default();
+            b.count += 1;
+            b.sum_ms += lateness_ms;
+            b.max_ms = b.max_ms.max(lateness_ms);
+        }
+    }
+
+    pub fn sender_status(&self, status: SenderStatus) {
+        let mut inner = self.lock();
+        let entry = inner.senders.entry(status.sender_id.clone()).or_default();
+        // Status updates are cumulative; keep the newest (largest) totals.
+        if status.success_count + status.failed_count >= entry.success_count + entry.failed_count {
+            *entry = status;
+        }
+    }
+
+    /// Distinct messages of the run that arrived, per path, and whether every one has.
+    pub fn complete(&self, run_id: &str, paths: &[Path]) -> bool {
+        let inner = self.lock();
+        inner.runs.get(run_id).is_some_and(|run| {
+            paths.iter().all(|p| {
+                run.paths
+                    .get(p.as_str())
+                    .is_some_and(|s| s.seen.len() as u64 >= run.expected)
+            })
+        })
+    }
+
+    /// Arrivals of a run (all copies), over all paths.
+    pub fn arrivals(&self, run_id: &str) -> u64 {
+        self.lock()
+            .runs
+            .get(run_id)
+            .map_or(0, |r| r.paths.values().map(|p| p.arrivals).sum())
+    }
+
+    /// Totals reported by the senders.
+    pub fn senders(&self) -> BTreeMap<String, SenderStatus> {
+        self.lock().senders.clone()
+    }
+
+    /// What `GET /monitor` and the live page show, for the latest run.
+    pub fn monitor(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let mut paths = serde_json::Map::new();
+        let (mut sent, mut delivered) = (0, 0);
+        if let Some(run) = inner.latest.as_ref().and_then(|id| inner.runs.get(id)) {
+            for (name, p) in &run.paths {
+                let mut late = p.lateness.clone();
+                late.sort_unstable();
+                sent += p.sent;
+                delivered += p.seen.len() as u64;
+                paths.insert(
+                    name.to_string(),
+                    serde_json::json!({
+                        "sent": p.sent, "received": p.seen.len(), "duplicates": p.arrivals - p.seen.len() as u64,
+                        "pending": p.sent.saturating_sub(p.seen.len() as u64),
+                        "p50_ms": percentile(&late, 0.5), "p95_ms": percentile(&late, 0.95),
+                        "p99_ms": percentile(&late, 0.99), "max_ms": late.last(),
+                    }),
+                );
+            }
+        }
+        let failed: u64 = inner.senders.values().map(|s| s.failed_count).sum();
+        let series: Vec<serde_json::Value> = inner
+            .series
+            .iter()
+            .map(|(t, buckets)| {
+                let mut point = serde_json::json!({ "t": t });
+                for (path, b) in buckets {
+                    point[format!("{path}_avg_ms")] =
+                        serde_json::json!(b.sum_ms / b.count.max(1) as i64);
+                    point[format!("{path}_max_ms")] = serde_json::json!(b.max_ms);
+                }
+                point
+            })
+            .collect();
+        serde_json::json!({
+            "run_id": inner.latest,
+            "senders": inner.senders,
+            "total": { "sent": sent, "delivered": delivered, "failed": failed, "pending": sent.saturating_sub(delivered) },
+            "paths": paths,
+            "series": series,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracks_arrivals_duplicates_and_completion() {
+        let live = Live::default();
+        live.start_run("r", 2);
+        for _ in 0..2 {
+            live.sent("r", Path::Kafka);
+        }
+        live.arrived("r", "r-0", Path::Kafka, 5_000, 3);
+        assert!(!live.complete("r", &[Path::Kafka]));
+        live.arrived("r", "r-0", Path::Kafka, 5_100, 9);
+        live.arrived("r", "r-1", Path::Kafka, 6_000, 7);
+        assert!(live.complete("r", &[Path::Kafka]));
+        assert!(!live.complete("r", &[Path::Kafka, Path::Mysql]));
+        let m = live.monitor();
+        assert_eq!(m["paths"]["kafka"]["received"], 2);
+        assert_eq!(m["paths"]["kafka"]["duplicates"], 1);
+        assert_eq!(m["paths"]["kafka"]["max_ms"], 7);
+        assert_eq!(m["series"].as_array().unwrap().len(), 2);
+        live.sender_status(SenderStatus {
+            sender_id: "s1".into(),
+            success_count: 2,
+            failed_count: 1,
+            total_processing_time: 0.3,
+        });
+        live.sender_status(SenderStatus {
+            sender_id: "s1".into(),
+            success_count: 1,
+            failed_count: 0,
+            total_processing_time: 0.1,
+        });
+        assert_eq!(
+            live.senders()["s1"].success_count,
+            2,
+            "an older, smaller total does not win"
+        );
+    }
+}

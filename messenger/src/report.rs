@@ -1,0 +1,200 @@
+//! The report: per path, what was sent, what arrived, what is missing, duplicated or early, and
+//! the lateness distribution, computed from the audit rows of one run.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// What the audit holds for one message on one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub path: String,
+    /// Copies that arrived at a sender (0: missing; 2 or more: duplicated).
+    pub deliveries: i64,
+    /// Consumer's clock at the first arrival minus the due time.
+    pub lateness_ms: Option<i64>,
+    /// `pending`, `sent`, `failed` (the simulated SMS send), or `produce-failed`.
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PathReport {
+    pub path: String,
+    pub sent: u64,
+    pub received: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    pub early: u64,
+    pub not_produced: u64,
+    pub sms_failed: u64,
+    pub lateness_p50_ms: Option<i64>,
+    pub lateness_p95_ms: Option<i64>,
+    pub lateness_p99_ms: Option<i64>,
+    pub lateness_max_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Report {
+    pub run_id: String,
+    pub paths: Vec<PathReport>,
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil().max(1.0) as usize;
+    Some(sorted[rank.min(sorted.len()) - 1])
+}
+
+impl Report {
+    pub fn from_rows(run_id: &str, rows: &[AuditRow]) -> Report {
+        let mut names: Vec<&str> = rows.iter().map(|r| r.path.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let paths = names
+            .into_iter()
+            .map(|path| {
+                let mut p = PathReport {
+                    path: path.to_string(),
+                    ..Default::default()
+                };
+                let mut late = Vec::new();
+                for r in rows.iter().filter(|r| r.path == path) {
+                    if r.status == "produce-failed" {
+                        p.not_produced += 1;
+                        continue;
+                    }
+                    p.sent += 1;
+                    if r.deliveries > 0 {
+                        p.received += 1;
+                        p.duplicates += (r.deliveries - 1) as u64;
+                        if let Some(l) = r.lateness_ms {
+                            late.push(l);
+                            p.early += u64::from(l < 0);
+                        }
+                    } else {
+                        p.missing += 1;
+                    }
+                    p.sms_failed += u64::from(r.status == "failed");
+                }
+                late.sort_unstable();
+                p.lateness_p50_ms = percentile(&late, 0.50);
+                p.lateness_p95_ms = percentile(&late, 0.95);
+                p.lateness_p99_ms = percentile(&late, 0.99);
+                p.lateness_max_ms = late.last().copied();
+                p
+            })
+            .collect();
+        Report {
+            run_id: run_id.to_string(),
+            paths,
+        }
+    }
+
+    /// True when nothing was lost and nothing arrived early.
+    pub fn ok(&self) -> bool {
+        self.paths.iter().all(|p| p.missing == 0 && p.early == 0)
+    }
+
+    /// A table for the terminal.
+    pub fn table(&self) -> String {
+        let ms = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+        let mut out = format!("run {}\n", self.run_id);
+        let _ = writeln!(
+            out,
+            "{:<6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9}",
+            "path",
+            "sent",
+            "received",
+            "missing",
+            "dup",
+            "early",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms"
+        );
+        for p in &self.paths {
+            let _ = writeln!(
+                out,
+                "{:<6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9}",
+                p.path,
+                p.sent,
+                p.received,
+                p.missing,
+                p.duplicates,
+                p.early,
+                ms(p.lateness_p50_ms),
+                ms(p.lateness_p95_ms),
+                ms(p.lateness_p99_ms),
+                ms(p.lateness_max_ms)
+            );
+        }
+        out.push_str(if self.ok() {
+            "OK: nothing lost, nothing early\n"
+        } else {
+            "FAILED: messages lost or early\n"
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(path: &str, deliveries: i64, lateness: Option<i64>, status: &str) -> AuditRow {
+        AuditRow {
+            path: path.into(),
+            deliveries,
+            lateness_ms: lateness,
+            status: status.into(),
+        }
+    }
+
+    #[test]
+    fn counts_missing_duplicates_early_and_percentiles_per_path() {
+        let mut rows: Vec<AuditRow> = (1..=100)
+            .map(|l| row("kafka", 1, Some(l), "sent"))
+            .collect();
+        rows.push(row("kafka", 0, None, "pending"));
+        rows.push(row("kafka", 3, Some(5), "sent"));
+        rows.push(row("mysql", 1, Some(-2), "failed"));
+        rows.push(row("mysql", 0, None, "produce-failed"));
+        let r = Report::from_rows("run-1", &rows);
+        let k = &r.paths[0];
+        assert_eq!(
+            (
+                k.path.as_str(),
+                k.sent,
+                k.received,
+                k.missing,
+                k.duplicates,
+                k.early
+            ),
+            ("kafka", 102, 101, 1, 2, 0)
+        );
+        assert_eq!(
+            (k.lateness_p50_ms, k.lateness_p99_ms, k.lateness_max_ms),
+            (Some(50), Some(99), Some(100))
+        );
+        let m = &r.paths[1];
+        assert_eq!(
+            (m.sent, m.received, m.early, m.not_produced, m.sms_failed),
+            (1, 1, 1, 1, 1)
+        );
+        assert!(!r.ok());
+        assert!(r.table().contains("FAILED"));
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        assert_eq!(percentile(&[], 0.5), None);
+        assert_eq!(percentile(&[7], 0.99), Some(7));
+        assert_eq!(percentile(&[1, 2, 3, 4], 0.5), Some(2));
+        assert_eq!(percentile(&[1, 2, 3, 4], 0.75), Some(3));
+        assert_eq!(percentile(&[1, 2, 3, 4], 1.0), Some(4));
+    }
+}

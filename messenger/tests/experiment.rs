@@ -1,0 +1,281 @@
+//! A short experiment end to end against the real broker, MongoDB-compatible server and MariaDB,
+//! with the Kafka scheduler and the MySQL baseline running: fully audited, correct lateness, a
+//! message removed on purpose reported missing, a duplicated one reported as a duplicate, and the
+//! senders' totals matching what arrived.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use db_scheduler::testkit::fresh_database;
+use futures::TryStreamExt;
+use messenger::{Connections, Experiment, Faults, Messenger};
+use mongodb::bson::{doc, Document};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use scheduler::testkit::*;
+
+fn connections(names: &Names, mysql_url: &str, database: &str) -> Connections {
+    let base = unique("sms");
+    Connections {
+        bootstrap_servers: bootstrap(),
+        mongodb_uri: std::env::var("SM_MONGODB_URI")
+            .unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into()),
+        mongodb_database: database.to_string(),
+        mysql_url: mysql_url.to_string(),
+        ingest_topic: names.ingest.clone(),
+        sms_topic: format!("{base}-messages"),
+        status_topic: format!("{base}-status"),
+        senders_group: format!("{base}-senders"),
+        senders: 3,
+        success_rate: 0.8,
+        processing_time: Duration::from_millis(20),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+    }
+}
+
+fn experiment(count: u64) -> Experiment {
+    Experiment {
+        count,
+        duration: Duration::from_secs(1),
+        rate: Some(200.0),
+        value_size: 24,
+        min_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(4),
+        kafka: true,
+        mysql: true,
+        grace: Duration::from_secs(15),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_run_is_fully_audited_with_missing_and_duplicates_reported() {
+    let names = Names::new("msgr");
+    let sched = start_in_process(&names).await;
+    let mysql_url = fresh_database().await;
+    let db_config = <db_scheduler::Config as clap::Parser>::parse_from([
+        "db-scheduler",
+        "--mysql-url",
+        &mysql_url,
+        "--bootstrap-servers",
+        &bootstrap(),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--poll-interval",
+        "100ms",
+    ]);
+    let baseline = db_scheduler::DbScheduler::start(db_config, Arc::new(scheduler::SystemClock))
+        .await
+        .unwrap();
+    let database = unique("audit").replace('-', "_");
+    let conn = connections(&names, &mysql_url, &database);
+    let sms_topic = conn.sms_topic.clone();
+    let m = Arc::new(
+        Messenger::start(conn, experiment(300))
+            .await
+            .expect("messenger starts"),
+    );
+
+    // Message 5 never reaches the Kafka scheduler; message 7 arrives twice on the Kafka path.
+    let faults = Faults {
+        skip_kafka: vec![5],
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runner = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            m.run_experiment_announced(&experiment(300), &faults, tx)
+                .await
+        })
+    };
+    let run_id = rx.await.expect("the run started");
+    // Duplicate message 7 exactly as delivered: same key, value and headers.
+    let dup_id = format!("{run_id}-7");
+    let seen = collect(&reader(&sms_topic, 3), Duration::from_secs(20), |r| {
+        r.iter().any(|x| {
+            x.header("sm-id").as_deref() == Some(&dup_id)
+                && x.header("sm-path").as_deref() == Some("kafka")
+        })
+    })
+    .await;
+    let original = seen
+        .iter()
+        .find(|x| {
+            x.header("sm-id").as_deref() == Some(&dup_id)
+                && x.header("sm-path").as_deref() == Some("kafka")
+        })
+        .expect("message 7 delivered by the Kafka scheduler");
+    let headers = original
+        .headers
+        .iter()
+        .fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: v.as_deref(),
+            })
+        });
+    let mut copy = FutureRecord::<[u8], [u8]>::to(&sms_topic).headers(headers);
+    if let Some(k) = original.key.as_deref() {
+        copy = copy.key(k);
+    }
+    if let Some(v) = original.value.as_deref() {
+        copy = copy.payload(v);
+    }
+    producer()
+        .send(copy, Duration::from_secs(5))
+        .await
+        .expect("duplicate produced");
+    let report = runner.await.unwrap().expect("the run finishes");
+    eprint!("{}", report.table());
+
+    let kafka = report
+        .paths
+        .iter()
+        .find(|p| p.path == "kafka")
+        .expect("kafka path");
+    let mysql = report
+        .paths
+        .iter()
+        .find(|p| p.path == "mysql")
+        .expect("mysql path");
+    assert_eq!(
+        (
+            kafka.sent,
+            kafka.received,
+            kafka.missing,
+            kafka.duplicates,
+            kafka.early
+        ),
+        (300, 299, 1, 1, 0)
+    );
+    assert_eq!(
+        (
+            mysql.sent,
+            mysql.received,
+            mysql.missing,
+            mysql.duplicates,
+            mysql.early
+        ),
+        (300, 300, 0, 0, 0)
+    );
+    assert!(!report.ok(), "a missing message fails the run");
+    assert!(kafka.lateness_max_ms.unwrap() >= 0);
+
+    // The audit documents themselves: lateness is the first arrival minus the due time.
+    let client = mongodb::Client::with_uri_str(
+        std::env::var("SM_MONGODB_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into()),
+    )
+    .await
+    .unwrap();
+    let docs: Vec<Document> = client
+        .database(&database)
+        .collection::<Document>("messages")
+        .find(doc! { "run_id": &run_id })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(docs.len(), 600, "one document per message and path");
+    let mut checked = 0;
+    for d in &docs {
+        if let (Ok(received), Ok(due)) = (d.get_datetime("received_at"), d.get_datetime("due_at")) {
+            let late = d
+                .get_i64("lateness_ms")
+                .or_else(|_| d.get_i32("lateness_ms").map(i64::from))
+                .unwrap();
+            assert_eq!(
+                late,
+                received.timestamp_millis() - due.timestamp_millis(),
+                "{d}"
+            );
+            assert!(late >= 0, "arrived early: {d}");
+            assert!(d.get_str("sender").unwrap().starts_with("sender_"));
+            assert!(["sent", "failed"].contains(&d.get_str("status").unwrap()));
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 599);
+    let missing = docs
+        .iter()
+        .find(|d| d.get_str("_id").unwrap() == format!("{run_id}-5:kafka"))
+        .unwrap();
+    assert_eq!(missing.get_i64("deliveries").unwrap_or(0), 0);
+
+    // The senders' reported totals add up to every copy that arrived (600 = 299 + 1 + 300).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let total = loop {
+        let t: u64 = m
+            .live
+            .senders()
+            .values()
+            .map(|s| s.success_count + s.failed_count)
+            .sum();
+        if t >= 600 || std::time::Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(total, m.live.arrivals(&run_id));
+    assert_eq!(total, 600);
+
+    // The HTTP API: the report, the live figures, and a run started over HTTP.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(messenger::serve_on(
+        listener,
+        m.clone(),
+        std::future::pending(),
+    ));
+    let api: serde_json::Value = reqwest::get(format!("{base}/api/report?run_id={run_id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(api["paths"][0]["missing"], 1);
+    let started: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/produce-messages"))
+        .json(&serde_json::json!({"count": 40, "rate": 100, "min_delay": "1s", "max_delay": "2s"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let second = started["run_id"].as_str().expect("a run id").to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mon: serde_json::Value = reqwest::get(format!("{base}/monitor"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if mon["run_id"] == second.as_str()
+            && mon["paths"]["kafka"]["received"] == 40
+            && mon["paths"]["mysql"]["received"] == 40
+        {
+            assert!(mon["paths"]["kafka"]["p99_ms"].as_i64().is_some());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HTTP run did not complete: {mon}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = reqwest::get(&base).await.unwrap().text().await.unwrap();
+    assert!(page.contains("EventSource(\"/events\")"));
+    let bad = reqwest::Client::new()
+        .post(format!("{base}/produce-messages"))
+        .json(&serde_json::json!({"count": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Arc::try_unwrap(m).ok().map(|m| m.stop());
+    baseline.stop().await;
+    sched.stop().await.unwrap();
+}
