@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
-use crate::domain::{dlq_original, Incoming, Outgoing, Scheduled};
+use crate::domain::{dlq_original, Incoming, Outgoing, Rejection, Scheduled};
 use crate::jobs::{Board, JobCounts, JobKind, JobSpec};
 use crate::kafka::{self, lock, EngineContext, RebalanceEvent, SendFailure, TopicSpec};
 use crate::metrics as m;
@@ -69,6 +69,8 @@ struct Send {
 /// Progress of a sweep over one slice partition, shared by the worker that runs it and the
 /// consumer loop that routes its records.
 struct ActiveSweep {
+    /// The high watermark when the sweep began; records at or after it arrived late.
+    began_at_end: i64,
     /// Records below this offset that belong in this very slot (a later window, or beyond the top
     /// level's horizon) are written again at the end; from this offset on, such a record ends the
     /// sweep, so a sweep never reads its own re-writes.
@@ -94,8 +96,9 @@ enum Placed {
 }
 
 impl ActiveSweep {
-    fn new(reappend_below: i64, next: i64) -> Self {
+    fn new(began_at_end: i64, reappend_below: i64, next: i64) -> Self {
         ActiveSweep {
+            began_at_end,
             reappend_below,
             progress: Mutex::new(SweepProgress {
                 processed_through: next - 1,
@@ -217,7 +220,12 @@ impl Engine {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let context = EngineContext {
             tracker: tracker.clone(),
-            slice_topics: slices.keys().cloned().collect(),
+            // Level 0 is streamed, never paused; the coarser levels are read only during sweeps.
+            slice_topics: slices
+                .iter()
+                .filter(|(_, (level, _))| *level > 0)
+                .map(|(name, _)| name.clone())
+                .collect(),
             events: events_tx,
         };
         let consumer: StreamConsumer<EngineContext> =
@@ -353,8 +361,12 @@ impl Shared {
             };
             if rec.topic == self.settings.internal.ingest {
                 self.ingest(rec).await;
-            } else if self.slices.contains_key(&rec.topic) {
-                self.sweep_record(rec).await;
+            } else if let Some(&(level, _)) = self.slices.get(&rec.topic) {
+                if level == 0 {
+                    self.stream_record(rec).await;
+                } else {
+                    self.sweep_record(rec).await;
+                }
             }
         }
     }
@@ -368,16 +380,7 @@ impl Shared {
         match Scheduled::from_ingest(&rec, self.settings.config.default_tz, internal) {
             Err(why) => {
                 tracing::warn!(source = %rec.source(), reason = why.code(), detail = %why, "dead-lettering");
-                let out = dlq_original(&rec, &internal.dlq, &why);
-                let then = Then::DeadLetter { reason: why.code() };
-                self.send(Send {
-                    out,
-                    then,
-                    scheduled: None,
-                    ticket,
-                    sweep: None,
-                })
-                .await;
+                self.dead_letter_original(&rec, &why, ticket, None).await;
             }
             Ok(s) => {
                 metrics::counter!(m::SCHEDULED).increment(1);
@@ -387,6 +390,30 @@ impl Shared {
                 }
                 let route = self.ladder().route(s.due.as_millis(), now);
                 self.forward(s, route, ticket, None).await;
+            }
+        }
+    }
+
+    /// A record from a level-0 slice. Level 0 is streamed: its partitions are never paused, and
+    /// each record goes into the timer as soon as it is read. Records only land in level 0 once
+    /// the level-1 window containing them is being swept, so the timer holds at most about
+    /// `w_0 + w_1` of due records; one due later than that (written by an instance with a skewed
+    /// clock) is routed to the slice it belongs in instead of being held.
+    async fn stream_record(self: &Arc<Self>, rec: Incoming) {
+        let Some(ticket) = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset) else {
+            return;
+        };
+        match Scheduled::from_slice(&rec, &self.settings.internal) {
+            Ok(s) => {
+                let route = match self.ladder().route(s.due.as_millis(), self.clock.now_ms()) {
+                    Route::Slice(id) if id.level > 0 => Route::Slice(id),
+                    _ => Route::Timer,
+                };
+                self.forward(s, route, ticket, None).await;
+            }
+            Err(why) => {
+                tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
+                self.dead_letter_original(&rec, &why, ticket, None).await;
             }
         }
     }
@@ -420,6 +447,9 @@ impl Shared {
         let Some(ticket) = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset) else {
             return;
         };
+        if rec.offset >= sweep.began_at_end {
+            metrics::counter!(m::STRAGGLERS).increment(1);
+        }
         sweep.update(|p| {
             p.processed_through = rec.offset;
             p.routed += 1;
@@ -429,18 +459,30 @@ impl Shared {
             Ok((s, route)) => self.forward(s, route, ticket, Some(sweep)).await,
             Err(why) => {
                 tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
-                let out = dlq_original(&rec, &self.settings.internal.dlq, &why);
-                let then = Then::DeadLetter { reason: why.code() };
-                self.send(Send {
-                    out,
-                    then,
-                    scheduled: None,
-                    ticket,
-                    sweep: Some(sweep),
-                })
-                .await;
+                self.dead_letter_original(&rec, &why, ticket, Some(sweep))
+                    .await;
             }
         }
+    }
+
+    /// Sends the record as it was read to the DLQ with the reason.
+    async fn dead_letter_original(
+        self: &Arc<Self>,
+        rec: &Incoming,
+        why: &Rejection,
+        ticket: Ticket,
+        sweep: Option<Arc<ActiveSweep>>,
+    ) {
+        let out = dlq_original(rec, &self.settings.internal.dlq, why);
+        let then = Then::DeadLetter { reason: why.code() };
+        self.send(Send {
+            out,
+            then,
+            scheduled: None,
+            ticket,
+            sweep,
+        })
+        .await;
     }
 
     /// Hands an accepted record to its next place.
@@ -454,6 +496,11 @@ impl Shared {
         match route {
             Route::Timer => {
                 let (due, origin) = (s.due.as_millis(), s.origin);
+                let headroom = due - self.clock.now_ms();
+                metrics::histogram!(m::TIMER_HEADROOM).record(headroom.max(0) as f64 / 1000.0);
+                if headroom < 0 && s.hops > 0 {
+                    metrics::counter!(m::TIMER_LATE).increment(1);
+                }
                 lock(&self.timer).insert(
                     due,
                     origin,
@@ -659,10 +706,10 @@ impl Shared {
         }
     }
 
-    /// Pending records per level in the slices this process owns (high watermark minus where the
-    /// next sweep starts), every 10 s.
+    /// Pending records per level in the slices this process owns (high watermark minus the
+    /// committed offset), every 30 s: one round trip per partition, so not more often.
     async fn run_stats(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -725,42 +772,40 @@ impl Shared {
         self.board.create(spec, self.clock.now_ms())
     }
 
-    /// Queues one sweep job per window, each when its sweep time comes. After a start or a
-    /// rebalance, catch-up jobs (from `run_control`) cover the windows already due.
+    /// Queues one sweep job per window of levels 1 and up (level 0 is streamed), each when its
+    /// sweep time comes. After a start or a rebalance, catch-up jobs (from `run_control`) cover
+    /// the windows already due.
     async fn run_planner(self: Arc<Self>, jobs: mpsc::Sender<u64>) {
-        let levels = self.ladder().levels();
         let now = self.clock.now_ms();
-        let mut next: Vec<i64> = (0..levels)
-            .map(|l| self.ladder().current_window(l, now) + 1)
+        // Per swept level: the next window, and its READY job.
+        let mut upcoming: Vec<(SliceId, u64)> = (1..self.ladder().levels())
+            .map(|level| {
+                let window = self.ladder().current_window(level, now) + 1;
+                (SliceId { level, window }, self.sweep_job(level, window))
+            })
             .collect();
-        let mut ready: Vec<u64> = (0..levels).map(|l| self.sweep_job(l, next[l])).collect();
         loop {
-            let Some((level, at)) = (0..levels)
-                .map(|level| {
-                    (
-                        level,
-                        self.ladder().sweep_at(SliceId {
-                            level,
-                            window: next[level],
-                        }),
-                    )
-                })
-                .min_by_key(|(_, at)| *at)
+            let Some(slot) =
+                (0..upcoming.len()).min_by_key(|&i| self.ladder().sweep_at(upcoming[i].0))
             else {
                 return;
             };
-            let wait = at - self.clock.now_ms();
+            let (id, job) = upcoming[slot];
+            let wait = self.ladder().sweep_at(id) - self.clock.now_ms();
             if wait > 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => continue,
                     _ = self.intake.cancelled() => return,
                 }
             }
-            if jobs.send(ready[level]).await.is_err() {
+            if jobs.send(job).await.is_err() {
                 return;
             }
-            next[level] += 1;
-            ready[level] = self.sweep_job(level, next[level]);
+            let following = SliceId {
+                level: id.level,
+                window: id.window + 1,
+            };
+            upcoming[slot] = (following, self.sweep_job(following.level, following.window));
         }
     }
 
@@ -856,6 +901,7 @@ impl Shared {
         reappend: bool,
     ) -> Result<JobCounts, String> {
         let tp: Tp = (topic.to_string(), partition);
+        let began = std::time::Instant::now();
         let cursor = lock(&self.cursors).entry(tp.clone()).or_default().clone();
         let mut cursor = cursor.lock().await;
         let Some(generation) = lock(&self.tracker).generation(topic, partition) else {
@@ -893,8 +939,13 @@ impl Shared {
             cursor.next = Some(next);
             return Ok(JobCounts::default());
         }
+        let positioned_at = began.elapsed();
 
-        let sweep = Arc::new(ActiveSweep::new(if reappend { high } else { next }, next));
+        let sweep = Arc::new(ActiveSweep::new(
+            high,
+            if reappend { high } else { next },
+            next,
+        ));
         lock(&self.sweeps).insert(tp.clone(), sweep.clone());
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition);
@@ -904,6 +955,8 @@ impl Shared {
             .await
             .and_then(|()| self.consumer.resume(&tpl).map_err(|e| e.to_string()));
 
+        let resumed_at = began.elapsed();
+        let mut caught_up_at = None;
         let mut end = high;
         let mut outcome = positioned;
         while outcome.is_ok() {
@@ -918,6 +971,7 @@ impl Shared {
                 Wait::Done if !still_ours() => outcome = Err("partition revoked".into()),
                 Wait::Done if lock(&sweep.progress).stopped_at.is_some() => break,
                 Wait::Done => {
+                    caught_up_at.get_or_insert(began.elapsed());
                     // Caught up: take stragglers written since the sweep began, then stop.
                     let t = topic.to_string();
                     match self
@@ -944,6 +998,7 @@ impl Shared {
         cursor.next = Some(resume_at);
         drop(cursor);
 
+        let paused_at = began.elapsed();
         if outcome.is_ok() {
             match sweep.wait(&self.intake, |p| p.placed >= p.routed).await {
                 Wait::Done => {}
@@ -952,6 +1007,17 @@ impl Shared {
             }
         }
         let counts = lock(&sweep.progress).counts;
+        tracing::debug!(
+            topic,
+            partition,
+            records = counts.records,
+            watermarks_ms = positioned_at.as_millis() as u64,
+            resumed_ms = resumed_at.as_millis() as u64,
+            caught_up_ms = caught_up_at.map_or(0, |d| d.as_millis() as u64),
+            paused_ms = paused_at.as_millis() as u64,
+            total_ms = began.elapsed().as_millis() as u64,
+            "sweep"
+        );
         outcome.map(|()| counts)
     }
 
@@ -987,8 +1053,9 @@ impl Shared {
                         .filter(|t| self.slices.contains_key(*t))
                         .collect();
                     for topic in topics {
-                        let Some(&(level, _)) = self.slices.get(topic) else {
-                            continue;
+                        let Some(&(level, _)) = self.slices.get(topic).filter(|(l, _)| *l > 0)
+                        else {
+                            continue; // level 0 is streamed: nothing to catch up
                         };
                         let spec = JobSpec {
                             kind: JobKind::CatchUp,

@@ -19,6 +19,14 @@ pub const DEAD_LETTERED: &str = "sm_dead_lettered_total";
 pub const SLICE_WRITES: &str = "sm_slice_writes_total";
 /// Counter: sends retried after a transient broker error.
 pub const SEND_RETRIES: &str = "sm_send_retries_total";
+/// Histogram: how long before its due time a record reached the timer (0 when it arrived due).
+pub const TIMER_HEADROOM: &str = "sm_timer_headroom_seconds";
+/// Counter: records that reached the timer only after their due time (excluding those already
+/// past due when accepted): each one is late because a sweep or a hop was slow.
+pub const TIMER_LATE: &str = "sm_timer_late_total";
+/// Counter: records a sweep found written after it began (later than the safety margin allows):
+/// a sign that the margin is below the broker's produce latency.
+pub const STRAGGLERS: &str = "sm_stragglers_total";
 /// Gauge: records waiting in the timer.
 pub const TIMER_PENDING: &str = "sm_timer_pending";
 /// Gauge: the earliest due time in the timer, epoch seconds (0 when empty).

@@ -63,6 +63,8 @@ pub enum LadderError {
     MarginTooLarge { margin: i64, lead: i64 },
     #[error("at most 24 levels (the widths given make {0})")]
     TooManyLevels(usize),
+    #[error("at least two levels are needed (largest >= smallest * ratio): level 0 is streamed into the timer, so it must not be the top level, which holds everything beyond the horizon")]
+    OneLevel,
 }
 
 /// The configured levels and the pure arithmetic over them.
@@ -111,6 +113,9 @@ impl Ladder {
                 return Err(LadderError::TooManyLevels(widths.len()));
             }
         }
+        if widths.len() < 2 {
+            return Err(LadderError::OneLevel);
+        }
         Ok(Ladder {
             widths,
             ratio,
@@ -138,10 +143,20 @@ impl Ladder {
         self.margin_ms
     }
 
-    /// Slot topics per level: `r + 2`, so that by the time a slot is reused for a new window the
-    /// window it held before has been swept.
+    /// Slot topics per swept level: `r + 2`, so that by the time a slot is reused for a new window
+    /// the window it held before has been swept.
     pub fn slots(&self) -> i64 {
         self.ratio + 2
+    }
+
+    /// Slot topics of a level: level 0 is streamed (read continuously, never swept), so one topic
+    /// serves all its windows; swept levels have [`Ladder::slots`].
+    pub fn slots_of(&self, level: usize) -> i64 {
+        if level == 0 {
+            1
+        } else {
+            self.slots()
+        }
     }
 
     /// How long before its window begins a window is swept: the width of the level below
@@ -171,9 +186,9 @@ impl Ladder {
         (now + self.lead(level)).div_euclid(self.widths[level])
     }
 
-    /// The slot (0..slots) that holds window `id`.
+    /// The slot (0..slots_of(level)) that holds window `id`.
     pub fn slot(&self, id: SliceId) -> i64 {
-        id.window.rem_euclid(self.slots())
+        id.window.rem_euclid(self.slots_of(id.level))
     }
 
     /// The next place for a record due at `due`, routed at `now`: the coarsest window containing
@@ -200,7 +215,7 @@ impl Ladder {
     /// Every slot topic of the ladder, level by level, as `(level, slot, name)`.
     pub fn all_topics(&self, prefix: &str) -> Vec<(usize, i64, String)> {
         (0..self.levels())
-            .flat_map(|level| (0..self.slots()).map(move |slot| (level, slot)))
+            .flat_map(|level| (0..self.slots_of(level)).map(move |slot| (level, slot)))
             .map(|(level, slot)| (level, slot, self.topic(prefix, level, slot)))
             .collect()
     }
@@ -230,7 +245,15 @@ mod tests {
         );
         assert_eq!(l.slots(), 6);
         assert_eq!(l.topic("__SM_SLICE", 2, 5), "__SM_SLICE_16000MS_5");
-        assert_eq!(l.all_topics("__SM_SLICE").len(), 9 * 6);
+        assert_eq!(l.all_topics("__SM_SLICE").len(), 1 + 8 * 6);
+        assert_eq!(
+            l.slot(SliceId {
+                level: 0,
+                window: 7
+            }),
+            0,
+            "level 0 is one streamed topic"
+        );
     }
 
     #[test]
@@ -296,7 +319,7 @@ mod tests {
         )
             .prop_filter_map("valid ladder", |(base, ratio, extra)| {
                 let smallest = base * ratio * 10;
-                let largest = smallest * ratio.pow(extra);
+                let largest = smallest * ratio.pow(extra + 1);
                 Ladder::new(smallest, ratio, largest, smallest / ratio / 2).ok()
             })
     }

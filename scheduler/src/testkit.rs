@@ -59,8 +59,9 @@ impl Names {
         }
     }
 
-    /// The scheduler's flags for these names and a small, fast ladder: 200 ms to 3.2 s, ratio 2
-    /// (five levels), so a few seconds of delay cross every level.
+    /// The scheduler's flags for these names and a small, fast ladder: 400 ms to 6.4 s, ratio 2
+    /// (five levels), so a few seconds of delay cross every level. The 150 ms safety margin covers
+    /// the local broker's produce latency while the whole suite loads it.
     pub fn args(&self) -> Vec<String> {
         [
             "--bootstrap-servers",
@@ -74,13 +75,13 @@ impl Names {
             "--slice-prefix",
             &self.prefix,
             "--smallest-slice",
-            "200ms",
+            "400ms",
             "--slice-ratio",
             "2",
             "--largest-slice",
-            "3200ms",
+            "6400ms",
             "--safety-margin",
-            "50ms",
+            "150ms",
             "--ingest-partitions",
             "4",
             "--slice-partitions",
@@ -112,7 +113,19 @@ pub async fn start_in_process(names: &Names) -> Scheduler {
     start_in_process_with(names, &[]).await
 }
 
+/// Logs of in-process servers go to the test's output, filtered by `RUST_LOG` (default: warn).
+pub fn init_test_logging() {
+    use tracing_subscriber::EnvFilter;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 pub async fn start_in_process_with(names: &Names, extra: &[&str]) -> Scheduler {
+    init_test_logging();
     Scheduler::start(names.settings_with(extra), Arc::new(SystemClock))
         .await
         .expect("scheduler starts")

@@ -8,7 +8,7 @@ use scheduler::testkit::*;
 
 const TARGET_PARTITIONS: i32 = 3;
 
-/// 2,000 records with delays from 0 to 8 s (crossing all five levels of the test ladder), 40 keys,
+/// 2,000 records with delays from 0 to 8 s (crossing the levels of the test ladder), 40 keys,
 /// user headers, and pairs with the same key and due time: every one arrives once, never early,
 /// intact, partitioned by key, and pairs keep their order. A record due in a year waits in the top
 /// level's slice.
@@ -178,7 +178,7 @@ async fn bad_records_are_dead_lettered_with_a_reason_and_do_not_block_good_ones(
     let sched = start_in_process_with(&names, &no_auto_create).await;
     let producer = producer();
     let soon = (now_ms() + 500).to_string();
-    let slice_topic = format!("{}_200MS_0", names.prefix);
+    let slice_topic = format!("{}_400MS_0", names.prefix);
     let target = names.target.as_str();
     /// (expected `sm-error`, headers, value)
     type Case<'a> = (&'a str, Vec<(&'a str, &'a [u8])>, &'a [u8]);
@@ -337,7 +337,8 @@ async fn the_http_api_shows_jobs_workers_config_health_and_metrics() {
     let sched = start_in_process(&names).await;
     let base = format!("http://{}", sched.http_addr);
     let producer = producer();
-    let due = (now_ms() + 1_200).to_string();
+    // Due in 5 s: it crosses at least one swept level before the streamed level 0.
+    let due = (now_ms() + 5_000).to_string();
     produce(
         &producer,
         &names.ingest,
@@ -404,7 +405,7 @@ async fn the_http_api_shows_jobs_workers_config_health_and_metrics() {
     assert_eq!(config["ingest_topic"], names.ingest);
     assert_eq!(
         config["slice_widths_ms"],
-        serde_json::json!([200, 400, 800, 1600, 3200])
+        serde_json::json!([400, 800, 1600, 3200, 6400])
     );
     let health: serde_json::Value = serde_json::from_str(&get("/healthz").await).unwrap();
     assert_eq!(health["status"], "ok");
