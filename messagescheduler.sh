@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# messagescheduler.sh: start, test and stop the Kafka message scheduler on the local stack.
+# messagescheduler.sh: start, watch, test and stop the Kafka message scheduler, its experiment and
+# the MySQL baseline, with Docker Compose or (without a Docker engine) on the local stack.
 #
 # Without Docker the system runs on local servers that speak the real protocols (see README):
 #   Kafka protocol  nisshi broker (SQLite storage)   127.0.0.1:${SM_KAFKA_PORT:-9092}
@@ -20,14 +21,26 @@ SECANTUS_VERSION=0.7.0b3
 usage() {
   cat <<'EOF'
 Usage: ./messagescheduler.sh [OPTION]...
-Build and run the Kafka message scheduler on the local stack.
+Build and run the Kafka message scheduler, its SMS experiment and the MySQL baseline: with Docker
+Compose where a Docker engine runs, otherwise as local processes on the local stack.
 
-      --help     display this help and exit
-      --stack    install what is missing and start the local servers (Kafka-protocol broker,
-                 MongoDB-compatible server, MariaDB); a second call finds them running
-      --app      the stack, then the scheduler alone (release build, foreground; Ctrl-C stops it)
-      --test     the stack, then every test of the workspace
-  -s, --stop     stop the servers this script started (by PID); leaves their data
+      --help              display this help and exit
+      --all               run all services (with GUIs and Grafana where they exist), then the
+                          live progress view
+      --app               run the Kafka message scheduler alone
+      --exp               run the experiment configured in compose/experiment.env [default]
+      --gui               include the GUIs (Kafka UI, Mongo Express, Adminer; Docker only)
+      --grafana           include Prometheus and Grafana (locally: Prometheus from Debian)
+  -c,  --clean            remove this project's build cache and logs
+  -dc, --deep-clean       also remove its data and containers
+  -p,  --progress         show the experiment's progress once
+  -pl, --progress-live    show the experiment's progress, refreshed in place (Ctrl-C to leave)
+  -s,  --stop             stop everything this script started
+      --stack             only install and start the local servers (broker, MongoDB, MySQL)
+      --test              the local stack, then every test of the workspace
+      --dry-run           print the Docker commands instead of running them
+Environment: SM_DOCKER=1/0 forces or forbids the Docker branch; SM_MESSENGER_URL (default
+http://127.0.0.1:5000) is what -p/-pl read.
 EOF
 }
 
@@ -205,29 +218,226 @@ export_env() {
   export SM_MYSQL_URL="mysql://root@127.0.0.1:$MYSQL_PORT/test"
 }
 
+# The live page's browser test: Debian's Chromium, driven by playwright-core from npm.
+ensure_web_test() {
+  apt_install chromium
+  command -v npm >/dev/null || apt_install nodejs npm
+  if [ ! -d "$ROOT/messenger/web-test/node_modules/playwright-core" ]; then
+    log "installing playwright-core for the live page test"
+    (cd "$ROOT/messenger/web-test" && npm ci --silent --no-audit --no-fund)
+  fi
+}
+
 run_tests() {
   stack
+  ensure_web_test
   export_env
   log "running the workspace's tests"
   cargo test --workspace --all-targets
 }
 
-run_app() {
+# ---- the services: Docker Compose, or local processes ------------------------------------------
+
+COMPOSE_DIR="$ROOT/compose"
+MESSENGER_URL="${SM_MESSENGER_URL:-http://127.0.0.1:5000}"
+DRY_RUN=0
+WITH_GUI=0
+WITH_GRAFANA=0
+
+use_docker() {
+  case "${SM_DOCKER:-auto}" in
+    1|yes|true) return 0 ;;
+    0|no|false) return 1 ;;
+  esac
+  command -v docker >/dev/null && docker info >/dev/null 2>&1
+}
+
+# Runs a command, or prints it with --dry-run.
+run() {
+  if [ "$DRY_RUN" -eq 1 ]; then
+    printf '%q ' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# compose [--app] ARGS...: docker compose over the module files (--app: Kafka and the scheduler).
+compose() {
+  local files=(-f "$COMPOSE_DIR/kafka.yml" -f "$COMPOSE_DIR/scheduler.yml")
+  if [ "${1:-}" = "--app" ]; then
+    shift
+  else
+    files+=(-f "$COMPOSE_DIR/db-scheduler.yml" -f "$COMPOSE_DIR/messenger.yml")
+  fi
+  [ "$WITH_GRAFANA" -eq 1 ] && files+=(-f "$COMPOSE_DIR/monitoring.yml")
+  local profiles=()
+  [ "$WITH_GUI" -eq 1 ] && profiles+=(--profile gui)
+  run docker compose --project-directory "$COMPOSE_DIR" "${files[@]}" "${profiles[@]}" "$@"
+}
+
+build_release() {
+  log "building the release binaries"
+  cargo build --release --bins --quiet
+}
+
+# Exports compose/experiment.env's settings, except those already set in the environment, so
+# `SM_EXP_COUNT=200 ./messagescheduler.sh --exp` overrides the file.
+load_experiment_env() {
+  local key value
+  while IFS='=' read -r key value; do
+    [[ "$key" =~ ^[A-Z][A-Z0-9_]*$ ]] || continue
+    [ -n "${!key+set}" ] || export "$key=$value"
+  done <"$COMPOSE_DIR/experiment.env"
+}
+
+local_services() {
+  local what=$1
   stack
   export_env
-  log "building and starting the scheduler (Ctrl-C stops it)"
-  cargo run --release -p scheduler --bin scheduler
+  build_release
+  load_experiment_env
+  start scheduler 8000 "$STACK/run" "$ROOT/target/release/scheduler"
+  [ "$what" = app ] && return 0
+  start db-scheduler 8001 "$STACK/run" "$ROOT/target/release/db-scheduler"
+  start messenger 5000 "$STACK/run" "$ROOT/target/release/messenger" serve
+  if [ "$WITH_GRAFANA" -eq 1 ]; then
+    start_prometheus
+    log "Grafana is not installable here: its dashboards are in compose/grafana (with Docker: --grafana)"
+  fi
+  if [ "$WITH_GUI" -eq 1 ]; then
+    log "Kafka UI, Mongo Express and Adminer need Docker; the messenger's live page is at $MESSENGER_URL/"
+  fi
+}
+
+start_prometheus() {
+  apt_install prometheus
+  local dir="$STACK/prometheus"
+  mkdir -p "$dir/data"
+  sed -e 's/"scheduler:8000"/"127.0.0.1:8000"/' -e 's/"db-scheduler:8001"/"127.0.0.1:8001"/' \
+    -e 's/"messenger:5000"/"127.0.0.1:5000"/' "$COMPOSE_DIR/prometheus/prometheus.yml" >"$dir/prometheus.yml"
+  start prometheus 9090 "$dir" /usr/bin/prometheus --config.file="$dir/prometheus.yml" \
+    --storage.tsdb.path="$dir/data" --web.listen-address=127.0.0.1:9090
+}
+
+up() {
+  local what=$1
+  if use_docker; then
+    if [ "$what" = app ]; then
+      compose --app up -d --build --wait
+    else
+      compose up -d --build --wait
+    fi
+  elif [ "$DRY_RUN" -eq 1 ]; then
+    log "no Docker engine: would start the local stack and the $what services as local processes"
+  else
+    local_services "$what"
+  fi
+}
+
+start_experiment() {
+  log "starting the experiment of compose/experiment.env"
+  run curl -fsS -X POST -H 'content-type: application/json' -d '{}' "$MESSENGER_URL/produce-messages"
+  echo
+}
+
+# One frame of the progress view, from the messenger's /monitor.
+progress_frame() {
+  curl -fsS "$MESSENGER_URL/monitor" | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+t = m["total"]
+print("run", m.get("run_id") or "-")
+print("sent {sent}  delivered {delivered}  pending {pending}  SMS failed {failed}".format(**t))
+row = "{:<6} {:>8} {:>9} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8}"
+print(row.format("path", "sent", "received", "pending", "dup", "p50 ms", "p95 ms", "p99 ms", "max ms"))
+f = lambda v: "-" if v is None else v
+for name, p in sorted(m["paths"].items()):
+    print(row.format(name, p["sent"], p["received"], p["pending"], p["duplicates"],
+                     f(p["p50_ms"]), f(p["p95_ms"]), f(p["p99_ms"]), f(p["max_ms"])))
+'
+}
+
+progress() {
+  progress_frame || die "the messenger does not answer at $MESSENGER_URL"
+}
+
+# Refreshes in place every second; SM_PROGRESS_FRAMES bounds the frames (for tests).
+progress_live() {
+  local frames=${SM_PROGRESS_FRAMES:-0} n=0 out
+  while :; do
+    out="$(progress_frame 2>/dev/null || echo "waiting for the messenger at $MESSENGER_URL ...")"
+    printf '\033[H\033[J%s\n(refreshed every second; Ctrl-C to leave)\n' "$out"
+    n=$((n + 1))
+    if [ "$frames" -gt 0 ] && [ "$n" -ge "$frames" ]; then
+      break
+    fi
+    sleep 1
+  done
+}
+
+stop() {
+  if use_docker; then
+    WITH_GRAFANA=1 WITH_GUI=1 compose down --remove-orphans
+  fi
+  [ "$DRY_RUN" -eq 1 ] || stop_all
+}
+
+clean() {
+  local deep=$1
+  stop
+  if use_docker && [ "$deep" -eq 1 ]; then
+    WITH_GRAFANA=1 WITH_GUI=1 compose down --volumes --rmi local --remove-orphans
+  fi
+  run rm -rf "$STACK/logs" "$ROOT/target"
+  if [ "$deep" -eq 1 ]; then
+    run rm -rf "$STACK"
+  fi
 }
 
 main() {
-  [ $# -gt 0 ] || { usage; exit 0; }
-  case "$1" in
-    --help|-h) usage ;;
-    --stack) stack ;;
-    --app) run_app ;;
-    --test) run_tests ;;
-    -s|--stop) stop_all ;;
-    *) usage; die "unknown option: $1" ;;
+  local action=exp progress_after=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --help|-h) usage; exit 0 ;;
+      --all) action=all; WITH_GUI=1; WITH_GRAFANA=1; progress_after=1 ;;
+      --app) action=app ;;
+      --exp) action=exp ;;
+      --gui) WITH_GUI=1 ;;
+      --grafana) WITH_GRAFANA=1 ;;
+      -c|--clean) action=clean ;;
+      -dc|--deep-clean) action="deep-clean" ;;
+      -p|--progress) action=progress ;;
+      -pl|--progress-live) action=progress-live ;;
+      -s|--stop) action=stop ;;
+      --stack) action=stack ;;
+      --test) action="test" ;;
+      --dry-run) DRY_RUN=1 ;;
+      *) usage; die "unknown option: $1" ;;
+    esac
+    shift
+  done
+  case "$action" in
+    stack) stack ;;
+    test) run_tests ;;
+    app)
+      up app
+      log "the scheduler answers at http://127.0.0.1:8000/api/jq"
+      ;;
+    exp|all)
+      up exp
+      start_experiment
+      if [ "$progress_after" -eq 1 ] && [ "$DRY_RUN" -eq 0 ]; then
+        progress_live
+      else
+        log "watch it: ./messagescheduler.sh -pl, or $MESSENGER_URL/ in a browser"
+      fi
+      ;;
+    progress) progress ;;
+    progress-live) progress_live ;;
+    stop) stop ;;
+    clean) clean 0 ;;
+    deep-clean) clean 1 ;;
   esac
 }
 

@@ -6,32 +6,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use db_scheduler::testkit::fresh_database;
 use futures::TryStreamExt;
-use messenger::{Connections, Experiment, Faults, Messenger};
+use messenger::{Experiment, Faults, Messenger};
 use mongodb::bson::{doc, Document};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use scheduler::testkit::*;
+use support::start_stack;
 
-fn connections(names: &Names, mysql_url: &str, database: &str) -> Connections {
-    let base = unique("sms");
-    Connections {
-        bootstrap_servers: bootstrap(),
-        mongodb_uri: std::env::var("SM_MONGODB_URI")
-            .unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into()),
-        mongodb_database: database.to_string(),
-        mysql_url: mysql_url.to_string(),
-        ingest_topic: names.ingest.clone(),
-        sms_topic: format!("{base}-messages"),
-        status_topic: format!("{base}-status"),
-        senders_group: format!("{base}-senders"),
-        senders: 3,
-        success_rate: 0.8,
-        processing_time: Duration::from_millis(20),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-    }
-}
+mod support;
 
 fn experiment(count: u64) -> Experiment {
     Experiment {
@@ -49,25 +32,9 @@ fn experiment(count: u64) -> Experiment {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_run_is_fully_audited_with_missing_and_duplicates_reported() {
-    let names = Names::new("msgr");
-    let sched = start_in_process(&names).await;
-    let mysql_url = fresh_database().await;
-    let db_config = <db_scheduler::Config as clap::Parser>::parse_from([
-        "db-scheduler",
-        "--mysql-url",
-        &mysql_url,
-        "--bootstrap-servers",
-        &bootstrap(),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--poll-interval",
-        "100ms",
-    ]);
-    let baseline = db_scheduler::DbScheduler::start(db_config, Arc::new(scheduler::SystemClock))
-        .await
-        .unwrap();
-    let database = unique("audit").replace('-', "_");
-    let conn = connections(&names, &mysql_url, &database);
+    let stack = start_stack("msgr", 3, 0.8).await;
+    let conn = stack.conn.clone();
+    let database = conn.mongodb_database.clone();
     let sms_topic = conn.sms_topic.clone();
     let m = Arc::new(
         Messenger::start(conn, experiment(300))
@@ -275,7 +242,5 @@ async fn a_short_run_is_fully_audited_with_missing_and_duplicates_reported() {
     assert_eq!(bad.status(), 400);
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Arc::try_unwrap(m).ok().map(|m| m.stop());
-    baseline.stop().await;
-    sched.stop().await.unwrap();
+    stack.stop().await;
 }

@@ -258,6 +258,7 @@ impl Engine {
             fatal: Mutex::new(None),
         });
 
+        m::register_counters();
         let tasks = TaskTracker::new();
         let (jobs_tx, jobs_rx) = mpsc::channel::<u64>(1024);
         let jobs_rx = Arc::new(tokio::sync::Mutex::new(jobs_rx));
@@ -716,23 +717,29 @@ impl Shared {
                 _ = self.intake.cancelled() => break,
             }
             let me = self.clone();
-            let Ok(Ok(per_level)) = tokio::task::spawn_blocking(move || me.slice_pending()).await
+            let Ok(Ok((per_level, ingest_lag))) =
+                tokio::task::spawn_blocking(move || me.pending()).await
             else {
                 continue;
             };
             for (level, pending) in per_level.into_iter().enumerate() {
                 metrics::gauge!(m::SLICE_PENDING, "level" => level.to_string()).set(pending as f64);
             }
+            metrics::gauge!(m::INGEST_LAG).set(ingest_lag as f64);
         }
     }
 
-    fn slice_pending(&self) -> KafkaResult<Vec<i64>> {
+    /// Records not yet committed in the partitions this process owns: per slice level, and in
+    /// the ingest topic (the consumer lag).
+    fn pending(&self) -> KafkaResult<(Vec<i64>, i64)> {
         let mut per_level = vec![0i64; self.ladder().levels()];
+        let mut ingest = 0;
         let committed = self.consumer.committed(BROKER_TIMEOUT)?;
         for e in committed.elements() {
-            let Some(&(level, _)) = self.slices.get(e.topic()) else {
+            let level = self.slices.get(e.topic()).map(|&(level, _)| level);
+            if level.is_none() && e.topic() != self.settings.internal.ingest {
                 continue;
-            };
+            }
             let (low, high) =
                 self.consumer
                     .fetch_watermarks(e.topic(), e.partition(), BROKER_TIMEOUT)?;
@@ -740,9 +747,13 @@ impl Shared {
                 Offset::Offset(o) => o.max(low),
                 _ => low,
             };
-            per_level[level] += (high - from).max(0);
+            let lag = (high - from).max(0);
+            match level {
+                Some(level) => per_level[level] += lag,
+                None => ingest += lag,
+            }
         }
-        Ok(per_level)
+        Ok((per_level, ingest))
     }
 
     /// What `GET /healthz` reports.

@@ -33,6 +33,8 @@ pub const TIMER_PENDING: &str = "sm_timer_pending";
 pub const NEXT_DUE: &str = "sm_next_due_timestamp_seconds";
 /// Gauge: records pending in the slice topics this process owns, label `level`.
 pub const SLICE_PENDING: &str = "sm_slice_pending";
+/// Gauge: records in the ingest partitions this process owns not yet committed (consumer lag).
+pub const INGEST_LAG: &str = "sm_ingest_lag";
 /// Gauge: records read but not yet acknowledged in their next place.
 pub const IN_FLIGHT: &str = "sm_in_flight";
 /// Histogram: sweep job durations, label `level`.
@@ -45,6 +47,14 @@ pub const WORKERS_BUSY: &str = "sm_workers_busy";
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
+
+/// Registers the unlabelled counters at zero, so dashboards show 0 rather than "no data" before
+/// the first event.
+pub fn register_counters() {
+    for name in [SCHEDULED, PAST_DUE, SEND_RETRIES, TIMER_LATE, STRAGGLERS] {
+        metrics::counter!(name).increment(0);
+    }
+}
 
 /// Installs the process-wide recorder once and returns its handle; later calls (several schedulers
 /// in one test process) share it.

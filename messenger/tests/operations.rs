@@ -1,0 +1,397 @@
+//! Operations: the Grafana dashboards can work (every metric their queries name is exported by the
+//! running services), the compose files parse and name only known images and existing paths,
+//! `messagescheduler.sh`'s options behave (the Docker branch by its dry run), and the live page
+//! works in headless Chromium.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use messenger::{Experiment, Faults, Messenger};
+use scheduler::testkit::*;
+use support::start_stack;
+
+mod support;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Every `sm_*` metric named in a dashboard query.
+fn dashboard_metrics() -> BTreeSet<String> {
+    let name = regex::Regex::new(r"\bsm_[a-z0-9_]+").unwrap();
+    let mut names = BTreeSet::new();
+    let dir = root().join("compose/grafana/dashboards");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(
+            dash["title"].is_string() && dash["uid"].is_string(),
+            "{path:?} is a dashboard"
+        );
+        let panels = dash["panels"].as_array().expect("panels");
+        assert!(!panels.is_empty());
+        for panel in panels {
+            assert_eq!(
+                panel["datasource"]["uid"], "prometheus",
+                "{path:?}: provisioned data source"
+            );
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                names.extend(name.find_iter(expr).map(|m| m.as_str().to_string()));
+            }
+        }
+        files += 1;
+    }
+    assert_eq!(
+        files, 3,
+        "Scheduling latency, Scheduler internals, Experiment"
+    );
+    names
+}
+
+fn exported(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_name_only_exported_metrics_and_the_live_page_works() {
+    let stack = start_stack("ops", 2, 0.9).await;
+    let (names, conn) = (&stack.names, stack.conn.clone());
+    let exp = Experiment {
+        count: 60,
+        rate: Some(30.0),
+        min_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(3),
+        grace: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let m = Arc::new(Messenger::start(conn, exp.clone()).await.unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let messenger_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(messenger::serve_on(
+        listener,
+        m.clone(),
+        std::future::pending(),
+    ));
+
+    // A bad record, so the dead-letter metric exists; then a run to its end (the report gauges).
+    produce(&producer(), &names.ingest, None, b"bad", &[("topic", b"x")]).await;
+    let report = m.run_experiment(&exp, &Faults::default()).await.unwrap();
+    assert!(report.ok(), "{}", report.table());
+
+    let mut seen = BTreeSet::new();
+    for url in [
+        format!("http://{}", stack.scheduler.http_addr),
+        format!("http://{}", stack.baseline.http_addr),
+        messenger_url.clone(),
+    ] {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        seen.extend(exported(&text));
+    }
+    let wanted = dashboard_metrics();
+    let missing: Vec<&String> = wanted.iter().filter(|n| !seen.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "dashboards query metrics nobody exports: {missing:?}"
+    );
+    eprintln!("{} dashboard metrics, all exported", wanted.len());
+
+    // The progress views read the running messenger.
+    let script = root().join("messagescheduler.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("-p")
+        .env("SM_MESSENGER_URL", &messenger_url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("kafka") && text.contains("mysql") && text.contains("p99 ms"),
+        "{text}"
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("-pl")
+        .env("SM_MESSENGER_URL", &messenger_url)
+        .env("SM_PROGRESS_FRAMES", "2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("\x1b[H\x1b[J").count(),
+        2,
+        "refreshes in place: {text}"
+    );
+
+    // The live page in headless Chromium, while a second run delivers.
+    let second = Experiment {
+        count: 200,
+        rate: Some(40.0),
+        min_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(3),
+        ..exp
+    };
+    let runner = {
+        let m = m.clone();
+        tokio::spawn(async move { m.run_experiment(&second, &Faults::default()).await })
+    };
+    let shot = root().join("target/live-page.png");
+    let web = root().join("messenger/web-test");
+    let node = tokio::process::Command::new("node")
+        .arg(web.join("live-page.mjs"))
+        .arg(&messenger_url)
+        .arg(&shot)
+        .current_dir(&web)
+        .output()
+        .await
+        .expect("node runs (./messagescheduler.sh --test installs Chromium and playwright-core)");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&node.stdout),
+        String::from_utf8_lossy(&node.stderr),
+    );
+    assert!(
+        node.status.success(),
+        "live page test failed: {stdout}{stderr}"
+    );
+    eprintln!("{stdout}");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "a screenshot was taken"
+    );
+    let report = runner.await.unwrap().unwrap();
+    assert!(report.ok(), "{}", report.table());
+
+    stack.stop().await;
+}
+
+const KNOWN_IMAGES: [&str; 8] = [
+    "apache/kafka:",
+    "provectuslabs/kafka-ui:",
+    "mongo:",
+    "mongo-express:",
+    "mysql:",
+    "adminer:",
+    "prom/prometheus:",
+    "grafana/grafana:",
+];
+
+/// The compose files parse; every service names a known image (pinned) or builds an existing
+/// Dockerfile target; every file they mount or read exists; all share one network.
+#[test]
+fn compose_files_parse_and_name_only_images_and_paths_that_exist() {
+    let dir = root().join("compose");
+    let dockerfile = std::fs::read_to_string(dir.join("Dockerfile")).unwrap();
+    let mut services = BTreeSet::new();
+    for file in [
+        "kafka.yml",
+        "scheduler.yml",
+        "messenger.yml",
+        "db-scheduler.yml",
+        "monitoring.yml",
+    ] {
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join(file)).unwrap())
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(
+            doc["networks"]["default"]["name"].as_str(),
+            Some("messagescheduler"),
+            "{file}"
+        );
+        for (name, svc) in doc["services"].as_mapping().expect("services") {
+            let name = name.as_str().unwrap().to_string();
+            if let Some(build) = svc.get("build") {
+                let target = build["target"].as_str().expect("a build target");
+                assert!(
+                    dockerfile.contains(&format!("AS {target}")),
+                    "{file}/{name}: no stage {target}"
+                );
+                assert!(dir
+                    .join(build["context"].as_str().unwrap())
+                    .join(build["dockerfile"].as_str().unwrap())
+                    .exists());
+            } else {
+                let image = svc["image"].as_str().expect("an image");
+                assert!(
+                    KNOWN_IMAGES.iter().any(|k| image.starts_with(k)),
+                    "{file}/{name}: unknown image {image}"
+                );
+                assert!(!image.ends_with(":latest"), "{file}/{name}: pin {image}");
+            }
+            if let Some(env_file) = svc.get("env_file") {
+                assert!(
+                    dir.join(env_file.as_str().unwrap()).exists(),
+                    "{file}/{name}: env_file"
+                );
+            }
+            for volume in svc
+                .get("volumes")
+                .and_then(|v| v.as_sequence())
+                .into_iter()
+                .flatten()
+            {
+                let source = volume.as_str().unwrap().split(':').next().unwrap();
+                if source.starts_with('.') {
+                    assert!(
+                        dir.join(source).exists(),
+                        "{file}/{name}: {source} does not exist"
+                    );
+                }
+            }
+            services.insert(name);
+        }
+    }
+    for svc in [
+        "kafka",
+        "scheduler",
+        "db-scheduler",
+        "messenger",
+        "mongo",
+        "mysql",
+        "prometheus",
+        "grafana",
+        "kafka-ui",
+        "mongo-express",
+        "adminer",
+    ] {
+        assert!(services.contains(svc), "{svc} is defined");
+    }
+    // Prometheus scrapes services that exist, on the ports they listen on.
+    let prom: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(dir.join("prometheus/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
+    let targets: Vec<String> = prom["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|j| {
+            j["static_configs"][0]["targets"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        ["scheduler:8000", "db-scheduler:8001", "messenger:5000"]
+    );
+}
+
+fn script(args: &[&str], docker: &str) -> (bool, String) {
+    let out = Command::new("bash")
+        .arg(root().join("messagescheduler.sh"))
+        .args(args)
+        .env("SM_DOCKER", docker)
+        .env(
+            "SM_STACK_DIR",
+            std::env::temp_dir().join(unique("no-stack")),
+        )
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The script's options: help lists them all; with Docker (by its dry run) each maps to the right
+/// compose command; unknown options fail.
+#[test]
+fn every_option_of_the_script_does_what_it_says() {
+    let (ok, help) = script(&["--help"], "0");
+    assert!(ok);
+    for opt in [
+        "--all",
+        "--app",
+        "--exp",
+        "--gui",
+        "--grafana",
+        "--clean",
+        "--deep-clean",
+        "--progress",
+        "--progress-live",
+        "--stop",
+        "--stack",
+        "--test",
+        "-dc",
+        "-pl",
+    ] {
+        assert!(help.contains(opt), "help lists {opt}");
+    }
+    let (ok, out) = script(&["--dry-run", "--all"], "1");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("docker compose")
+            && out.contains("monitoring.yml")
+            && out.contains("--profile gui")
+            && out.contains("up -d --build --wait"),
+        "{out}"
+    );
+    assert!(
+        out.contains("/produce-messages"),
+        "--all starts the experiment: {out}"
+    );
+    let (_, out) = script(&["--dry-run", "--app"], "1");
+    assert!(
+        out.contains("scheduler.yml") && !out.contains("messenger.yml"),
+        "--app is the scheduler alone: {out}"
+    );
+    let (_, out) = script(&["--dry-run"], "1");
+    assert!(
+        out.contains("messenger.yml")
+            && out.contains("db-scheduler.yml")
+            && !out.contains("monitoring.yml")
+            && out.contains("/produce-messages"),
+        "--exp is the default: {out}"
+    );
+    let (_, out) = script(&["--dry-run", "--exp", "--grafana"], "1");
+    assert!(
+        out.contains("monitoring.yml") && !out.contains("--profile gui"),
+        "{out}"
+    );
+    let (_, out) = script(&["--dry-run", "--exp", "--gui"], "1");
+    assert!(
+        out.contains("--profile gui") && !out.contains("monitoring.yml"),
+        "{out}"
+    );
+    let (_, out) = script(&["--dry-run", "-s"], "1");
+    assert!(out.contains("down --remove-orphans"), "{out}");
+    let (_, out) = script(&["--dry-run", "-c"], "1");
+    assert!(out.contains("rm -rf") && out.contains("target"), "{out}");
+    let (_, out) = script(&["--dry-run", "-dc"], "1");
+    assert!(
+        out.contains("down --volumes --rmi local") && out.contains("rm -rf"),
+        "{out}"
+    );
+    let (_, out) = script(&["--dry-run", "--exp"], "0");
+    assert!(
+        out.contains("no Docker engine") && !out.contains("docker compose"),
+        "{out}"
+    );
+    let (ok, out) = script(&["--bogus"], "0");
+    assert!(!ok && out.contains("unknown option"), "{out}");
+}
