@@ -213,6 +213,31 @@ pub async fn produce(
         .expect("produce acknowledged");
 }
 
+/// Schedules records `(id, due_ms)` to the test's target through its ingest topic, all at once
+/// (key and `id` header = the id), and waits for every acknowledgement.
+pub async fn schedule_records(names: &Names, records: &[(String, i64)]) {
+    let p = producer();
+    futures::future::join_all(records.iter().map(|(id, due)| {
+        let (p, time) = (&p, due.to_string());
+        async move {
+            let headers = [
+                ("time", time.as_bytes()),
+                ("topic", names.target.as_bytes()),
+                ("id", id.as_bytes()),
+            ];
+            produce(
+                p,
+                &names.ingest,
+                Some(id.as_bytes()),
+                id.as_bytes(),
+                &headers,
+            )
+            .await
+        }
+    }))
+    .await;
+}
+
 /// A record as a test sees it on arrival.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -285,7 +310,11 @@ pub async fn collect(
                 timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
                 received_ms: now_ms(),
             }),
-            Ok(Err(e)) => panic!("reading: {e}"),
+            // The broker may be restarting (a fault test): keep reading until the deadline.
+            Ok(Err(e)) => {
+                eprintln!("reader: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Err(_) => break,
         }
     }

@@ -12,30 +12,11 @@ const TARGET_PARTITIONS: i32 = 2;
 
 /// Produces `n` records due between `lead_ms` and `lead_ms + spread_ms` from now; returns id -> due.
 async fn schedule(names: &Names, n: usize, lead_ms: i64, spread_ms: i64) -> HashMap<String, i64> {
-    let producer = producer();
     let base = now_ms() + lead_ms;
     let records: Vec<(String, i64)> = (0..n)
         .map(|i| (format!("r-{i}"), base + (i as i64 * 7_919) % spread_ms))
         .collect();
-    futures::future::join_all(records.iter().map(|(id, due)| {
-        let time = due.to_string();
-        let producer = &producer;
-        async move {
-            produce(
-                producer,
-                &names.ingest,
-                Some(id.as_bytes()),
-                id.as_bytes(),
-                &[
-                    ("time", time.as_bytes()),
-                    ("topic", names.target.as_bytes()),
-                    ("id", id.as_bytes()),
-                ],
-            )
-            .await
-        }
-    }))
-    .await;
+    schedule_records(names, &records).await;
     records.into_iter().collect()
 }
 

@@ -1,0 +1,205 @@
+//! Fault tests against the real broker: hostile input end to end, many messages due at the same
+//! instant, and the broker itself killed and restarted mid-run.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use scheduler::testkit::*;
+
+/// Hostile records through the real broker: huge and many headers, bytes that are not UTF-8,
+/// years 9999 and 1960, numbers out of range, empty keys and values. None crashes the scheduler;
+/// each is delivered (or parked, if far ahead) or dead-lettered with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_delivered_or_dead_lettered_never_a_crash() {
+    let names = Names::new("hostile");
+    create_topic(&names.target, 1).await;
+    let sched = start_in_process(&names).await;
+    let p = producer();
+    let t = names.target.as_bytes();
+    let soon = (now_ms() + 500).to_string();
+    let huge = vec![b'h'; 200_000];
+    let many: Vec<(String, Vec<u8>)> = (0..500)
+        .map(|i| (format!("h{i}"), vec![b'v'; 10]))
+        .collect();
+    let mut many_headers: Vec<(&str, &[u8])> = many
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    many_headers.extend([("time", soon.as_bytes()), ("topic", t), ("id", b"many")]);
+    // (expected outcome, headers, value): "deliver" or an sm-error code.
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a [u8])>, &'a [u8]);
+    let cases: Vec<Case> = vec![
+        (
+            "deliver",
+            vec![
+                ("big", &huge),
+                ("time", soon.as_bytes()),
+                ("topic", t),
+                ("id", b"huge"),
+            ],
+            b"v",
+        ),
+        ("deliver", many_headers, b"v"),
+        (
+            "deliver",
+            vec![
+                ("time", b"1960-01-01T00:00:00Z"),
+                ("topic", t),
+                ("id", b"1960"),
+            ],
+            b"v",
+        ),
+        (
+            "deliver",
+            vec![("time", b"0"), ("topic", t), ("id", b"epoch")],
+            b"",
+        ),
+        (
+            "invalid-time",
+            vec![("time", b"99999999999999999999"), ("topic", t)],
+            b"v",
+        ),
+        (
+            "invalid-time",
+            vec![("time", b"10000-01-01T00:00:00Z"), ("topic", t)],
+            b"v",
+        ),
+        (
+            "invalid-time",
+            vec![("time", &[b'9'; 70]), ("topic", t)],
+            b"v",
+        ),
+        ("invalid-time", vec![("time", b"-5"), ("topic", t)], b"v"),
+        (
+            "invalid-topic",
+            vec![("time", soon.as_bytes()), ("topic", b"\xff\xfe")],
+            b"v",
+        ),
+        (
+            "invalid-id",
+            vec![("time", soon.as_bytes()), ("topic", t), ("id", b"\xc3\x28")],
+            b"v",
+        ),
+    ];
+    for (_, headers, value) in &cases {
+        produce(&p, &names.ingest, None, value, headers).await;
+    }
+    // Year 9999: accepted, parked in the top level, never delivered during the test.
+    produce(
+        &p,
+        &names.ingest,
+        None,
+        b"v",
+        &[
+            ("time", b"9999-12-31T23:59:59.999Z"),
+            ("topic", t),
+            ("id", b"9999"),
+        ],
+    )
+    .await;
+
+    let expected_dead = cases.iter().filter(|c| c.0 != "deliver").count();
+    let dead = collect(&reader(&names.dlq, 4), Duration::from_secs(30), |r| {
+        r.len() >= expected_dead
+    })
+    .await;
+    let mut codes: Vec<String> = dead
+        .iter()
+        .map(|r| r.header("sm-error").unwrap_or_default())
+        .collect();
+    let mut want: Vec<String> = cases
+        .iter()
+        .filter(|c| c.0 != "deliver")
+        .map(|c| c.0.to_string())
+        .collect();
+    codes.sort();
+    want.sort();
+    assert_eq!(codes, want);
+    let delivered = collect(&reader(&names.target, 1), Duration::from_secs(30), |r| {
+        r.len() >= 4
+    })
+    .await;
+    let ids: Vec<String> = delivered
+        .iter()
+        .map(|r| r.header("sm-id").unwrap_or_default())
+        .collect();
+    for id in ["huge", "many", "1960", "epoch"] {
+        assert!(ids.contains(&id.to_string()), "{id} delivered: {ids:?}");
+    }
+    let huge_copy = delivered
+        .iter()
+        .find(|r| r.header("sm-id").as_deref() == Some("huge"))
+        .unwrap();
+    assert_eq!(
+        huge_copy.header("big").map(|v| v.len()),
+        Some(200_000),
+        "the huge header survives"
+    );
+    let many_copy = delivered
+        .iter()
+        .find(|r| r.header("sm-id").as_deref() == Some("many"))
+        .unwrap();
+    assert_eq!(
+        many_copy.headers.len(),
+        500 + 3,
+        "500 user headers plus sm-id, sm-due-ms, sm-path"
+    );
+    let extra = collect(&reader(&names.target, 1), Duration::from_secs(2), |r| {
+        r.len() > 4
+    })
+    .await;
+    assert_eq!(
+        extra.len(),
+        4,
+        "the year-9999 record is parked, not delivered"
+    );
+    let health: serde_json::Value = reqwest::get(format!("http://{}/healthz", sched.http_addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    sched.stop().await.expect("clean stop");
+}
+
+/// 5,000 records due at the same instant, and 50 others due just after: all arrive, none early,
+/// and the others are not held up for long by the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_due_at_one_instant_does_not_stall_the_others() {
+    let names = Names::new("burst");
+    create_topic(&names.target, 4).await;
+    let sched = start_in_process(&names).await;
+    let at = now_ms() + 4_000;
+    let mut records: Vec<(String, i64)> = (0..5_000).map(|i| (format!("b-{i}"), at)).collect();
+    records.extend((0..50).map(|i| (format!("o-{i}"), at + 200 + i * 20)));
+    schedule_records(&names, &records).await;
+    let due: HashMap<String, i64> = records.into_iter().collect();
+    let got = collect_all(
+        &reader(&names.target, 4),
+        due.keys(),
+        Vec::new(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_all_arrived(due.keys(), &got);
+    let mut last_burst = 0;
+    let mut others_late = Vec::new();
+    for r in &got {
+        let id = r.header("sm-id").unwrap();
+        assert!(r.timestamp_ms >= due[&id], "{id} early");
+        if id.starts_with("b-") {
+            last_burst = last_burst.max(r.timestamp_ms - at);
+        } else {
+            others_late.push(r.timestamp_ms - due[&id]);
+        }
+    }
+    others_late.sort_unstable();
+    eprintln!("burst of 5,000: last published {last_burst} ms after its instant; others' lateness max {} ms", others_late[others_late.len() - 1]);
+    assert!(
+        others_late[others_late.len() - 1] < 5_000,
+        "others waited {:?} ms",
+        others_late.last()
+    );
+    sched.stop().await.expect("clean stop");
+}
