@@ -17,8 +17,17 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A broker this test started: killed when dropped, so a failing test leaves no process behind.
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        kill9(&mut self.0);
+    }
+}
+
 /// Starts nisshi (installed by `./messagescheduler.sh --stack`) with SQLite storage in `dir`.
-fn start_broker(dir: &Path, port: u16) -> Child {
+fn start_broker(dir: &Path, port: u16) -> Broker {
     let url = format!("tcp://127.0.0.1:{port}");
     let child = Command::new("nisshi")
         .args([
@@ -43,12 +52,11 @@ fn start_broker(dir: &Path, port: u16) -> Child {
         .expect("nisshi is installed (./messagescheduler.sh --stack)");
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return child;
+            return Broker(child);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut child = child;
-    kill9(&mut child);
+    drop(Broker(child));
     panic!("the broker did not answer on {port}");
 }
 
@@ -57,7 +65,7 @@ async fn the_broker_killed_and_restarted_mid_run_loses_nothing() {
     let dir = std::env::temp_dir().join(unique("broker"));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
-    let mut broker = start_broker(&dir, port);
+    let broker = start_broker(&dir, port);
     // Every helper of this test binary talks to this broker.
     std::env::set_var("SM_BOOTSTRAP_SERVERS", format!("127.0.0.1:{port}"));
 
@@ -74,10 +82,10 @@ async fn the_broker_killed_and_restarted_mid_run_loses_nothing() {
     let before = collect(&reader, Duration::from_secs(30), |r| r.len() >= 100).await;
     assert!(!before.is_empty());
 
-    kill9(&mut broker);
+    drop(broker);
     let down_at = now_ms();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut broker = start_broker(&dir, port);
+    let broker = start_broker(&dir, port);
     let back_at = now_ms();
     let got = collect_all(&reader, due.keys(), before, Duration::from_secs(120)).await;
     assert_all_arrived(due.keys(), &got);
@@ -105,6 +113,6 @@ async fn the_broker_killed_and_restarted_mid_run_loses_nothing() {
     }
     eprintln!("records by number of copies: {copies:?}");
     sched.stop().await.expect("clean stop");
-    kill9(&mut broker);
+    drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
