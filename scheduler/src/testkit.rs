@@ -100,11 +100,29 @@ impl Names {
         self.settings_with(&[])
     }
 
-    /// The settings with more flags after the defaults (later flags win).
+    /// The flags with `extra` applied: a flag given in `extra` replaces the default's value
+    /// (`-X` properties add up).
+    pub fn args_with(&self, extra: &[&str]) -> Vec<String> {
+        let overridden: Vec<&str> = extra
+            .iter()
+            .copied()
+            .filter(|a| a.starts_with("--"))
+            .collect();
+        let defaults = self.args();
+        let mut out: Vec<String> = defaults
+            .chunks(2)
+            .filter(|pair| !overridden.contains(&pair[0].as_str()))
+            .flatten()
+            .cloned()
+            .collect();
+        out.extend(extra.iter().map(|s| s.to_string()));
+        out
+    }
+
+    /// The settings with `extra` flags applied (see [`Names::args_with`]).
     pub fn settings_with(&self, extra: &[&str]) -> Settings {
         let mut argv = vec!["scheduler".to_string()];
-        argv.extend(self.args());
-        argv.extend(extra.iter().map(|s| s.to_string()));
+        argv.extend(self.args_with(extra));
         Settings::new(<Config as clap::Parser>::parse_from(argv)).expect("test settings are valid")
     }
 }

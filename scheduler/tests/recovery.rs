@@ -21,9 +21,11 @@ async fn schedule(names: &Names, n: usize, lead_ms: i64, spread_ms: i64) -> Hash
 }
 
 fn spawn(names: &Names, log: &str, extra: &[&str]) -> Child {
-    let mut args = names.args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    spawn_binary(env!("CARGO_BIN_EXE_scheduler"), &args, log)
+    spawn_binary(
+        env!("CARGO_BIN_EXE_scheduler"),
+        &names.args_with(extra),
+        log,
+    )
 }
 
 /// Checks every record arrived, none early; returns the number of duplicates.
