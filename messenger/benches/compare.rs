@@ -41,11 +41,11 @@ const LIMITS: &str = "
   trips take 30-400 ms under load, and idle polling keeps it at 50-100% of a core.
 - Throughput (1): the scheduler's figure includes joining the consumer group; the relay's does
   not. Both pay the broker's produce acknowledgement (acks=all).
-- Precision (2): the Kafka path's tail comes from level-1 sweeps, which start w0 (1 s) before their
-  window and take 0.4-1.8 s on this broker (two ListOffsets round trips each, plus reading and
-  re-producing), so records early in a window can reach the timer after their due time
-  (sm_timer_late_total). Larger sweep leads, or sweeps without ListOffsets round trips, are the
-  next step. The MySQL baseline is bounded by its poll interval, as expected.
+- Precision (2): the Kafka path pays three produce acknowledgements and two consumer fetches per
+  record on a broker that is CPU-bound here; its tail has not been profiled yet. Level-1 sweeps
+  (0.4-1.8 s on this broker: two ListOffsets round trips each, plus reading and re-producing)
+  start 2 s (sweep lead 2 x w0) before their window. The MySQL baseline is bounded by its poll
+  interval, as expected.
 - Burst (4): bounded by the broker's produce rate for the deliveries.
 - Not yet measured here: resident memory with 1,000,000 pending, and recovery times after kill -9
   of the scheduler and of the broker (the fault tests in the suite cover correctness: nothing
@@ -93,21 +93,26 @@ fn stats(late: &mut [i64]) -> (i64, i64, i64, i64, usize) {
     (pct(0.5), pct(0.99), pct(0.999), late[late.len() - 1], early)
 }
 
-/// Reads `topic` until every id of `due` arrived (or 2 minutes): lateness statistics on arrival,
-/// and how many never came.
-async fn measure(topic: &str, due: &HashMap<String, i64>) -> ((i64, i64, i64, i64, usize), usize) {
-    let got = collect_all(
-        &reader(topic, 4),
-        due.keys(),
-        Vec::new(),
-        Duration::from_secs(120),
-    )
-    .await;
+/// Starts reading `topic` now, in the background, until every one of `ids` has arrived (or 3
+/// minutes): reading must begin before the records fall due, or the time spent producing them
+/// would count as lateness.
+fn start_reading(topic: &str, ids: Vec<String>) -> tokio::task::JoinHandle<Vec<Received>> {
+    let consumer = reader(topic, 4);
+    tokio::spawn(async move {
+        collect_all(&consumer, ids.iter(), Vec::new(), Duration::from_secs(180)).await
+    })
+}
+
+/// Lateness on arrival against `due`, and how many never came.
+fn lateness_of(
+    got: &[Received],
+    due: &HashMap<String, i64>,
+) -> ((i64, i64, i64, i64, usize), usize) {
     let mut late: Vec<i64> = got
         .iter()
         .filter_map(|r| Some(r.received_ms - due.get(&r.header("sm-id")?)?))
         .collect();
-    let missing = due.len() - by_id(&got).len();
+    let missing = due.len() - by_id(got).len();
     if late.is_empty() {
         late.push(0);
     }
@@ -174,6 +179,7 @@ async fn precision(rate: usize, seconds: u64) -> Vec<(String, (i64, i64, i64, i6
     let sched = start_in_process_with(&names, &DEFAULT_LADDER).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let p = producer();
+    let reading = start_reading(&names.target, (0..n).map(|i| format!("p-{i}")).collect());
     let started = Instant::now();
     let mut due = HashMap::new();
     let mut sends = Vec::new();
@@ -207,7 +213,8 @@ async fn precision(rate: usize, seconds: u64) -> Vec<(String, (i64, i64, i64, i6
         }
     }
     futures::future::join_all(sends).await;
-    let (lateness, missing) = measure(&names.target, &due).await;
+    let got = reading.await.expect("reader");
+    let (lateness, missing) = lateness_of(&got, &due);
     rows.push(("kafka scheduler".to_string(), lateness, missing));
     sched.stop().await.expect("stop");
 
@@ -249,10 +256,12 @@ async fn precision(rate: usize, seconds: u64) -> Vec<(String, (i64, i64, i64, i6
             "--batch-size",
             "5000",
         ]);
+        let reading = start_reading(&topic, due.keys().cloned().collect());
         let dbs = db_scheduler::DbScheduler::start(config, Arc::new(SystemClock))
             .await
             .expect("db-scheduler");
-        let (lateness, missing) = measure(&topic, &due).await;
+        let got = reading.await.expect("reader");
+        let (lateness, missing) = lateness_of(&got, &due);
         rows.push((format!("mysql, poll {interval}"), lateness, missing));
         dbs.stop().await;
     }

@@ -66,6 +66,12 @@ pub struct Config {
     #[arg(long, env = "SM_LARGEST_SLICE", default_value = "1day", value_parser = humantime::parse_duration)]
     pub largest_slice: Duration,
 
+    /// How many finer widths before its window begins each window is swept (1 to ratio-1): more
+    /// gives sweeps more time on a slow broker, at one more slot topic per level per step
+    /// [default: 2, or ratio-1 when the ratio is 2].
+    #[arg(long, env = "SM_SWEEP_LEAD")]
+    pub sweep_lead: Option<i64>,
+
     /// Time a record must have before its slice is swept, covering produce latency and clock skew
     /// between instances. Must be below smallest-slice / ratio.
     #[arg(long, env = "SM_SAFETY_MARGIN", default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -143,7 +149,8 @@ impl Settings {
             config.slice_ratio,
             millis(config.largest_slice),
             millis(config.safety_margin),
-        )?;
+        )?
+        .with_lead_factor(config.sweep_lead.unwrap_or(2.min(config.slice_ratio - 1)))?;
         for (name, value) in [
             ("workers", config.workers as i64),
             ("ingest-partitions", config.ingest_partitions as i64),
@@ -197,6 +204,7 @@ impl Settings {
             slice_widths_ms: self.ladder.widths().to_vec(),
             slice_ratio: self.ladder.ratio(),
             slots_per_level: self.ladder.slots(),
+            sweep_lead: self.ladder.lead_factor(),
             safety_margin_ms: self.ladder.margin_ms(),
             workers: c.workers,
             ingest_partitions: c.ingest_partitions,
@@ -247,6 +255,7 @@ pub struct ConfigView {
     pub slice_widths_ms: Vec<i64>,
     pub slice_ratio: i64,
     pub slots_per_level: i64,
+    pub sweep_lead: i64,
     pub safety_margin_ms: i64,
     pub workers: usize,
     pub ingest_partitions: i32,

@@ -63,6 +63,10 @@ pub enum LadderError {
     MarginTooLarge { margin: i64, lead: i64 },
     #[error("at most 24 levels (the widths given make {0})")]
     TooManyLevels(usize),
+    #[error(
+        "the sweep lead factor must be at least 1 and below the ratio ({ratio}); got {factor}"
+    )]
+    BadLeadFactor { factor: i64, ratio: i64 },
     #[error("at least two levels are needed (largest >= smallest * ratio): level 0 is streamed into the timer, so it must not be the top level, which holds everything beyond the horizon")]
     OneLevel,
 }
@@ -73,6 +77,7 @@ pub struct Ladder {
     widths: Vec<i64>,
     ratio: i64,
     margin_ms: i64,
+    lead_factor: i64,
 }
 
 impl Ladder {
@@ -120,7 +125,26 @@ impl Ladder {
             widths,
             ratio,
             margin_ms,
+            lead_factor: 1,
         })
+    }
+
+    /// Sweeps each window `factor` finer widths before it begins (`factor * w_i / r`) instead of
+    /// one: more time for a sweep to finish before its records fall due, at the cost of one more
+    /// slot topic per level per step (see [`Ladder::slots`]). Routing stays correct for any factor.
+    pub fn with_lead_factor(mut self, factor: i64) -> Result<Self, LadderError> {
+        if !(1..self.ratio).contains(&factor) {
+            return Err(LadderError::BadLeadFactor {
+                factor,
+                ratio: self.ratio,
+            });
+        }
+        self.lead_factor = factor;
+        Ok(self)
+    }
+
+    pub fn lead_factor(&self) -> i64 {
+        self.lead_factor
     }
 
     pub fn levels(&self) -> usize {
@@ -143,10 +167,11 @@ impl Ladder {
         self.margin_ms
     }
 
-    /// Slot topics per swept level: `r + 2`, so that by the time a slot is reused for a new window
-    /// the window it held before has been swept.
+    /// Slot topics per swept level: `r + 1 + f` for a lead factor `f` (`r + 2` with the original
+    /// lead), so that by the time a slot is reused for a new window the window it held before
+    /// has been swept.
     pub fn slots(&self) -> i64 {
-        self.ratio + 2
+        self.ratio + 1 + self.lead_factor
     }
 
     /// Slot topics of a level: level 0 is streamed (read continuously, never swept), so one topic
@@ -162,7 +187,7 @@ impl Ladder {
     /// How long before its window begins a window is swept: the width of the level below
     /// (`w_0 / r` for level 0).
     pub fn lead(&self, level: usize) -> i64 {
-        self.widths[level] / self.ratio
+        self.widths[level] / self.ratio * self.lead_factor
     }
 
     /// The window of `level` that contains `t`.
@@ -316,11 +341,15 @@ mod tests {
             1i64..=8,
             prop_oneof![Just(2i64), Just(4), Just(8)],
             0u32..=6,
+            1i64..=7,
         )
-            .prop_filter_map("valid ladder", |(base, ratio, extra)| {
+            .prop_filter_map("valid ladder", |(base, ratio, extra, factor)| {
                 let smallest = base * ratio * 10;
                 let largest = smallest * ratio.pow(extra + 1);
-                Ladder::new(smallest, ratio, largest, smallest / ratio / 2).ok()
+                Ladder::new(smallest, ratio, largest, smallest / ratio / 2)
+                    .ok()?
+                    .with_lead_factor(factor.min(ratio - 1))
+                    .ok()
             })
     }
 
