@@ -34,7 +34,7 @@ pub struct Config {
     pub batch_size: i64,
 
     /// Any librdkafka property, as key=value (repeatable; ';'-separated in the environment).
-    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
+    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = scheduler::config::parse_property)]
     pub kafka_properties: Vec<(String, String)>,
 }
 
@@ -44,13 +44,6 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
         return Err(format!("{s} is outside 10ms..=60s"));
     }
     Ok(d)
-}
-
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-        _ => Err(format!("{s:?} is not key=value")),
-    }
 }
 
 #[cfg(test)]
@@ -68,5 +61,10 @@ mod tests {
         assert!(parse(&["--poll-interval", "5ms"]).is_err());
         assert!(parse(&["--poll-interval", "61s"]).is_err());
         assert!(parse(&["--batch-size", "0"]).is_err());
+        assert!(parse(&["-X", "novalue"]).is_err());
+        assert_eq!(
+            parse(&["-X", "acks=all"]).unwrap().kafka_properties,
+            [("acks".to_string(), "all".to_string())]
+        );
     }
 }

@@ -108,7 +108,8 @@ pub struct Config {
     pub kafka_properties: Vec<(String, String)>,
 }
 
-fn parse_property(s: &str) -> Result<(String, String), String> {
+/// Parses a librdkafka pass-through property, `key=value` (shared by every binary's `-X`).
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not key=value"))?;
