@@ -18,3 +18,29 @@ pub async fn fresh_database() -> String {
     let (server, _) = base.rsplit_once('/').expect("a URL with a database");
     format!("{server}/{name}")
 }
+
+/// The flags of a test db-scheduler: the given table and poll interval, the test broker, an HTTP
+/// port the OS picks.
+pub fn args(mysql_url: &str, interval: &str, batch: i64) -> Vec<String> {
+    [
+        "--mysql-url",
+        mysql_url,
+        "--bootstrap-servers",
+        &scheduler::testkit::bootstrap(),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--poll-interval",
+        interval,
+        "--batch-size",
+        &batch.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// [`args`] parsed into a configuration.
+pub fn config(mysql_url: &str, interval: &str, batch: i64) -> crate::Config {
+    let argv = std::iter::once("db-scheduler".to_string()).chain(args(mysql_url, interval, batch));
+    <crate::Config as clap::Parser>::parse_from(argv)
+}

@@ -4,26 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use db_scheduler::testkit::fresh_database;
-use db_scheduler::{Config, DbScheduler, NewMessage, Store};
+use db_scheduler::testkit::{config, fresh_database};
+use db_scheduler::{DbScheduler, NewMessage, Store};
 use scheduler::testkit::*;
 use scheduler::{DueTime, SystemClock};
-
-fn config(url: &str, interval: &str, batch: i64) -> Config {
-    <Config as clap::Parser>::parse_from([
-        "db-scheduler",
-        "--mysql-url",
-        url,
-        "--bootstrap-servers",
-        &bootstrap(),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--poll-interval",
-        interval,
-        "--batch-size",
-        &batch.to_string(),
-    ])
-}
 
 /// `n` messages to `topic`, due from `lead_ms` to `lead_ms + spread_ms` from now, inserted in an
 /// order unrelated to their due times.
@@ -171,21 +155,7 @@ async fn two_pollers_share_a_table_without_double_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_poller_loses_nothing() {
     let t = Setup::new("dbs-kill", 2, 1_000, 500, 4_000).await;
-    let args: Vec<String> = [
-        "--mysql-url",
-        &t.url,
-        "--bootstrap-servers",
-        &bootstrap(),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--poll-interval",
-        "50ms",
-        "--batch-size",
-        "20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = db_scheduler::testkit::args(&t.url, "50ms", 20);
     let binary = env!("CARGO_BIN_EXE_db-scheduler");
     let mut first = spawn_binary(binary, &args, "dbs-kill-first.log");
     let reader = reader(&t.topic, t.partitions);

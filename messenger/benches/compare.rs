@@ -243,19 +243,7 @@ async fn precision(rate: usize, seconds: u64) -> Vec<(String, (i64, i64, i64, i6
             .iter()
             .map(|m| (m.id.clone(), m.due.as_millis()))
             .collect();
-        let config = <db_scheduler::Config as clap::Parser>::parse_from([
-            "db-scheduler",
-            "--mysql-url",
-            &url,
-            "--bootstrap-servers",
-            &bootstrap(),
-            "--http-addr",
-            "127.0.0.1:0",
-            "--poll-interval",
-            interval,
-            "--batch-size",
-            "5000",
-        ]);
+        let config = db_scheduler::testkit::config(&url, interval, 5000);
         let reading = start_reading(&topic, due.keys().cloned().collect());
         let dbs = db_scheduler::DbScheduler::start(config, Arc::new(SystemClock))
             .await

@@ -244,12 +244,6 @@ impl Ladder {
             .map(|(level, slot)| (level, slot, self.topic(prefix, level, slot)))
             .collect()
     }
-
-    /// The most hops a record due `delay_ms` from now makes before it reaches the timer, not
-    /// counting the top level's re-examinations of what lies beyond its horizon.
-    pub fn max_hops(&self) -> usize {
-        self.levels() + 1
-    }
 }
 
 #[cfg(test)]

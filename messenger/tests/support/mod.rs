@@ -25,17 +25,7 @@ pub async fn start_stack(name: &str, senders: usize, success_rate: f64) -> Stack
     let names = Names::new(name);
     let scheduler = start_in_process(&names).await;
     let mysql_url = fresh_database().await;
-    let db_config = <db_scheduler::Config as clap::Parser>::parse_from([
-        "db-scheduler",
-        "--mysql-url",
-        &mysql_url,
-        "--bootstrap-servers",
-        &bootstrap(),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--poll-interval",
-        "100ms",
-    ]);
+    let db_config = db_scheduler::testkit::config(&mysql_url, "100ms", 1000);
     let baseline = DbScheduler::start(db_config, Arc::new(scheduler::SystemClock))
         .await
         .expect("baseline starts");
