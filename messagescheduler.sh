@@ -155,9 +155,10 @@ start_kafka() {
   local dir="$STACK/kafka"
   mkdir -p "$dir"
   # nisshi reads a .env file in its working directory and STORAGE_ENGINE: keep both out of play.
+  # It also logs through RUST_LOG, and a filter meant for our services slows it many times over.
   rm -f "$dir/.env"
   start kafka "$KAFKA_PORT" "$dir" env -u STORAGE_ENGINE -u SCHEMA_REGISTRY -u LISTENER_URL \
-    -u ADVERTISED_LISTENER_URL -u CLUSTER_ID nisshi broker \
+    -u ADVERTISED_LISTENER_URL -u CLUSTER_ID RUST_LOG=warn nisshi broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine sqlite://broker.db \

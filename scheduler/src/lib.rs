@@ -107,6 +107,7 @@ impl Scheduler {
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )

@@ -149,17 +149,95 @@ pub async fn start_in_process_with(names: &Names, extra: &[&str]) -> Scheduler {
         .expect("scheduler starts")
 }
 
-/// Starts the `scheduler` binary as a child process (for kill -9 tests).
-/// `binary` is the test's `env!("CARGO_BIN_EXE_...")`; its stderr goes to `log` in the temp dir.
+/// Starts a service binary as a child process (for kill -9 tests and the benchmark). Its stderr
+/// goes to `log` in the temporary directory, filtered by `RUST_LOG` (default info).
 pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).expect("log file");
     Command::new(binary)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("scheduler binary starts")
+}
+
+/// A TCP port that was free a moment ago, for a server a test starts itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A broker a test or benchmark started itself: nisshi (installed by
+/// `./messagescheduler.sh --stack`) with SQLite storage in its own directory, so that it keeps
+/// records and offsets across a kill. Killed when dropped, so a failing test leaves no process
+/// behind.
+pub struct Broker {
+    child: Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Broker {
+    /// Starts a broker on a free port in a new directory, and waits until it accepts connections.
+    pub fn start() -> Broker {
+        let dir = std::env::temp_dir().join(unique("broker"));
+        std::fs::create_dir_all(&dir).expect("broker directory");
+        let port = free_port();
+        let child = Broker::spawn(&dir, port);
+        Broker { child, dir, port }
+    }
+
+    /// Starts nisshi on `port` with its SQLite database in `dir` and waits until it answers.
+    fn spawn(dir: &std::path::Path, port: u16) -> Child {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut child = Command::new("nisshi")
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .args(["--group-initial-rebalance-delay", "0s", "--silent"])
+            .current_dir(dir)
+            .env_remove("STORAGE_ENGINE")
+            // nisshi logs through RUST_LOG too: a filter meant for our services (info, debug)
+            // slows it down many times over.
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nisshi is installed (./messagescheduler.sh --stack)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return child;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kill9(&mut child);
+        panic!("the broker did not answer on {port}");
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL (nothing flushed), `down` of silence, then the same broker again on the same
+    /// port and storage.
+    pub fn kill_and_restart(&mut self, down: Duration) {
+        kill9(&mut self.child);
+        std::thread::sleep(down);
+        self.child = Broker::spawn(&self.dir, self.port);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        kill9(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// SIGKILL: no shutdown hook runs, nothing is flushed or committed.
@@ -173,8 +251,18 @@ pub async fn create_topic(name: &str, partitions: i32) {
 }
 
 pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    create_topic_on(&bootstrap(), name, partitions, configs).await
+}
+
+/// Creates a topic on the broker at `bootstrap` (an existing one is fine).
+pub async fn create_topic_on(
+    bootstrap: &str,
+    name: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
     let topic = configs.iter().fold(
@@ -197,8 +285,13 @@ pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &s
 }
 
 pub fn producer() -> FutureProducer {
+    producer_on(&bootstrap())
+}
+
+/// A producer for `bootstrap` (a broker other than the shared one, as in the broker fault tests).
+pub fn producer_on(bootstrap: &str) -> FutureProducer {
     ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
         .create()
@@ -271,6 +364,18 @@ pub struct Received {
 }
 
 impl Received {
+    /// The record's id: its `sm-id` header (set by the scheduler), else its key (a record that
+    /// did not go through the scheduler, as in the benchmark's relay).
+    pub fn id(&self) -> String {
+        self.header("sm-id")
+            .or_else(|| {
+                self.key
+                    .as_ref()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+            })
+            .unwrap_or_default()
+    }
+
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
@@ -282,8 +387,13 @@ impl Received {
 
 /// Reads every partition of `topic` from the beginning, without a group.
 pub fn reader(topic: &str, partitions: i32) -> StreamConsumer {
+    reader_on(&bootstrap(), topic, partitions)
+}
+
+/// [`reader`] on the broker at `bootstrap`.
+pub fn reader_on(bootstrap: &str, topic: &str, partitions: i32) -> StreamConsumer {
     let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
@@ -433,12 +543,12 @@ pub async fn collect_all<'a>(
 ) -> Vec<Received> {
     let mut waiting: std::collections::HashSet<String> = expected.into_iter().cloned().collect();
     for r in &before {
-        waiting.remove(&r.header("sm-id").unwrap_or_default());
+        waiting.remove(&r.id());
     }
     let mut seen = 0;
     let after = collect(consumer, deadline, |r| {
         for x in &r[seen..] {
-            waiting.remove(&x.header("sm-id").unwrap_or_default());
+            waiting.remove(&x.id());
         }
         seen = r.len();
         waiting.is_empty()

@@ -2,72 +2,15 @@
 //! reconnects and delivers everything, none early. This test runs its own broker on a free port,
 //! so it lives in a test binary of its own (it points the whole process at that broker).
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use scheduler::testkit::*;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A broker this test started: killed when dropped, so a failing test leaves no process behind.
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        kill9(&mut self.0);
-    }
-}
-
-/// Starts nisshi (installed by `./messagescheduler.sh --stack`) with SQLite storage in `dir`.
-fn start_broker(dir: &Path, port: u16) -> Broker {
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new("nisshi")
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args([
-            "--storage-engine",
-            "sqlite://broker.db",
-            "--group-initial-rebalance-delay",
-            "0s",
-            "--silent",
-        ])
-        .current_dir(dir)
-        .env_remove("STORAGE_ENGINE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nisshi is installed (./messagescheduler.sh --stack)");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Broker(child);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(Broker(child));
-    panic!("the broker did not answer on {port}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_killed_and_restarted_mid_run_loses_nothing() {
-    let dir = std::env::temp_dir().join(unique("broker"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let broker = start_broker(&dir, port);
+    let mut broker = Broker::start();
     // Every helper of this test binary talks to this broker.
-    std::env::set_var("SM_BOOTSTRAP_SERVERS", format!("127.0.0.1:{port}"));
+    std::env::set_var("SM_BOOTSTRAP_SERVERS", broker.bootstrap());
 
     let names = Names::new("brk");
     create_topic(&names.target, 2).await;
@@ -82,10 +25,8 @@ async fn the_broker_killed_and_restarted_mid_run_loses_nothing() {
     let before = collect(&reader, Duration::from_secs(30), |r| r.len() >= 100).await;
     assert!(!before.is_empty());
 
-    drop(broker);
     let down_at = now_ms();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let broker = start_broker(&dir, port);
+    tokio::task::block_in_place(|| broker.kill_and_restart(Duration::from_secs(2)));
     let back_at = now_ms();
     let got = collect_all(&reader, due.keys(), before, Duration::from_secs(120)).await;
     assert_all_arrived(due.keys(), &got);
@@ -113,6 +54,4 @@ async fn the_broker_killed_and_restarted_mid_run_loses_nothing() {
     }
     eprintln!("records by number of copies: {copies:?}");
     sched.stop().await.expect("clean stop");
-    drop(broker);
-    let _ = std::fs::remove_dir_all(&dir);
 }
