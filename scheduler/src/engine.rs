@@ -64,6 +64,67 @@ struct Send {
     scheduled: Option<Scheduled>,
     ticket: Ticket,
     sweep: Option<Arc<ActiveSweep>>,
+    /// Held while the record is on its way into a slice window (see [`SliceWrites`]).
+    slice_write: Option<SliceWrite>,
+}
+
+/// Writes into slice windows that this process has sent and the broker has not yet
+/// acknowledged. A window's sweep waits for them before it reads the high watermark: a write routed
+/// just before the sweep time (the safety margin) can take longer than the margin to be
+/// acknowledged on a loaded broker, and would then land behind the sweep and wait a whole turn of
+/// the ring (r+1+f windows) to be found. Writes of other instances are covered by the margin alone.
+#[derive(Default)]
+struct SliceWrites {
+    pending: Mutex<HashMap<SliceId, usize>>,
+    changed: Notify,
+}
+
+impl SliceWrites {
+    fn begin(self: &Arc<Self>, id: SliceId) -> SliceWrite {
+        *lock(&self.pending).entry(id).or_default() += 1;
+        SliceWrite {
+            writes: self.clone(),
+            id,
+        }
+    }
+
+    /// Waits until no write into `id` is unacknowledged, or `timeout`; returns how many remain.
+    async fn settled(&self, id: SliceId, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let left = lock(&self.pending).get(&id).copied().unwrap_or(0);
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return left;
+            }
+        }
+    }
+}
+
+/// One unacknowledged write into a slice window; dropping it (acknowledged, dead-lettered, or
+/// abandoned at shutdown) ends it.
+struct SliceWrite {
+    writes: Arc<SliceWrites>,
+    id: SliceId,
+}
+
+impl Drop for SliceWrite {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.writes.pending);
+        if let Some(n) = pending.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&self.id);
+            }
+        }
+        drop(pending);
+        self.writes.changed.notify_waiters();
+    }
 }
 
 /// Progress of a sweep over one slice partition, shared by the worker that runs it and the
@@ -155,16 +216,27 @@ struct Cursor {
     next: Option<i64>,
 }
 
+/// A partition ready to be swept: its cursor held, from `next` up to `high`.
+struct SweepStart {
+    tp: Tp,
+    generation: u64,
+    cursor: tokio::sync::OwnedMutexGuard<Cursor>,
+    next: i64,
+    high: i64,
+}
+
 pub(crate) struct Shared {
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
     pub board: Board,
     producer: FutureProducer,
     consumer: Arc<StreamConsumer<EngineContext>>,
+    lookup: Arc<kafka::Lookup>,
     tracker: Arc<Mutex<OffsetTracker>>,
     timer: Mutex<TimerQueue<TimerEntry>>,
     timer_wake: Notify,
     sweeps: Mutex<HashMap<Tp, Arc<ActiveSweep>>>,
+    slice_writes: Arc<SliceWrites>,
     cursors: Mutex<HashMap<Tp, Arc<tokio::sync::Mutex<Cursor>>>>,
     /// slice topic -> (level, slot)
     slices: HashMap<String, (usize, i64)>,
@@ -233,6 +305,7 @@ impl Engine {
         let mut subscription: Vec<&str> = vec![settings.internal.ingest.as_str()];
         subscription.extend(slices.keys().map(String::as_str));
         consumer.subscribe(&subscription)?;
+        let lookup = kafka::Lookup::new(&settings)?;
         let producer: FutureProducer = kafka::producer_config(
             &settings.config.bootstrap_servers,
             &settings.config.kafka_properties,
@@ -246,10 +319,12 @@ impl Engine {
             board: Board::default(),
             producer,
             consumer: Arc::new(consumer),
+            lookup: Arc::new(lookup),
             tracker,
             timer: Mutex::new(TimerQueue::default()),
             timer_wake: Notify::new(),
             sweeps: Mutex::new(HashMap::new()),
+            slice_writes: Arc::default(),
             cursors: Mutex::new(HashMap::new()),
             slices,
             acks: TaskTracker::new(),
@@ -290,16 +365,17 @@ impl Engine {
     }
 
     /// Stops reading, lets the timer publish what it holds (it only ever holds about
-    /// `w_0 + w_0/r` of due records, so this is short) and in-flight sends finish (up to 10 s),
-    /// commits what is safe, and returns. A restart after a clean stop therefore re-delivers
-    /// nothing; what could not finish stays uncommitted and is read again by the next owner.
+    /// `w_1 + lead_1` of due records: 6 s with the defaults) and in-flight sends finish (up to
+    /// 10 s), commits what is safe, and returns. A restart after a clean stop therefore
+    /// re-delivers nothing; what could not finish stays uncommitted and is read again by the next
+    /// owner.
     pub async fn stop(self) -> Result<(), Error> {
         let s = &self.shared;
         s.intake.cancel();
         let ladder = s.ladder();
-        let drain = Duration::from_millis(
-            (ladder.width(0) + ladder.lead(0) + ladder.margin_ms()) as u64 * 2,
-        ) + Duration::from_secs(1);
+        let drain =
+            Duration::from_millis((ladder.width(1) + ladder.lead(1) + ladder.margin_ms()) as u64)
+                + Duration::from_secs(1);
         let deadline = tokio::time::Instant::now() + drain;
         while !lock(&s.timer).is_empty()
             && !s.token.is_cancelled()
@@ -406,16 +482,26 @@ impl Shared {
         };
         match Scheduled::from_slice(&rec, &self.settings.internal) {
             Ok(s) => {
-                let route = match self.ladder().route(s.due.as_millis(), self.clock.now_ms()) {
-                    Route::Slice(id) if id.level > 0 => Route::Slice(id),
-                    _ => Route::Timer,
-                };
+                let route = self.route_from_slice(s.due.as_millis(), self.clock.now_ms());
                 self.forward(s, route, ticket, None).await;
             }
             Err(why) => {
                 tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
                 self.dead_letter_original(&rec, &why, ticket, None).await;
             }
+        }
+    }
+
+    /// Where a record read from a slice goes next. Never into level 0: a record the ladder
+    /// would put there is due within a level-1 window whose sweep has begun, and level 0 is
+    /// streamed straight into the timer, so writing it there would only cost one more produce and
+    /// fetch (the benchmark showed level-1 sweeps outlasting their lead for it). It goes into the
+    /// timer at once instead; the timer holds the same records either way, and the slice
+    /// partition's commit waits for their delivery just as level 0's would.
+    fn route_from_slice(&self, due_ms: i64, now_ms: i64) -> Route {
+        match self.ladder().route(due_ms, now_ms) {
+            Route::Slice(id) if id.level > 0 => Route::Slice(id),
+            _ => Route::Timer,
         }
     }
 
@@ -435,7 +521,7 @@ impl Shared {
         }
         let now = self.clock.now_ms();
         let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {
-            let route = self.ladder().route(s.due.as_millis(), now);
+            let route = self.route_from_slice(s.due.as_millis(), now);
             (s, route)
         });
         if let Ok((_, Route::Slice(id))) = &parsed {
@@ -482,6 +568,7 @@ impl Shared {
             scheduled: None,
             ticket,
             sweep,
+            slice_write: None,
         })
         .await;
     }
@@ -524,6 +611,7 @@ impl Shared {
                     scheduled: Some(s),
                     ticket,
                     sweep,
+                    slice_write: Some(self.slice_writes.begin(id)),
                 })
                 .await;
             }
@@ -587,6 +675,7 @@ impl Shared {
                         None => send.out,
                     };
                     send.then = Then::DeadLetter { reason: why.code() };
+                    send.slice_write = None;
                 }
                 failure => {
                     // Transient, or the DLQ itself refused: keep the record and retry loudly.
@@ -652,6 +741,7 @@ impl Shared {
                         scheduled: Some(entry.scheduled),
                         ticket: entry.ticket,
                         sweep: None,
+                        slice_write: None,
                     };
                     self.send(send).await;
                 }
@@ -734,23 +824,19 @@ impl Shared {
     fn pending(&self) -> KafkaResult<(Vec<i64>, i64)> {
         let mut per_level = vec![0i64; self.ladder().levels()];
         let mut ingest = 0;
-        let committed = self.consumer.committed(BROKER_TIMEOUT)?;
-        for e in committed.elements() {
-            let level = self.slices.get(e.topic()).map(|&(level, _)| level);
-            if level.is_none() && e.topic() != self.settings.internal.ingest {
-                continue;
-            }
-            let (low, high) =
-                self.consumer
-                    .fetch_watermarks(e.topic(), e.partition(), BROKER_TIMEOUT)?;
-            let from = match e.offset() {
-                Offset::Offset(o) => o.max(low),
-                _ => low,
-            };
+        let owned = lock(&self.tracker).owned();
+        if owned.is_empty() {
+            return Ok((per_level, ingest));
+        }
+        let committed = self.lookup.committed(&owned, BROKER_TIMEOUT)?;
+        let marks = self.lookup.watermarks(&owned, BROKER_TIMEOUT)?;
+        for (tp, (low, high)) in marks {
+            let from = committed.get(&tp).map_or(low, |&c| c.max(low));
             let lag = (high - from).max(0);
-            match level {
-                Some(level) => per_level[level] += lag,
-                None => ingest += lag,
+            match self.slices.get(&tp.0) {
+                Some(&(level, _)) => per_level[level] += lag,
+                None if tp.0 == self.settings.internal.ingest => ingest += lag,
+                None => {}
             }
         }
         Ok((per_level, ingest))
@@ -762,6 +848,8 @@ impl Shared {
         let timer = lock(&self.timer);
         serde_json::json!({
             "status": if self.token.is_cancelled() { "stopping" } else { "ok" },
+            // 0 until the group has assigned partitions: the process is up but does no work yet.
+            "assigned_partitions": tracker.owned().len(),
             "in_flight": tracker.in_flight(),
             "timer_pending": timer.len(),
             "next_due": timer.next_due().map(crate::time::format_millis),
@@ -863,12 +951,27 @@ impl Shared {
         // Scheduled sweeps, and catch-ups of the top level (which also holds what lies beyond its
         // horizon, mixed with due windows), rewrite in-place records; other catch-ups stop at them.
         let reappend = job.kind == JobKind::Sweep || top;
-        let results = join_all(
-            partitions
-                .iter()
-                .map(|p| self.sweep_partition(&job.slot_topic, *p, reappend)),
-        )
-        .await;
+        if let Some(window) = job.window {
+            let id = SliceId {
+                level: job.level,
+                window,
+            };
+            let left = self.slice_writes.settled(id, BROKER_TIMEOUT).await;
+            if left > 0 {
+                tracing::warn!(job = %job.name, left, "writes into this window still unacknowledged; sweeping without them");
+            }
+        }
+        let results = match self.sweep_starts(&job.slot_topic, &partitions).await {
+            Ok(starts) => {
+                join_all(
+                    starts
+                        .into_iter()
+                        .map(|start| self.sweep_partition(start, reappend)),
+                )
+                .await
+            }
+            Err(e) => partitions.iter().map(|_| Err(e.clone())).collect(),
+        };
         let mut counts = JobCounts::default();
         let mut errors = Vec::new();
         for (p, r) in partitions.iter().zip(results) {
@@ -902,56 +1005,102 @@ impl Shared {
             .map_err(|e| e.to_string())
     }
 
+    /// Runs a lookup (a broker round trip on the lookup client) off the async threads.
+    async fn look<T: std::marker::Send + 'static>(
+        &self,
+        f: impl FnOnce(&kafka::Lookup) -> KafkaResult<T> + std::marker::Send + 'static,
+    ) -> Result<T, String> {
+        let lookup = self.lookup.clone();
+        tokio::task::spawn_blocking(move || f(&lookup))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where each partition's sweep starts and ends. Takes each partition's cursor first (so two
+    /// jobs never sweep one partition at once; always in partition order, so they cannot
+    /// deadlock), then asks for every partition's watermarks, and the committed offsets of those
+    /// without a cursor, in a few requests for the whole job.
+    async fn sweep_starts(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<SweepStart>, String> {
+        let mut held = Vec::with_capacity(partitions.len());
+        for &partition in partitions {
+            let tp: Tp = (topic.to_string(), partition);
+            let cursor = lock(&self.cursors).entry(tp.clone()).or_default().clone();
+            let mut cursor = cursor.lock_owned().await;
+            let Some(generation) = lock(&self.tracker).generation(topic, partition) else {
+                continue; // revoked meanwhile
+            };
+            if cursor.generation != generation {
+                *cursor = Cursor {
+                    generation,
+                    next: None,
+                };
+            }
+            held.push((tp, generation, cursor));
+        }
+        let tps: Vec<Tp> = held.iter().map(|(tp, ..)| tp.clone()).collect();
+        let unknown: Vec<Tp> = held
+            .iter()
+            .filter(|(_, _, c)| c.next.is_none())
+            .map(|(tp, ..)| tp.clone())
+            .collect();
+        let (marks, committed) = self
+            .look(move |l| {
+                let marks = l.watermarks(&tps, BROKER_TIMEOUT)?;
+                let committed = if unknown.is_empty() {
+                    HashMap::new()
+                } else {
+                    l.committed(&unknown, BROKER_TIMEOUT)?
+                };
+                Ok((marks, committed))
+            })
+            .await?;
+        held.into_iter()
+            .map(|(tp, generation, cursor)| {
+                let &(low, high) = marks
+                    .get(&tp)
+                    .ok_or_else(|| format!("no watermarks for partition {}", tp.1))?;
+                let next = cursor
+                    .next
+                    .or(committed.get(&tp).copied())
+                    .unwrap_or(low)
+                    .max(low);
+                Ok(SweepStart {
+                    tp,
+                    generation,
+                    cursor,
+                    next,
+                    high,
+                })
+            })
+            .collect()
+    }
+
     /// Sweeps one slice partition: from where the last sweep stopped up to the high watermark
     /// (and any stragglers that arrive meanwhile), routing each record on; returns once every
     /// record read has been placed (acknowledged in a finer slice or the DLQ, or in the timer).
     async fn sweep_partition(
         self: &Arc<Self>,
-        topic: &str,
-        partition: i32,
+        start: SweepStart,
         reappend: bool,
     ) -> Result<JobCounts, String> {
-        let tp: Tp = (topic.to_string(), partition);
+        let SweepStart {
+            tp,
+            generation,
+            mut cursor,
+            next,
+            high,
+        } = start;
+        let (topic, partition) = (tp.0.as_str(), tp.1);
         let began = std::time::Instant::now();
-        let cursor = lock(&self.cursors).entry(tp.clone()).or_default().clone();
-        let mut cursor = cursor.lock().await;
-        let Some(generation) = lock(&self.tracker).generation(topic, partition) else {
-            return Ok(JobCounts::default());
-        };
-        if cursor.generation != generation {
-            *cursor = Cursor {
-                generation,
-                next: None,
-            };
-        }
-        let t = topic.to_string();
-        let (low, high) = self
-            .blocking(move |c| c.fetch_watermarks(&t, partition, BROKER_TIMEOUT))
-            .await?;
-        let next = match cursor.next {
-            Some(next) => next,
-            None => {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(topic, partition);
-                let committed = self
-                    .blocking(move |c| c.committed_offsets(tpl, BROKER_TIMEOUT))
-                    .await?;
-                match committed
-                    .find_partition(topic, partition)
-                    .map(|e| e.offset())
-                {
-                    Some(Offset::Offset(o)) => o,
-                    _ => low,
-                }
-            }
-        }
-        .max(low);
         if next >= high {
             cursor.next = Some(next);
             return Ok(JobCounts::default());
         }
-        let positioned_at = began.elapsed();
-
         let sweep = Arc::new(ActiveSweep::new(
             high,
             if reappend { high } else { next },
@@ -984,12 +1133,13 @@ impl Shared {
                 Wait::Done => {
                     caught_up_at.get_or_insert(began.elapsed());
                     // Caught up: take stragglers written since the sweep began, then stop.
-                    let t = topic.to_string();
+                    let tps = vec![tp.clone()];
                     match self
-                        .blocking(move |c| c.fetch_watermarks(&t, partition, BROKER_TIMEOUT))
+                        .look(move |l| l.ends(&tps, BROKER_TIMEOUT))
                         .await
+                        .map(|ends| ends.get(&tp).copied().unwrap_or(end))
                     {
-                        Ok((_, h)) if h > end => end = h,
+                        Ok(h) if h > end => end = h,
                         Ok(_) => break,
                         Err(e) => outcome = Err(e),
                     }
@@ -1022,7 +1172,6 @@ impl Shared {
             topic,
             partition,
             records = counts.records,
-            watermarks_ms = positioned_at.as_millis() as u64,
             resumed_ms = resumed_at.as_millis() as u64,
             caught_up_ms = caught_up_at.map_or(0, |d| d.as_millis() as u64),
             paused_ms = paused_at.as_millis() as u64,

@@ -1,7 +1,7 @@
 //! Kafka plumbing: client configurations, topic creation, reading records safely, classifying send
 //! errors, and the consumer context that turns rebalances into events.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header as KafkaHeader, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -74,6 +74,84 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         c.set("group.instance.id", id);
     }
     merge(c, base_config(settings))
+}
+
+/// A client for the round trips that look positions up: watermarks and the group's committed
+/// offsets. It is separate from the engine's consumer so that these requests never queue in front
+/// of the consumer's fetches (a broker may answer one connection's requests in order, and the local
+/// nisshi does: a sweep's lookups stalled ingestion for tens of seconds), and it asks for many
+/// partitions in one request instead of one round trip per partition. It never joins the group.
+pub struct Lookup {
+    client: BaseConsumer,
+}
+
+impl Lookup {
+    pub fn new(settings: &Settings) -> Result<Lookup, Error> {
+        let mut c = base_config(settings);
+        c.set("group.id", &settings.config.group_id)
+            .set("enable.auto.commit", "false");
+        Ok(Lookup {
+            client: c.create()?,
+        })
+    }
+
+    /// The earliest and the latest offset of each partition: two requests, however many
+    /// partitions.
+    pub fn watermarks(
+        &self,
+        tps: &[Tp],
+        timeout: Duration,
+    ) -> KafkaResult<HashMap<Tp, (i64, i64)>> {
+        let low = self.list_offsets(tps, Offset::Beginning, timeout)?;
+        let high = self.list_offsets(tps, Offset::End, timeout)?;
+        Ok(low
+            .into_iter()
+            .filter_map(|(tp, l)| high.get(&tp).map(|&h| (tp, (l, h))))
+            .collect())
+    }
+
+    /// The latest offset (the high watermark) of each partition, in one request.
+    pub fn ends(&self, tps: &[Tp], timeout: Duration) -> KafkaResult<HashMap<Tp, i64>> {
+        self.list_offsets(tps, Offset::End, timeout)
+    }
+
+    /// ListOffsets with the special timestamps of the protocol: `Beginning` (-2) asks for the
+    /// earliest offset, `End` (-1) for the latest.
+    fn list_offsets(
+        &self,
+        tps: &[Tp],
+        at: Offset,
+        timeout: Duration,
+    ) -> KafkaResult<HashMap<Tp, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in tps {
+            tpl.add_partition_offset(topic, *partition, at)?;
+        }
+        let answer = self.client.offsets_for_times(tpl, timeout)?;
+        offsets_of(&answer)
+    }
+
+    /// The group's committed offset of each partition that has one, in one request.
+    pub fn committed(&self, tps: &[Tp], timeout: Duration) -> KafkaResult<HashMap<Tp, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in tps {
+            tpl.add_partition(topic, *partition);
+        }
+        let answer = self.client.committed_offsets(tpl, timeout)?;
+        offsets_of(&answer)
+    }
+}
+
+/// The concrete offsets of a list the broker answered, failing on a partition it refused.
+fn offsets_of(list: &TopicPartitionList) -> KafkaResult<HashMap<Tp, i64>> {
+    let mut out = HashMap::new();
+    for e in list.elements() {
+        e.error()?;
+        if let Offset::Offset(o) = e.offset() {
+            out.insert((e.topic().to_string(), e.partition()), o);
+        }
+    }
+    Ok(out)
 }
 
 fn merge(mut defaults: ClientConfig, overrides: ClientConfig) -> ClientConfig {

@@ -151,6 +151,11 @@ impl OffsetTracker {
         }
     }
 
+    /// The partitions this process owns now.
+    pub fn owned(&self) -> Vec<Tp> {
+        self.partitions.keys().cloned().collect()
+    }
+
     /// Records begun and not yet finished, over all partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(|s| s.in_flight.len()).sum()
