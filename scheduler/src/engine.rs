@@ -41,6 +41,11 @@ use crate::Error;
 const STALL: Duration = Duration::from_secs(30);
 /// Timeout of the broker round trips a sweep makes (watermarks, committed offsets, seek).
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records sent and not yet acknowledged, at most. Beyond it the consumer loop and the timer wait:
+/// with a backlog to read and a slow broker, each would otherwise hold a copy of every record
+/// read (the benchmark saw resident memory grow with the backlog). At the local broker's ack
+/// latency this still allows far more than it can take.
+const MAX_IN_FLIGHT: usize = 10_000;
 
 /// A record waiting in the timer, with the ticket that releases its source offset once published.
 struct TimerEntry {
@@ -237,6 +242,8 @@ pub(crate) struct Shared {
     timer_wake: Notify,
     sweeps: Mutex<HashMap<Tp, Arc<ActiveSweep>>>,
     slice_writes: Arc<SliceWrites>,
+    /// Bounds the records sent and not yet acknowledged ([`MAX_IN_FLIGHT`]).
+    in_flight: Arc<tokio::sync::Semaphore>,
     cursors: Mutex<HashMap<Tp, Arc<tokio::sync::Mutex<Cursor>>>>,
     /// slice topic -> (level, slot)
     slices: HashMap<String, (usize, i64)>,
@@ -325,6 +332,7 @@ impl Engine {
             timer_wake: Notify::new(),
             sweeps: Mutex::new(HashMap::new()),
             slice_writes: Arc::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             cursors: Mutex::new(HashMap::new()),
             slices,
             acks: TaskTracker::new(),
@@ -623,10 +631,15 @@ impl Shared {
     /// Enqueues the record now (so records leave in the order they are handed over) and awaits
     /// the broker's acknowledgement in a task of its own, so sends never wait on each other.
     async fn send(self: &Arc<Self>, send: Send) {
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return; // never closed
+        };
         let queued = self.enqueue(&send.out).await;
         let me = self.clone();
-        self.acks
-            .spawn(async move { me.complete(send, queued).await });
+        self.acks.spawn(async move {
+            me.complete(send, queued).await;
+            drop(permit);
+        });
     }
 
     async fn enqueue(&self, out: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
