@@ -1,0 +1,460 @@
+//! What every section of the benchmark needs: the service binaries as child processes (so that
+//! each runs in its own process, as in production, and its memory can be read), paced and bulk
+//! producers, readers that start before anything falls due, and lateness statistics.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use scheduler::testkit::*;
+
+/// The default ladder (1 s × 4 up to 1 day, 100 ms margin, sweep lead 2), as users run it; the
+/// testkit's ladder is tuned for short tests, not for measuring.
+pub const DEFAULT_LADDER: [&str; 14] = [
+    "--smallest-slice",
+    "1s",
+    "--slice-ratio",
+    "4",
+    "--largest-slice",
+    "1day",
+    "--safety-margin",
+    "100ms",
+    "--ingest-partitions",
+    "16",
+    "--slice-partitions",
+    "4",
+    "--workers",
+    "4",
+];
+
+/// A payload the size of the messenger's SMS JSON (about 200 bytes).
+pub const PAYLOAD: &[u8] = br#"{"id":"00000000-0000-0000-0000-000000000000","recipient":"+4917612345678","text":"Your appointment is confirmed for tomorrow at 10:30. Reply STOP to unsubscribe.","time":"2026-11-21T10:30:00+01:00","attempt":1}"#;
+
+/// A progress line on stderr, stamped with the seconds since the benchmark began.
+pub fn note(what: impl std::fmt::Display) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[{t:7.1} s] {what}");
+}
+
+/// The release binaries of the services, built once before anything is measured.
+pub struct Binaries {
+    pub scheduler: PathBuf,
+    pub db_scheduler: PathBuf,
+}
+
+/// Builds the scheduler and the db-scheduler (a no-op when they are up to date): the benchmark
+/// runs them as child processes. Release builds for measuring; the smoke test under `cargo test`
+/// uses the debug builds the test run has already made.
+pub fn build(release: bool) -> Binaries {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let mut args = vec!["build", "--bin", "scheduler", "--bin", "db-scheduler"];
+    if release {
+        args.push("--release");
+    }
+    let status = Command::new(cargo)
+        .args(&args)
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the services failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+        .join(if release { "release" } else { "debug" });
+    Binaries {
+        scheduler: target.join("scheduler"),
+        db_scheduler: target.join("db-scheduler"),
+    }
+}
+
+/// A service running as a child process; killed (SIGKILL) when dropped.
+pub struct Service {
+    child: Option<Child>,
+    pub http: String,
+    log: String,
+}
+
+impl Service {
+    /// Starts `binary` with `args` plus `--http-addr` on a free port, and waits until its
+    /// `/healthz` answers.
+    pub async fn start(binary: &Path, args: &[String], log: &str) -> Service {
+        let port = free_port();
+        let mut args: Vec<String> = args
+            .chunks(2)
+            .filter(|pair| pair[0] != "--http-addr")
+            .flatten()
+            .cloned()
+            .collect();
+        args.extend(["--http-addr".to_string(), format!("127.0.0.1:{port}")]);
+        let child = spawn_binary(&binary.to_string_lossy(), &args, log);
+        let mut service = Service {
+            child: Some(child),
+            http: format!("http://127.0.0.1:{port}"),
+            log: log.to_string(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while service.get("/healthz").await.is_none() {
+            let exited = service
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            let log = std::env::temp_dir().join(log);
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "{}: /healthz never answered ({exited:?}); its log: {}",
+                binary.display(),
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        service
+    }
+
+    /// Starts a scheduler and waits until the group has given it partitions, so that what is
+    /// measured next is the scheduler working, not the group forming.
+    pub async fn scheduler(binary: &Path, args: &[String], log: &str) -> Service {
+        let s = Service::start(binary, args, log).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let assigned = s
+                .get("/healthz")
+                .await
+                .and_then(|h| serde_json::from_str::<serde_json::Value>(&h).ok())
+                .and_then(|h| h["assigned_partitions"].as_u64())
+                .unwrap_or(0);
+            if assigned > 0 {
+                note(format!("scheduler up with {assigned} partitions"));
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{log}: no partitions assigned");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Option<String> {
+        let r = reqwest::get(format!("{}{path}", self.http)).await.ok()?;
+        r.text().await.ok()
+    }
+
+    /// The sum of every series of a counter or gauge in `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").await.unwrap_or_default();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM` of /proc/PID/status).
+    pub fn memory_mib(&self) -> (f64, f64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .map_or(0.0, |kib| kib / 1024.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// SIGKILL: nothing is flushed or committed.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill9(&mut c);
+        }
+    }
+
+    /// Keeps its final `/metrics` beside its log (`<log>.metrics`, for a closer look), then
+    /// SIGTERM, and waits for the clean stop.
+    pub async fn stop(&mut self) {
+        if let Some(text) = self.get("/metrics").await {
+            let _ = std::fs::write(
+                std::env::temp_dir().join(format!("{}.metrics", self.log)),
+                text,
+            );
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A producer tuned for bulk: large batches, a deep queue.
+pub fn bulk_producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .expect("producer")
+}
+
+/// A record for the ingest topic: `time`, `topic` and `id` headers, keyed by its id.
+fn scheduled<'a>(
+    ingest: &'a str,
+    target: &str,
+    id: &'a str,
+    due_ms: i64,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let time = due_ms.to_string();
+    let headers = OwnedHeaders::new_with_capacity(3)
+        .insert(Header {
+            key: "time",
+            value: Some(time.as_bytes()),
+        })
+        .insert(Header {
+            key: "topic",
+            value: Some(target.as_bytes()),
+        })
+        .insert(Header {
+            key: "id",
+            value: Some(id.as_bytes()),
+        });
+    FutureRecord::to(ingest)
+        .key(id.as_bytes())
+        .payload(PAYLOAD)
+        .headers(headers)
+}
+
+/// Enqueues without waiting for the acknowledgement, waiting only while the local queue is full.
+async fn enqueue(p: &FutureProducer, rec: FutureRecord<'_, [u8], [u8]>) -> DeliveryFuture {
+    let mut rec = rec;
+    loop {
+        match p.send_result(rec) {
+            Ok(f) => return f,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => panic!("produce: {e}"),
+        }
+    }
+}
+
+/// Records produced and not yet acknowledged, at most: more would wait in the producer's queue
+/// long enough to time out on a slow broker.
+const MAX_UNACKED: usize = 20_000;
+
+/// Awaits acknowledgements, counting failures (a failed produce is not the scheduler's loss, so
+/// such records are left out of what is expected).
+#[derive(Default)]
+pub struct Acks {
+    pending: FuturesUnordered<tokio::task::JoinHandle<Option<String>>>,
+    failed: Vec<String>,
+}
+
+impl Acks {
+    /// Adds an acknowledgement to wait for; waits for older ones first when too many are open.
+    async fn push(&mut self, id: String, f: DeliveryFuture) {
+        while self.pending.len() >= MAX_UNACKED {
+            self.next().await;
+        }
+        self.pending.push(tokio::spawn(async move {
+            match f.await {
+                Ok(Ok(_)) => None,
+                _ => Some(id),
+            }
+        }));
+    }
+
+    async fn next(&mut self) -> bool {
+        match self.pending.next().await {
+            Some(r) => {
+                if let Ok(Some(id)) = r {
+                    self.failed.push(id);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Waits for every acknowledgement; returns the ids whose produce failed.
+    pub async fn failed(mut self) -> Vec<String> {
+        while self.next().await {}
+        if !self.failed.is_empty() {
+            note(format!(
+                "{} records were not acknowledged by the broker",
+                self.failed.len()
+            ));
+        }
+        self.failed
+    }
+}
+
+/// Produces `(id, due)` records to `ingest` as fast as the broker takes them.
+pub async fn produce_bulk(
+    p: &FutureProducer,
+    ingest: &str,
+    target: &str,
+    records: impl IntoIterator<Item = (String, i64)>,
+) -> HashMap<String, i64> {
+    let mut acks = Acks::default();
+    let mut due = HashMap::new();
+    for (id, at) in records {
+        let f = enqueue(p, scheduled(ingest, target, &id, at)).await;
+        acks.push(id.clone(), f).await;
+        due.insert(id, at);
+    }
+    for id in acks.failed().await {
+        due.remove(&id);
+    }
+    due
+}
+
+/// Produces `rate` records per second for `seconds`, each due `delay` after it is produced;
+/// ids are `prefix-N`. Returns id -> due (ms) of the records the broker acknowledged.
+pub async fn produce_paced(
+    p: &FutureProducer,
+    ingest: &str,
+    target: &str,
+    prefix: &str,
+    rate: usize,
+    seconds: u64,
+    delay: Duration,
+) -> HashMap<String, i64> {
+    let n = rate * seconds as usize;
+    let delay_ms = delay.as_millis() as i64;
+    let mut acks = Acks::default();
+    let mut due = HashMap::with_capacity(n);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut sent = 0;
+    while sent < n {
+        tick.tick().await;
+        let by_now = ((started.elapsed().as_secs_f64() * rate as f64) as usize + 1).min(n);
+        while sent < by_now {
+            let id = format!("{prefix}-{sent}");
+            let at = now_ms() + delay_ms;
+            let f = enqueue(p, scheduled(ingest, target, &id, at)).await;
+            acks.push(id.clone(), f).await;
+            due.insert(id, at);
+            sent += 1;
+        }
+    }
+    for id in acks.failed().await {
+        due.remove(&id);
+    }
+    due
+}
+
+/// Starts reading `topic` now, in the background, until every one of `ids` has arrived (or
+/// `deadline`): reading must begin before the records fall due, or the time spent producing them
+/// would count as lateness.
+pub fn start_reading(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    ids: Vec<String>,
+    deadline: Duration,
+) -> tokio::task::JoinHandle<Vec<Received>> {
+    let consumer = reader_on(bootstrap, topic, partitions);
+    tokio::spawn(async move { collect_all(&consumer, ids.iter(), Vec::new(), deadline).await })
+}
+
+/// Percentiles of a set of lateness values, in ms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Percentiles {
+    pub p50: i64,
+    pub p99: i64,
+    pub p999: i64,
+    pub max: i64,
+}
+
+impl Percentiles {
+    pub fn of(mut v: Vec<i64>) -> Percentiles {
+        if v.is_empty() {
+            return Percentiles::default();
+        }
+        v.sort_unstable();
+        let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+        Percentiles {
+            p50: pct(0.5),
+            p99: pct(0.99),
+            p999: pct(0.999),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// What arrived, against what was expected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    pub expected: usize,
+    pub missing: usize,
+    pub duplicates: usize,
+    /// Published or received before the due time.
+    pub early: usize,
+    /// Arrival at the reader minus the due time (what a user sees).
+    pub arrival: Percentiles,
+    /// The record's timestamp (set when the scheduler produced it) minus the due time: the
+    /// scheduler's own lateness, without the reader's fetch.
+    pub publish: Percentiles,
+    pub first_ms: i64,
+    pub last_ms: i64,
+}
+
+impl Outcome {
+    /// `got` measured against `due` (id -> due ms); a record is matched by its `sm-id` header,
+    /// or by its key when it carries none (the relay).
+    pub fn of(got: &[Received], due: &HashMap<String, i64>) -> Outcome {
+        let mut seen: HashMap<String, usize> = HashMap::with_capacity(due.len());
+        let (mut arrival, mut publish, mut early) = (Vec::new(), Vec::new(), 0);
+        for r in got {
+            let id = r.id();
+            let Some(&d) = due.get(&id) else { continue };
+            *seen.entry(id).or_default() += 1;
+            arrival.push(r.received_ms - d);
+            publish.push(r.timestamp_ms - d);
+            if r.received_ms < d || r.timestamp_ms < d {
+                early += 1;
+            }
+        }
+        let delivered: usize = seen.values().sum();
+        Outcome {
+            expected: due.len(),
+            missing: due.len() - seen.len(),
+            duplicates: delivered - seen.len(),
+            early,
+            arrival: Percentiles::of(arrival),
+            publish: Percentiles::of(publish),
+            first_ms: got.iter().map(|r| r.received_ms).min().unwrap_or(0),
+            last_ms: got.iter().map(|r| r.received_ms).max().unwrap_or(0),
+        }
+    }
+
+    /// Records per second between the first and the last arrival.
+    pub fn rate(&self) -> f64 {
+        let span = (self.last_ms - self.first_ms).max(1) as f64 / 1000.0;
+        (self.expected - self.missing) as f64 / span
+    }
+}

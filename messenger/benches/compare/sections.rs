@@ -1,0 +1,523 @@
+//! The five measurements. Each runs on a broker of its own (nisshi with SQLite storage in a
+//! temporary directory), so that what one section leaves behind does not weigh on the next, and
+//! nothing is left on the developer's stack.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use db_scheduler::{NewMessage, Store};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use scheduler::testkit::*;
+use scheduler::DueTime;
+
+use crate::harness::*;
+
+/// Partitions of every target topic.
+const TARGET_PARTITIONS: i32 = 4;
+
+/// The scheduler's flags on `broker` for `names`, with the default ladder.
+fn scheduler_args(broker: &Broker, names: &Names, extra: &[&str]) -> Vec<String> {
+    let bootstrap = broker.bootstrap();
+    let mut flags: Vec<&str> = vec!["--bootstrap-servers", &bootstrap];
+    flags.extend(DEFAULT_LADDER);
+    flags.extend(extra);
+    names.args_with(&flags)
+}
+
+/// A fresh broker and a group of names with its target topic created.
+async fn set_up(test: &str) -> (Broker, Names) {
+    let broker = Broker::start();
+    let names = Names::new(test);
+    create_topic_on(&broker.bootstrap(), &names.target, TARGET_PARTITIONS, &[]).await;
+    (broker, names)
+}
+
+fn log_name(names: &Names, what: &str) -> String {
+    format!("{}-{what}.log", names.group)
+}
+
+// ---- 1. throughput -----------------------------------------------------------------------------
+
+pub struct Throughput {
+    pub relay: f64,
+    pub scheduler: f64,
+    pub scheduler_outcome: Outcome,
+}
+
+/// `n` records, already due, wait in the ingest topic; the scheduler's delivery rate (first to
+/// last arrival at the target) beside a plain consume-and-produce relay of the same records
+/// through the same broker, with the scheduler's producer settings.
+pub async fn throughput(bins: &Binaries, n: usize) -> Throughput {
+    let (broker, names) = set_up("bench-tp").await;
+    let bootstrap = broker.bootstrap();
+    create_topic_on(&bootstrap, &names.ingest, 16, &[]).await;
+    let now = now_ms();
+    let p = bulk_producer(&bootstrap);
+    let due = produce_bulk(
+        &p,
+        &names.ingest,
+        &names.target,
+        (0..n).map(|i| (format!("t-{i}"), now)),
+    )
+    .await;
+
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        due.keys().cloned().collect(),
+        Duration::from_secs(600),
+    );
+    let mut sched = Service::scheduler(
+        &bins.scheduler,
+        &scheduler_args(&broker, &names, &[]),
+        &log_name(&names, "tp"),
+    )
+    .await;
+    let got = reading.await.expect("reader");
+    let scheduler_outcome = Outcome::of(&got, &due);
+    sched.stop().await;
+
+    // The relay: the same records, read from the ingest topic and produced (key, value, headers)
+    // to another topic; its rate is measured the same way, at a reader of that topic.
+    let relay_target = format!("{}-relay", names.target);
+    create_topic_on(&bootstrap, &relay_target, TARGET_PARTITIONS, &[]).await;
+    let reading = start_reading(
+        &bootstrap,
+        &relay_target,
+        TARGET_PARTITIONS,
+        due.keys().cloned().collect(),
+        Duration::from_secs(600),
+    );
+    relay(&bootstrap, &names.ingest, &relay_target, due.len()).await;
+    let got = reading.await.expect("reader");
+    let relay_outcome = Outcome::of(&got, &due);
+    Throughput {
+        relay: relay_outcome.rate(),
+        scheduler: scheduler_outcome.rate(),
+        scheduler_outcome,
+    }
+}
+
+/// The relay as a process of its own, like the scheduler: this benchmark's binary again, with
+/// `--relay` (see [`relay_main`]).
+async fn relay(bootstrap: &str, from: &str, to: &str, n: usize) {
+    let exe = std::env::current_exe().expect("own path");
+    let status = tokio::process::Command::new(exe)
+        .args(["--relay", bootstrap, from, to, &n.to_string()])
+        .status()
+        .await
+        .expect("relay runs");
+    assert!(status.success(), "the relay failed");
+}
+
+/// Reads `n` records from `from` and produces each (key, value, headers) to `to` with the
+/// scheduler's producer settings, awaiting acknowledgements concurrently: the floor any
+/// Kafka-backed scheduler pays per hop.
+pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
+    // The scheduler's consumer settings: a group member, fetches waiting up to 50 ms.
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("relay"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .expect("relay consumer");
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[from]).expect("subscribe");
+    let p: rdkafka::producer::FutureProducer = scheduler::kafka::producer_config(bootstrap, &[])
+        .create()
+        .expect("producer");
+    let mut acks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let m = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            _ => break,
+        };
+        let headers = m.headers().map(|h| h.detach());
+        let mut rec = FutureRecord::<[u8], [u8]>::to(to);
+        if let Some(k) = m.key() {
+            rec = rec.key(k);
+        }
+        if let Some(v) = m.payload() {
+            rec = rec.payload(v);
+        }
+        if let Some(h) = headers {
+            rec = rec.headers(h);
+        }
+        loop {
+            match p.send_result(rec) {
+                Ok(f) => {
+                    acks.push(f);
+                    break;
+                }
+                Err((_, r)) => {
+                    rec = r;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+    futures::future::join_all(acks).await;
+}
+
+// ---- 2. precision ------------------------------------------------------------------------------
+
+pub struct Precision {
+    pub rate: usize,
+    pub rows: Vec<(String, Outcome)>,
+}
+
+/// `rate` records per second for `seconds`, each due `delay` after it is produced, through the
+/// Kafka scheduler; then the same number of records, falling due at the same rate, through the
+/// MySQL baseline polling every 1 s and every 100 ms.
+pub async fn precision(bins: &Binaries, rate: usize, seconds: u64, delay: Duration) -> Precision {
+    let n = rate * seconds as usize;
+    let mut rows = Vec::new();
+    let (broker, names) = set_up("bench-prec").await;
+    let bootstrap = broker.bootstrap();
+    let p = scheduler::kafka::producer_config(&bootstrap, &[])
+        .create()
+        .expect("producer");
+
+    // The floor: the same records produced straight to a topic and read back, no scheduler.
+    let direct = format!("{}-direct", names.target);
+    create_topic_on(&bootstrap, &direct, TARGET_PARTITIONS, &[]).await;
+    let reading = start_reading(
+        &bootstrap,
+        &direct,
+        TARGET_PARTITIONS,
+        (0..n).map(|i| format!("d-{i}")).collect(),
+        Duration::from_secs(seconds + 180),
+    );
+    let due = produce_paced(
+        &p,
+        &direct,
+        &names.target,
+        "d",
+        rate,
+        seconds,
+        Duration::ZERO,
+    )
+    .await;
+    note(format!("precision {rate}/s: broker alone, produced"));
+    let got = reading.await.expect("reader");
+    rows.push((
+        "broker alone (produce → read)".to_string(),
+        Outcome::of(&got, &due),
+    ));
+    note(format!("precision {rate}/s: broker alone, read"));
+
+    let mut sched = Service::scheduler(
+        &bins.scheduler,
+        &scheduler_args(&broker, &names, &[]),
+        &log_name(&names, "prec"),
+    )
+    .await;
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        (0..n).map(|i| format!("p-{i}")).collect(),
+        delay + Duration::from_secs(seconds + 180),
+    );
+    let due = produce_paced(&p, &names.ingest, &names.target, "p", rate, seconds, delay).await;
+    note(format!("precision {rate}/s: kafka, produced"));
+    let got = reading.await.expect("reader");
+    note(format!("precision {rate}/s: kafka, read"));
+    rows.push(("kafka scheduler".to_string(), Outcome::of(&got, &due)));
+    sched.stop().await;
+
+    for interval in ["1s", "100ms"] {
+        let outcome = mysql_run(bins, &broker, n, rate, interval).await;
+        rows.push((format!("mysql, poll {interval}"), outcome));
+    }
+    Precision { rate, rows }
+}
+
+/// `n` rows falling due at `rate` per second, published by the db-scheduler polling every
+/// `interval`.
+async fn mysql_run(
+    bins: &Binaries,
+    broker: &Broker,
+    n: usize,
+    rate: usize,
+    interval: &str,
+) -> Outcome {
+    let bootstrap = broker.bootstrap();
+    let url = db_scheduler::testkit::fresh_database().await;
+    let topic = unique("bench-mysql");
+    create_topic_on(&bootstrap, &topic, TARGET_PARTITIONS, &[]).await;
+    let store = Store::connect(&url).await.expect("mysql");
+    // Room to insert every row before the first falls due.
+    let base = now_ms() + 5_000 + n as i64 / 5;
+    let msgs: Vec<NewMessage> = (0..n)
+        .map(|i| NewMessage {
+            id: format!("m-{i}"),
+            topic: topic.clone(),
+            key: Some(format!("m-{i}").into_bytes()),
+            value: Some(PAYLOAD.to_vec()),
+            headers: Vec::new(),
+            due: DueTime::from_millis(base + (i as i64 * 1000) / rate as i64).expect("in range"),
+        })
+        .collect();
+    for chunk in msgs.chunks(1000) {
+        store.insert(chunk).await.expect("insert");
+    }
+    let due: HashMap<String, i64> = msgs
+        .iter()
+        .map(|m| (m.id.clone(), m.due.as_millis()))
+        .collect();
+    let reading = start_reading(
+        &bootstrap,
+        &topic,
+        TARGET_PARTITIONS,
+        due.keys().cloned().collect(),
+        Duration::from_secs(600),
+    );
+    let args: Vec<String> = [
+        "--mysql-url",
+        &url,
+        "--bootstrap-servers",
+        &bootstrap,
+        "--poll-interval",
+        interval,
+        "--batch-size",
+        "5000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    note(format!("mysql {interval}: {n} rows inserted"));
+    let mut dbs = Service::start(&bins.db_scheduler, &args, &format!("{topic}.log")).await;
+    let got = reading.await.expect("reader");
+    note(format!("mysql {interval}: read"));
+    dbs.stop().await;
+    Outcome::of(&got, &due)
+}
+
+// ---- 3. memory ---------------------------------------------------------------------------------
+
+pub struct Memory {
+    pub pending: usize,
+    pub idle_mib: f64,
+    pub pending_mib: f64,
+    pub peak_mib: f64,
+    pub produce_s: f64,
+    pub placed_s: f64,
+}
+
+/// Resident memory of an idle scheduler, then with `pending` records due between one and two
+/// hours later: all of them written to slices, none held in memory.
+pub async fn memory(bins: &Binaries, pending: usize) -> Memory {
+    let (broker, names) = set_up("bench-mem").await;
+    let bootstrap = broker.bootstrap();
+    let sched = Service::scheduler(
+        &bins.scheduler,
+        &scheduler_args(&broker, &names, &[]),
+        &log_name(&names, "mem"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (idle_mib, _) = sched.memory_mib();
+
+    let started = std::time::Instant::now();
+    let hour = 3_600_000i64;
+    let base = now_ms() + hour;
+    let p = bulk_producer(&bootstrap);
+    let producing = {
+        let (p, ingest, target) = (p.clone(), names.ingest.clone(), names.target.clone());
+        tokio::spawn(async move {
+            let records = (0..pending)
+                .map(move |i| (format!("m-{i}"), base + (i as i64 * hour) / pending as i64));
+            produce_bulk(&p, &ingest, &target, records).await.len()
+        })
+    };
+    let mut produced: Option<(usize, f64)> = None;
+    let mut peak = idle_mib;
+    let mut last_report = std::time::Instant::now();
+    let mut producing = Some(producing);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(done) = producing.take_if(|p| p.is_finished()) {
+            let acknowledged = done.await.expect("producer");
+            produced = Some((acknowledged, started.elapsed().as_secs_f64()));
+        }
+        let placed = sched.metric("sm_slice_writes_total").await as usize;
+        peak = peak.max(sched.memory_mib().0);
+        if last_report.elapsed() > Duration::from_secs(15) {
+            note(format!(
+                "memory: {placed} of {pending} placed in slices, RSS {:.0} MiB",
+                sched.memory_mib().0
+            ));
+            last_report = std::time::Instant::now();
+        }
+        if produced.is_some_and(|(acknowledged, _)| placed >= acknowledged) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3_600),
+            "{placed} of {pending} placed after an hour"
+        );
+    }
+    let placed_s = started.elapsed().as_secs_f64();
+    let (pending, produce_s) = produced.unwrap_or((pending, placed_s));
+    // Settled: nothing more to do until the first falls due in an hour.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (pending_mib, hwm) = sched.memory_mib();
+    Memory {
+        pending,
+        idle_mib,
+        pending_mib,
+        peak_mib: peak.max(hwm),
+        produce_s,
+        placed_s,
+    }
+}
+
+// ---- 4. burst ----------------------------------------------------------------------------------
+
+pub struct Burst {
+    pub n: usize,
+    pub outcome: Outcome,
+    /// Lateness of arrivals against the one due instant.
+    pub last_ms: i64,
+}
+
+/// `n` records due in the same millisecond, produced ahead of time: how long until the last one
+/// is delivered, and how late the rest are.
+pub async fn burst(bins: &Binaries, n: usize) -> Burst {
+    let (broker, names) = set_up("bench-burst").await;
+    let bootstrap = broker.bootstrap();
+    let mut sched = Service::scheduler(
+        &bins.scheduler,
+        &scheduler_args(&broker, &names, &[]),
+        &log_name(&names, "burst"),
+    )
+    .await;
+    // Time to produce and file them all (2,000-4,000 per second here) before they fall due.
+    let at = now_ms() + 20_000 + n as i64 / 2;
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        (0..n).map(|i| format!("b-{i}")).collect(),
+        Duration::from_secs(900),
+    );
+    let p = bulk_producer(&bootstrap);
+    let due = produce_bulk(
+        &p,
+        &names.ingest,
+        &names.target,
+        (0..n).map(|i| (format!("b-{i}"), at)),
+    )
+    .await;
+    note(format!(
+        "burst: {n} produced, due in {:.1} s",
+        (at - now_ms()) as f64 / 1000.0
+    ));
+    let got = reading.await.expect("reader");
+    sched.stop().await;
+    let outcome = Outcome::of(&got, &due);
+    Burst {
+        n,
+        last_ms: outcome.last_ms - at,
+        outcome,
+    }
+}
+
+// ---- 5. recovery -------------------------------------------------------------------------------
+
+pub struct Recovery {
+    pub what: &'static str,
+    pub outcome: Outcome,
+    /// From the fault to the first delivery that could only come after it.
+    pub resumed_s: f64,
+    /// How long the fault lasted (the broker's downtime; 0 for a restarted scheduler).
+    pub down_s: f64,
+}
+
+/// The fault to inject halfway through a run.
+#[derive(Clone, Copy)]
+pub enum Fault {
+    /// `kill -9` of the scheduler, restarted at once (same static member id).
+    KillScheduler,
+    /// `kill -9` of the broker, restarted after a second on the same storage.
+    RestartBroker,
+}
+
+/// `rate` records per second for `seconds`, each due `delay` later; halfway through, `fault`.
+/// Lost (must be 0), duplicated, and seconds until deliveries resume.
+pub async fn recovery(
+    bins: &Binaries,
+    fault: Fault,
+    rate: usize,
+    seconds: u64,
+    delay: Duration,
+) -> Recovery {
+    let (mut broker, names) = set_up("bench-rec").await;
+    let bootstrap = broker.bootstrap();
+    let instance = format!("{}-1", names.group);
+    let args = scheduler_args(&broker, &names, &["--instance-id", &instance]);
+    let mut sched = Service::scheduler(&bins.scheduler, &args, &log_name(&names, "rec-1")).await;
+    let n = rate * seconds as usize;
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        (0..n).map(|i| format!("r-{i}")).collect(),
+        delay + Duration::from_secs(seconds + 300),
+    );
+    let producing = {
+        let p = bulk_producer(&bootstrap);
+        let (ingest, target) = (names.ingest.clone(), names.target.clone());
+        tokio::spawn(
+            async move { produce_paced(&p, &ingest, &target, "r", rate, seconds, delay).await },
+        )
+    };
+    tokio::time::sleep(delay + Duration::from_secs(seconds / 2)).await;
+    let fault_at = now_ms();
+    let (what, back_at, second) = match fault {
+        Fault::KillScheduler => {
+            sched.kill9();
+            let second = Service::start(&bins.scheduler, &args, &log_name(&names, "rec-2")).await;
+            (
+                "scheduler kill -9, restarted at once",
+                fault_at,
+                Some(second),
+            )
+        }
+        Fault::RestartBroker => {
+            tokio::task::block_in_place(|| broker.kill_and_restart(Duration::from_secs(1)));
+            ("broker kill -9, restarted after 1 s", now_ms(), None)
+        }
+    };
+    let due = producing.await.expect("producer");
+    let got = reading.await.expect("reader");
+    // After a scheduler restart: the first record the new process published (its timestamp is
+    // set when produced). After a broker restart: the first record read after it came back
+    // (records queued during the outage keep the timestamp of their produce call).
+    let resumed = match fault {
+        Fault::KillScheduler => got
+            .iter()
+            .map(|r| r.timestamp_ms)
+            .filter(|&t| t > fault_at)
+            .min(),
+        Fault::RestartBroker => got
+            .iter()
+            .map(|r| r.received_ms)
+            .filter(|&t| t > back_at)
+            .min(),
+    };
+    sched.stop().await;
+    if let Some(mut second) = second {
+        second.stop().await;
+    }
+    Recovery {
+        what,
+        outcome: Outcome::of(&got, &due),
+        resumed_s: resumed.map_or(f64::NAN, |t| (t - fault_at) as f64 / 1000.0),
+        down_s: (back_at - fault_at) as f64 / 1000.0,
+    }
+}
