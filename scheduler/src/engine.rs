@@ -1011,11 +1011,7 @@ impl Shared {
         &self,
         f: impl FnOnce(&StreamConsumer<EngineContext>) -> KafkaResult<T> + std::marker::Send + 'static,
     ) -> Result<T, String> {
-        let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || f(&consumer))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        off_thread(&self.consumer, f).await
     }
 
     /// Runs a lookup (a broker round trip on the lookup client) off the async threads.
@@ -1023,11 +1019,7 @@ impl Shared {
         &self,
         f: impl FnOnce(&kafka::Lookup) -> KafkaResult<T> + std::marker::Send + 'static,
     ) -> Result<T, String> {
-        let lookup = self.lookup.clone();
-        tokio::task::spawn_blocking(move || f(&lookup))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        off_thread(&self.lookup, f).await
     }
 
     /// Where each partition's sweep starts and ends. Takes each partition's cursor first (so two
@@ -1247,4 +1239,21 @@ impl Shared {
             }
         }
     }
+}
+
+/// Runs a blocking call on a shared client in tokio's blocking pool, so a broker round trip never
+/// holds an async worker thread.
+async fn off_thread<C, T>(
+    client: &Arc<C>,
+    f: impl FnOnce(&C) -> KafkaResult<T> + std::marker::Send + 'static,
+) -> Result<T, String>
+where
+    C: std::marker::Send + Sync + 'static,
+    T: std::marker::Send + 'static,
+{
+    let client = client.clone();
+    tokio::task::spawn_blocking(move || f(&client))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }

@@ -103,20 +103,7 @@ impl Names {
     /// The flags with `extra` applied: a flag given in `extra` replaces the default's value
     /// (`-X` properties add up).
     pub fn args_with(&self, extra: &[&str]) -> Vec<String> {
-        let overridden: Vec<&str> = extra
-            .iter()
-            .copied()
-            .filter(|a| a.starts_with("--"))
-            .collect();
-        let defaults = self.args();
-        let mut out: Vec<String> = defaults
-            .chunks(2)
-            .filter(|pair| !overridden.contains(&pair[0].as_str()))
-            .flatten()
-            .cloned()
-            .collect();
-        out.extend(extra.iter().map(|s| s.to_string()));
-        out
+        with_flags(&self.args(), extra)
     }
 
     /// The settings with `extra` flags applied (see [`Names::args_with`]).
@@ -125,6 +112,24 @@ impl Names {
         argv.extend(self.args_with(extra));
         Settings::new(<Config as clap::Parser>::parse_from(argv)).expect("test settings are valid")
     }
+}
+
+/// `defaults` (flag-value pairs) with `extra` applied: a `--flag` given in `extra` replaces the
+/// default's value; anything else (`-X` properties) adds up.
+pub fn with_flags(defaults: &[String], extra: &[&str]) -> Vec<String> {
+    let overridden: Vec<&str> = extra
+        .iter()
+        .copied()
+        .filter(|a| a.starts_with("--"))
+        .collect();
+    let mut out: Vec<String> = defaults
+        .chunks(2)
+        .filter(|pair| !overridden.contains(&pair[0].as_str()))
+        .flatten()
+        .cloned()
+        .collect();
+    out.extend(extra.iter().map(|s| s.to_string()));
+    out
 }
 
 pub async fn start_in_process(names: &Names) -> Scheduler {

@@ -87,13 +87,7 @@ impl Service {
     /// `/healthz` answers.
     pub async fn start(binary: &Path, args: &[String], log: &str) -> Service {
         let port = free_port();
-        let mut args: Vec<String> = args
-            .chunks(2)
-            .filter(|pair| pair[0] != "--http-addr")
-            .flatten()
-            .cloned()
-            .collect();
-        args.extend(["--http-addr".to_string(), format!("127.0.0.1:{port}")]);
+        let args = with_flags(args, &["--http-addr", &format!("127.0.0.1:{port}")]);
         let child = spawn_binary(&binary.to_string_lossy(), &args, log);
         let mut service = Service {
             child: Some(child),
@@ -246,7 +240,7 @@ fn scheduled<'a>(
 }
 
 /// Enqueues without waiting for the acknowledgement, waiting only while the local queue is full.
-async fn enqueue(p: &FutureProducer, rec: FutureRecord<'_, [u8], [u8]>) -> DeliveryFuture {
+pub async fn enqueue(p: &FutureProducer, rec: FutureRecord<'_, [u8], [u8]>) -> DeliveryFuture {
     let mut rec = rec;
     loop {
         match p.send_result(rec) {
@@ -311,6 +305,29 @@ impl Acks {
     }
 }
 
+/// Records produced so far (id -> due ms) and the acknowledgements still open.
+#[derive(Default)]
+struct Produced {
+    acks: Acks,
+    due: HashMap<String, i64>,
+}
+
+impl Produced {
+    async fn send(&mut self, p: &FutureProducer, ingest: &str, target: &str, id: String, at: i64) {
+        let f = enqueue(p, scheduled(ingest, target, &id, at)).await;
+        self.acks.push(id.clone(), f).await;
+        self.due.insert(id, at);
+    }
+
+    /// Waits for every acknowledgement; returns id -> due of the records the broker took.
+    async fn acknowledged(mut self) -> HashMap<String, i64> {
+        for id in self.acks.failed().await {
+            self.due.remove(&id);
+        }
+        self.due
+    }
+}
+
 /// Produces `(id, due)` records to `ingest` as fast as the broker takes them.
 pub async fn produce_bulk(
     p: &FutureProducer,
@@ -318,17 +335,11 @@ pub async fn produce_bulk(
     target: &str,
     records: impl IntoIterator<Item = (String, i64)>,
 ) -> HashMap<String, i64> {
-    let mut acks = Acks::default();
-    let mut due = HashMap::new();
+    let mut produced = Produced::default();
     for (id, at) in records {
-        let f = enqueue(p, scheduled(ingest, target, &id, at)).await;
-        acks.push(id.clone(), f).await;
-        due.insert(id, at);
+        produced.send(p, ingest, target, id, at).await;
     }
-    for id in acks.failed().await {
-        due.remove(&id);
-    }
-    due
+    produced.acknowledged().await
 }
 
 /// Produces `rate` records per second for `seconds`, each due `delay` after it is produced;
@@ -344,8 +355,7 @@ pub async fn produce_paced(
 ) -> HashMap<String, i64> {
     let n = rate * seconds as usize;
     let delay_ms = delay.as_millis() as i64;
-    let mut acks = Acks::default();
-    let mut due = HashMap::with_capacity(n);
+    let mut produced = Produced::default();
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut sent = 0;
@@ -353,18 +363,14 @@ pub async fn produce_paced(
         tick.tick().await;
         let by_now = ((started.elapsed().as_secs_f64() * rate as f64) as usize + 1).min(n);
         while sent < by_now {
-            let id = format!("{prefix}-{sent}");
             let at = now_ms() + delay_ms;
-            let f = enqueue(p, scheduled(ingest, target, &id, at)).await;
-            acks.push(id.clone(), f).await;
-            due.insert(id, at);
+            produced
+                .send(p, ingest, target, format!("{prefix}-{sent}"), at)
+                .await;
             sent += 1;
         }
     }
-    for id in acks.failed().await {
-        due.remove(&id);
-    }
-    due
+    produced.acknowledged().await
 }
 
 /// Starts reading `topic` now, in the background, until every one of `ids` has arrived (or

@@ -146,18 +146,7 @@ pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
         if let Some(h) = headers {
             rec = rec.headers(h);
         }
-        loop {
-            match p.send_result(rec) {
-                Ok(f) => {
-                    acks.push(f);
-                    break;
-                }
-                Err((_, r)) => {
-                    rec = r;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+        acks.push(enqueue(&p, rec).await);
     }
     futures::future::join_all(acks).await;
 }
@@ -276,19 +265,10 @@ async fn mysql_run(
         due.keys().cloned().collect(),
         Duration::from_secs(600),
     );
-    let args: Vec<String> = [
-        "--mysql-url",
-        &url,
-        "--bootstrap-servers",
-        &bootstrap,
-        "--poll-interval",
-        interval,
-        "--batch-size",
-        "5000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = with_flags(
+        &db_scheduler::testkit::args(&url, interval, 5000),
+        &["--bootstrap-servers", &bootstrap],
+    );
     note(format!("mysql {interval}: {n} rows inserted"));
     let mut dbs = Service::start(&bins.db_scheduler, &args, &format!("{topic}.log")).await;
     let got = reading.await.expect("reader");
