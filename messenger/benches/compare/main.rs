@@ -19,7 +19,10 @@ use harness::{Outcome, Percentiles};
 use sections::Fault;
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks the Kafka scheduler beside a relay and the MySQL baseline")]
+#[command(
+    bin_name = "cargo bench -p messenger --bench compare --",
+    about = "Benchmarks the Kafka scheduler beside a relay and the MySQL baseline"
+)]
 struct Args {
     /// Records for the throughput comparison (already due when the scheduler starts).
     #[arg(long, default_value_t = 20_000)]
