@@ -496,7 +496,11 @@ mod tests {
 
     #[test]
     fn an_explicit_id_is_kept() {
-        let r = rec(&[("time", b"1"), ("topic", b"t"), ("id", b"order-42")]);
+        let r = rec(&[
+            ("time", b"1700000000000"),
+            ("topic", b"t"),
+            ("id", b"order-42"),
+        ]);
         assert_eq!(
             Scheduled::from_ingest(&r, Zone::UTC, &internal())
                 .unwrap()
@@ -511,23 +515,32 @@ mod tests {
         let cases: [Case; 9] = [
             (&[("topic", b"t")], "missing-time"),
             (&[("time", b"soon"), ("topic", b"t")], "invalid-time"),
-            (&[("time", b"1")], "missing-topic"),
-            (&[("time", b"1"), ("topic", b"a b")], "invalid-topic"),
-            (&[("time", b"1"), ("topic", b"")], "invalid-topic"),
+            (&[("time", b"1700000000000")], "missing-topic"),
             (
-                &[("time", b"1"), ("topic", b"SCHEDULED_MESSAGES")],
+                &[("time", b"1700000000000"), ("topic", b"a b")],
+                "invalid-topic",
+            ),
+            (
+                &[("time", b"1700000000000"), ("topic", b"")],
+                "invalid-topic",
+            ),
+            (
+                &[("time", b"1700000000000"), ("topic", b"SCHEDULED_MESSAGES")],
                 "internal-topic",
             ),
             (
-                &[("time", b"1"), ("topic", b"__SM_SLICE_1000MS_0")],
+                &[
+                    ("time", b"1700000000000"),
+                    ("topic", b"__SM_SLICE_1000MS_0"),
+                ],
                 "internal-topic",
             ),
             (
-                &[("time", b"1"), ("topic", b"__consumer_offsets")],
+                &[("time", b"1700000000000"), ("topic", b"__consumer_offsets")],
                 "internal-topic",
             ),
             (
-                &[("time", b"1"), ("topic", b"t"), ("id", b"")],
+                &[("time", b"1700000000000"), ("topic", b"t"), ("id", b"")],
                 "invalid-id",
             ),
         ];
@@ -535,7 +548,7 @@ mod tests {
             let err = Scheduled::from_ingest(&rec(headers), Zone::UTC, &internal()).unwrap_err();
             assert_eq!(err.code(), code, "{headers:?}");
         }
-        let mut bad_name = rec(&[("time", b"1"), ("topic", b"t")]);
+        let mut bad_name = rec(&[("time", b"1700000000000"), ("topic", b"t")]);
         bad_name.headers.push(RawHeader {
             name: vec![0xff],
             value: None,

@@ -46,7 +46,13 @@ pub enum TimeError {
     AmbiguousLocal { local: String, zone: String },
     #[error("time out of range: must lie between year 1 and the end of year 9999")]
     OutOfRange,
+    #[error("epoch time {0} is before 1973 as milliseconds: it looks like epoch seconds; send epoch milliseconds (e.g. {0}000)")]
+    EpochSeconds(u64),
 }
+
+/// Digits-only times below this (1973-03-03 as epoch milliseconds) are refused: they are almost
+/// certainly epoch *seconds*, and delivering them at once as a date in 1970 would be wrong.
+pub const MIN_EPOCH_MS_DIGITS: u64 = 100_000_000_000;
 
 /// A zone accepted by the zone rule: an IANA `Area/Location` name or one of [`ZONE_ABBREVIATIONS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +120,10 @@ impl DueTime {
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
             let ms: i64 = s.parse().map_err(|_| TimeError::OutOfRange)?;
+            // `ms` is non-negative: only digits were parsed.
+            if (ms as u64) < MIN_EPOCH_MS_DIGITS {
+                return Err(TimeError::EpochSeconds(ms as u64));
+            }
             return Self::from_millis(ms);
         }
         if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
@@ -351,13 +361,23 @@ mod tests {
     }
 
     #[test]
+    fn epoch_seconds_are_refused_with_a_hint() {
+        for secs in ["0", "5", "1764633600", "99999999999"] {
+            let err = parse(secs).unwrap_err();
+            assert!(matches!(err, TimeError::EpochSeconds(_)), "{secs}: {err:?}");
+            assert!(err.to_string().contains("milliseconds"), "{err}");
+        }
+        assert_eq!(parse("1764633600000"), Ok(1_764_633_600_000));
+    }
+
+    #[test]
     fn edges_of_the_range_parse() {
         assert_eq!(parse("9999-12-31T23:59:59.999Z"), Ok(MAX_DUE_MS));
         assert_eq!(
             parse("1969-07-20T20:17:40Z"),
             Ok(ms("1969-07-20T20:17:40Z"))
         );
-        assert_eq!(parse("0"), Ok(0));
+        assert_eq!(parse("100000000000"), Ok(100_000_000_000));
     }
 
     proptest! {
@@ -415,7 +435,8 @@ mod tests {
         fn rfc3339_round_trips(ms in MIN_DUE_MS / 2..MAX_DUE_MS) {
             let due = DueTime::from_millis(ms).unwrap();
             prop_assert_eq!(DueTime::parse(&due.to_rfc3339(), Zone::UTC), Ok(due));
-            prop_assert_eq!(DueTime::parse(&ms.max(0).to_string(), Zone::UTC).map(|d| d.as_millis()), Ok(ms.max(0)));
+            let digits = ms.max(MIN_EPOCH_MS_DIGITS as i64);
+            prop_assert_eq!(DueTime::parse(&digits.to_string(), Zone::UTC).map(|d| d.as_millis()), Ok(digits));
         }
     }
 }
