@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
+use scheduler::domain::Rejection;
 use scheduler::domain::{header, InternalTopics, Outgoing};
-use scheduler::kafka::{self, SendFailure};
+use scheduler::kafka;
 use scheduler::metrics as m;
+use scheduler::outbox::{fate, Destination, Fate};
 use scheduler::Clock;
 use tokio_util::sync::CancellationToken;
 
@@ -100,11 +102,18 @@ impl Poller {
         }
     }
 
+    /// The scheduler's own table of send errors decides, so both paths treat a failure alike.
     fn verdict(&self, e: &KafkaError, row: &DueRow) -> Verdict {
-        match kafka::classify(e, &row.topic) {
-            SendFailure::Permanent(why) => Verdict::Failed(why.to_string(), why.code()),
-            SendFailure::Transient(why) => {
-                tracing::warn!(id = %row.id, %why, "publish failed; the row stays pending");
+        match fate(e, Destination::Target) {
+            Fate::DeadLetter(why) => {
+                let why = match why {
+                    Rejection::UnknownTopic(_) => Rejection::UnknownTopic(row.topic.clone()),
+                    other => other,
+                };
+                Verdict::Failed(why.to_string(), why.code())
+            }
+            other => {
+                tracing::warn!(id = %row.id, error = %e, ?other, "publish failed; the row stays pending");
                 Verdict::Retry
             }
         }

@@ -37,7 +37,9 @@ pub struct Config {
 
     /// A stable id for this process in the group (Kafka static membership, `group.instance.id`).
     /// A process restarted with the same id gets its partitions back at once instead of after the
-    /// session timeout: set it per replica (e.g. the pod or container name).
+    /// session timeout: set it per replica (e.g. the pod name). `{hostname}` is replaced by the
+    /// host's name, so one setting gives every container of a scaled service its own id. Two
+    /// live processes with one id fence each other: the later one stops with an error.
     #[arg(long, env = "SM_INSTANCE_ID")]
     pub instance_id: Option<String>,
 
@@ -76,6 +78,20 @@ pub struct Config {
     /// between instances. Must be below smallest-slice / ratio.
     #[arg(long, env = "SM_SAFETY_MARGIN", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub safety_margin: Duration,
+
+    /// Records due within this much of now wait in memory from the moment they are read from the
+    /// ingest topic, and go to their target in one hop; the ingest offset is committed once they
+    /// are delivered. Further out they go down the slice ladder. [default: the finest swept
+    /// slice's reach, w1 + its lead: 6s with the default ladder]. `0s` sends everything the
+    /// ladder can place into the slices.
+    #[arg(long, env = "SM_HOLD_HORIZON", value_parser = humantime::parse_duration)]
+    pub hold_horizon: Option<Duration>,
+
+    /// Bytes of records this process holds at once: those waiting in the timer and those sent
+    /// and not yet acknowledged. When it is full, reading stops until deliveries make room (e.g.
+    /// 64MiB, 512KiB, 1GiB).
+    #[arg(long, env = "SM_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_bytes)]
+    pub memory_budget: u64,
 
     /// Sweep workers in this process.
     #[arg(long, env = "SM_WORKERS", default_value_t = 4)]
@@ -120,6 +136,30 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+/// Parses a size: a number of bytes with an optional `KiB`, `MiB` or `GiB` suffix.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 64MiB"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .filter(|&b| b >= 1 << 20)
+        .ok_or_else(|| format!("{s:?} must be between 1MiB and 16EiB"))
+}
+
 /// A configuration error that stops the start.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -137,6 +177,8 @@ pub struct Settings {
     pub config: Config,
     pub ladder: Ladder,
     pub internal: InternalTopics,
+    /// Records due within this many milliseconds go from ingest straight to the timer.
+    pub hold_ms: i64,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -179,11 +221,24 @@ impl Settings {
                 "200 characters".into(),
             ));
         }
+        let mut config = config;
+        if let Some(id) = &config.instance_id {
+            config.instance_id = Some(id.replace("{hostname}", &hostname()));
+        }
+        let hold_ms = config
+            .hold_horizon
+            .map_or(ladder.width(1) + ladder.lead(1), millis);
         Ok(Settings {
             config,
             ladder,
             internal,
+            hold_ms,
         })
+    }
+
+    /// Retention of the slice (and ingest) topics, in milliseconds.
+    pub fn retention_ms(&self) -> i64 {
+        millis(self.config.slice_retention)
     }
 
     /// The slice topic for a level's slot.
@@ -207,6 +262,8 @@ impl Settings {
             slots_per_level: self.ladder.slots(),
             sweep_lead: self.ladder.lead_factor(),
             safety_margin_ms: self.ladder.margin_ms(),
+            hold_horizon_ms: self.hold_ms,
+            memory_budget_bytes: c.memory_budget,
             workers: c.workers,
             ingest_partitions: c.ingest_partitions,
             slice_partitions: c.slice_partitions,
@@ -220,6 +277,16 @@ impl Settings {
                 .collect(),
         }
     }
+}
+
+/// This host's name (a container's is its id), for `{hostname}` in the instance id.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| "unknown-host".into())
 }
 
 /// Hides values of properties that hold secrets.
@@ -258,6 +325,8 @@ pub struct ConfigView {
     pub slots_per_level: i64,
     pub sweep_lead: i64,
     pub safety_margin_ms: i64,
+    pub hold_horizon_ms: i64,
+    pub memory_budget_bytes: u64,
     pub workers: usize,
     pub ingest_partitions: i32,
     pub slice_partitions: i32,
@@ -297,6 +366,33 @@ mod tests {
         assert!(parse(&["--safety-margin", "5s"])
             .unwrap_err()
             .contains("margin"));
+        assert!(parse(&["--memory-budget", "64MB"])
+            .unwrap_err()
+            .contains("unit"));
+        assert!(parse(&["--memory-budget", "100"])
+            .unwrap_err()
+            .contains("1MiB"));
+    }
+
+    #[test]
+    fn the_instance_id_can_name_the_host() {
+        let s = parse(&["--instance-id", "scheduler-{hostname}"]).unwrap();
+        let id = s.config.instance_id.unwrap();
+        assert!(id.starts_with("scheduler-") && !id.contains('{'), "{id}");
+        assert_eq!(id, format!("scheduler-{}", hostname()));
+    }
+
+    #[test]
+    fn sizes_and_the_hold_horizon() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("2048KiB"), Ok(2 << 20));
+        assert_eq!(
+            parse(&[]).unwrap().hold_ms,
+            4000 + 2000,
+            "w1 + lead1 by default"
+        );
+        assert_eq!(parse(&["--hold-horizon", "0s"]).unwrap().hold_ms, 0);
     }
 
     #[test]

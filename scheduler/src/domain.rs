@@ -27,8 +27,10 @@ pub mod header {
     pub const SM_ORIGIN: &str = "sm-origin";
     /// How many slices the record has passed through.
     pub const SM_HOPS: &str = "sm-hops";
-    /// The slice (`level:window`) an internal copy was written for.
-    pub const SM_SLICE: &str = "sm-slice";
+    /// Everything a slice copy needs, in one header (see [`super::SliceCopy`]): the broker stores
+    /// a row per header, so one compact header instead of six named ones (and the user's `time`,
+    /// `topic` and `id`, which it replaces) cuts the cost of every slice write and read.
+    pub const SM_COPY: &str = "sm-copy";
     /// On a dead-lettered copy: the reason code.
     pub const SM_ERROR: &str = "sm-error";
     /// On a dead-lettered copy: the reason in words.
@@ -212,28 +214,73 @@ impl Rejection {
 /// A record accepted for scheduling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scheduled {
+    /// The user's `id`, or the record's origin (`partition-offset`) when it had none.
     pub id: String,
+    /// Whether `id` came from the user (a copy sent to the DLQ then carries it again).
+    pub explicit_id: bool,
     pub due: DueTime,
     pub target: TargetTopic,
     pub origin: Origin,
     pub hops: u32,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
-    /// Every header the user sent except reserved `sm-*` ones, in order, `time`/`topic`/`id`
-    /// included, so that a dead-lettered copy can be resubmitted as it was.
+    /// The user's headers in order, without the scheduling ones (`time`, `topic`, `id`: their
+    /// meaning is in the fields above) and without reserved `sm-*` ones.
     pub user_headers: Vec<Header>,
+}
+
+/// The one internal header of a slice copy: `1;<due ms>;<hops>;<origin>;<target>;<id>`, where
+/// `<id>` is empty when the id is the origin. The id comes last because it may hold `;`; the target
+/// cannot (it is a legal topic name). The leading `1` is the format's version.
+struct SliceCopy;
+
+impl SliceCopy {
+    const VERSION: &'static str = "1";
+
+    fn encode(s: &Scheduled) -> String {
+        format!(
+            "{};{};{};{};{};{}",
+            Self::VERSION,
+            s.due.as_millis(),
+            s.hops + 1,
+            s.origin.encode(),
+            s.target.as_str(),
+            if s.explicit_id { s.id.as_str() } else { "" }
+        )
+    }
+
+    /// `(due ms, hops, origin, target, explicit id)`, or what is wrong with it.
+    fn decode(v: &str) -> Result<(i64, u32, Origin, &str, Option<&str>), &'static str> {
+        let mut parts = v.splitn(6, ';');
+        let mut next = || parts.next().ok_or("too few fields in sm-copy");
+        if next()? != Self::VERSION {
+            return Err("unknown sm-copy version");
+        }
+        let due = next()?.parse().map_err(|_| "bad due time in sm-copy")?;
+        let hops = next()?.parse().map_err(|_| "bad hop count in sm-copy")?;
+        let origin = Origin::decode(next()?).ok_or("bad origin in sm-copy")?;
+        let target = next()?;
+        let id = Some(next()?).filter(|id| !id.is_empty());
+        Ok((due, hops, origin, target, id))
+    }
+}
+
+/// Whether a user header is one of the scheduling headers, whose meaning the scheduler keeps in
+/// [`Scheduled`]'s fields.
+fn is_scheduling(name: &str) -> bool {
+    name == header::TIME || name == header::TOPIC || name == header::ID
 }
 
 fn utf8(raw: &[u8]) -> Option<&str> {
     std::str::from_utf8(raw).ok()
 }
 
-/// The user's headers: UTF-8 names only, reserved ones dropped.
+/// The user's headers: UTF-8 names only; reserved and scheduling ones dropped.
 fn user_headers(rec: &Incoming) -> Result<Vec<Header>, Rejection> {
     let mut out = Vec::with_capacity(rec.headers.len());
     for h in &rec.headers {
         let name = utf8(&h.name).ok_or(Rejection::InvalidHeaderName)?;
-        if !name.starts_with(header::RESERVED_PREFIX) {
+        if !name.starts_with(header::RESERVED_PREFIX) && !is_scheduling(name) {
             out.push((name.to_string(), h.value.clone()));
         }
     }
@@ -265,15 +312,16 @@ impl Scheduled {
             partition: rec.partition,
             offset: rec.offset,
         };
-        let id = match rec.last(header::ID).and_then(|h| h.value.as_deref()) {
-            None => origin.encode(),
+        let (id, explicit_id) = match rec.last(header::ID).and_then(|h| h.value.as_deref()) {
+            None => (origin.encode(), false),
             Some(raw) => match utf8(raw) {
-                Some(id) if !id.is_empty() && id.len() <= 256 => id.to_string(),
+                Some(id) if !id.is_empty() && id.len() <= 256 => (id.to_string(), true),
                 _ => return Err(Rejection::InvalidId),
             },
         };
         Ok(Scheduled {
             id,
+            explicit_id,
             due,
             target,
             origin,
@@ -284,7 +332,9 @@ impl Scheduled {
         })
     }
 
-    /// Parses a record from a slice topic, written by [`Scheduled::to_slice`].
+    /// Parses a record from a slice topic, written by [`Scheduled::to_slice`]: the compact
+    /// `sm-copy` header, or the named headers an earlier version wrote (still read, so that
+    /// records written before an upgrade are delivered after it).
     pub fn from_slice(rec: &Incoming, internal: &InternalTopics) -> Result<Scheduled, Rejection> {
         let corrupt =
             |what: &str| Rejection::CorruptInternal(format!("{what} at {}", rec.source()));
@@ -294,20 +344,27 @@ impl Scheduled {
                 .and_then(utf8)
                 .ok_or_else(|| corrupt(&format!("missing or non-UTF-8 {name}")))
         };
-        let due_ms: i64 = text(header::SM_DUE_MS)?
-            .parse()
-            .map_err(|_| corrupt("bad sm-due-ms"))?;
-        let due = DueTime::from_millis(due_ms).map_err(|_| corrupt("sm-due-ms out of range"))?;
-        let target = internal.target(text(header::SM_TOPIC)?)?;
-        let origin =
-            Origin::decode(text(header::SM_ORIGIN)?).ok_or_else(|| corrupt("bad sm-origin"))?;
-        let hops = text(header::SM_HOPS)?
-            .parse()
-            .map_err(|_| corrupt("bad sm-hops"))?;
+        let (due_ms, hops, origin, target, id) = match rec.last(header::SM_COPY) {
+            Some(_) => SliceCopy::decode(text(header::SM_COPY)?).map_err(corrupt)?,
+            None => (
+                text(header::SM_DUE_MS)?
+                    .parse()
+                    .map_err(|_| corrupt("bad sm-due-ms"))?,
+                text(header::SM_HOPS)?
+                    .parse()
+                    .map_err(|_| corrupt("bad sm-hops"))?,
+                Origin::decode(text(header::SM_ORIGIN)?).ok_or_else(|| corrupt("bad sm-origin"))?,
+                text(header::SM_TOPIC)?,
+                Some(text(header::SM_ID)?),
+            ),
+        };
+        let due = DueTime::from_millis(due_ms).map_err(|_| corrupt("due time out of range"))?;
         Ok(Scheduled {
-            id: text(header::SM_ID)?.to_string(),
+            // Legacy copies always named the id; one equal to the origin was the default.
+            explicit_id: id.is_some_and(|id| id != origin.encode()),
+            id: id.map_or_else(|| origin.encode(), str::to_string),
             due,
-            target,
+            target: internal.target(target)?,
             origin,
             hops,
             key: rec.key.clone(),
@@ -316,17 +373,11 @@ impl Scheduled {
         })
     }
 
-    /// The copy written into a slice topic: the user's headers and a fresh set of internal ones.
-    pub fn to_slice(&self, topic: String, slice: crate::slice::SliceId) -> Outgoing {
-        let mut headers = self.user_headers.clone();
-        headers.extend([
-            h(header::SM_ID, self.id.clone()),
-            h(header::SM_DUE_MS, self.due.as_millis().to_string()),
-            h(header::SM_TOPIC, self.target.as_str().to_string()),
-            h(header::SM_ORIGIN, self.origin.encode()),
-            h(header::SM_HOPS, (self.hops + 1).to_string()),
-            h(header::SM_SLICE, slice.encode()),
-        ]);
+    /// The copy written into a slice topic: the user's other headers and one internal header.
+    pub fn to_slice(&self, topic: String) -> Outgoing {
+        let mut headers = Vec::with_capacity(self.user_headers.len() + 1);
+        headers.extend(self.user_headers.iter().cloned());
+        headers.push(h(header::SM_COPY, SliceCopy::encode(self)));
         Outgoing {
             topic,
             key: self.key.clone(),
@@ -339,12 +390,8 @@ impl Scheduled {
     /// `time`, `topic` and `id` removed, so the copy cannot be re-scheduled by accident), plus
     /// `sm-id`, `sm-due-ms` and `sm-path=kafka` (the baseline writes `mysql`).
     pub fn to_target(&self) -> Outgoing {
-        let mut headers: Vec<Header> = self
-            .user_headers
-            .iter()
-            .filter(|(n, _)| n != header::TIME && n != header::TOPIC && n != header::ID)
-            .cloned()
-            .collect();
+        let mut headers: Vec<Header> = Vec::with_capacity(self.user_headers.len() + 3);
+        headers.extend(self.user_headers.iter().cloned());
         headers.push(h(header::SM_ID, self.id.clone()));
         headers.push(h(header::SM_DUE_MS, self.due.as_millis().to_string()));
         headers.push(h(header::SM_PATH, "kafka".to_string()));
@@ -356,10 +403,18 @@ impl Scheduled {
         }
     }
 
-    /// The dead-lettered copy of an accepted record the target refused: the user's headers as sent
-    /// (so it can be resubmitted after a fix) plus the reason.
+    /// The dead-lettered copy of an accepted record the target refused: `time` (as epoch
+    /// milliseconds), `topic` and `id` (when the user gave one), so that it can be resubmitted as
+    /// it is after a fix, then the user's other headers and the reason.
     pub fn to_dlq(&self, dlq: &str, why: &Rejection) -> Outgoing {
-        let mut headers = self.user_headers.clone();
+        let mut headers = vec![
+            h(header::TIME, self.due.as_millis().to_string()),
+            h(header::TOPIC, self.target.as_str().to_string()),
+        ];
+        if self.explicit_id {
+            headers.push(h(header::ID, self.id.clone()));
+        }
+        headers.extend(self.user_headers.iter().cloned());
         headers.extend(reason_headers(why));
         headers.push(h(header::SM_ID, self.id.clone()));
         Outgoing {
@@ -409,7 +464,6 @@ pub fn dlq_original(rec: &Incoming, dlq: &str, why: &Rejection) -> Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slice::SliceId;
     use proptest::prelude::*;
 
     fn internal() -> InternalTopics {
@@ -437,6 +491,25 @@ mod tests {
         }
     }
 
+    /// The record as a consumer would read back what `out` wrote.
+    fn read_back(out: &Outgoing) -> Incoming {
+        Incoming {
+            topic: out.topic.clone(),
+            partition: 0,
+            offset: 0,
+            key: out.key.clone(),
+            payload: out.payload.clone(),
+            headers: out
+                .headers
+                .iter()
+                .map(|(n, v)| RawHeader {
+                    name: n.clone().into_bytes(),
+                    value: v.clone(),
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn a_good_record_survives_every_hop_intact() {
         let r = rec(&[
@@ -451,40 +524,24 @@ mod tests {
         // Reserved headers from the user are dropped, not trusted.
         assert!(s.user_headers.iter().all(|(n, _)| !n.starts_with("sm-")));
 
-        let slice = SliceId {
-            level: 2,
-            window: 5,
-        };
-        let out = s.to_slice("__SM_SLICE_16000MS_5".into(), slice);
-        let back = Incoming {
-            topic: out.topic.clone(),
-            partition: 0,
-            offset: 0,
-            key: out.key.clone(),
-            payload: out.payload.clone(),
-            headers: out
-                .headers
-                .iter()
-                .map(|(n, v)| RawHeader {
-                    name: n.clone().into_bytes(),
-                    value: v.clone(),
-                })
-                .collect(),
-        };
-        let s2 = Scheduled::from_slice(&back, &internal()).unwrap();
+        let out = s.to_slice("__SM_SLICE_16000MS_5".into());
+        // One internal header, and the user's other headers: nothing else for the broker to store.
+        let names: Vec<&str> = out.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["trace", "sm-copy"]);
+        let s2 = Scheduled::from_slice(&read_back(&out), &internal()).unwrap();
         assert_eq!(s2.hops, 1);
         assert_eq!(
-            (s2.id.as_str(), s2.due, s2.origin),
-            (s.id.as_str(), s.due, s.origin)
+            s2,
+            Scheduled {
+                hops: 1,
+                ..s.clone()
+            }
         );
-        assert_eq!(s2.user_headers, s.user_headers);
         // Internal headers are replaced on each hop, never appended.
-        let again = s2.to_slice("t".into(), slice);
-        assert_eq!(
-            again.headers.iter().filter(|(n, _)| n == "sm-hops").count(),
-            1
-        );
-        assert_eq!(again.header("sm-hops"), Some(&b"2"[..]));
+        let again = s2.to_slice("t".into());
+        assert_eq!(again.headers.len(), 2);
+        let s3 = Scheduled::from_slice(&read_back(&again), &internal()).unwrap();
+        assert_eq!(s3.hops, 2);
 
         let delivered = s2.to_target();
         assert_eq!(delivered.topic, "orders");
@@ -492,6 +549,52 @@ mod tests {
         assert_eq!(delivered.payload.as_deref(), Some(&b"v"[..]));
         let names: Vec<&str> = delivered.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["trace", "sm-id", "sm-due-ms", "sm-path"]);
+    }
+
+    #[test]
+    fn an_explicit_id_with_separators_survives_a_slice_and_returns_on_the_dlq_copy() {
+        let r = rec(&[
+            ("time", b"1700000000000"),
+            ("topic", b"t"),
+            ("id", b"order;42;x"),
+        ]);
+        let s = Scheduled::from_ingest(&r, Zone::UTC, &internal()).unwrap();
+        assert!(s.explicit_id);
+        let back = Scheduled::from_slice(&read_back(&s.to_slice("x".into())), &internal()).unwrap();
+        assert_eq!((back.id.as_str(), back.explicit_id), ("order;42;x", true));
+        // Refused by its target later: the DLQ copy can be produced again as it is.
+        let dlq = back.to_dlq("DLQ", &Rejection::UnknownTopic("t".into()));
+        let again = Scheduled::from_ingest(&read_back(&dlq), Zone::UTC, &internal()).unwrap();
+        assert_eq!((again.id, again.due, again.target), (s.id, s.due, s.target));
+    }
+
+    #[test]
+    fn slice_copies_of_the_earlier_format_are_still_read() {
+        let legacy = rec(&[
+            ("trace", b"abc"),
+            ("time", b"2030-01-01T00:00:00Z"),
+            ("topic", b"orders"),
+            ("sm-id", b"5-9"),
+            ("sm-due-ms", b"1893456000000"),
+            ("sm-topic", b"orders"),
+            ("sm-origin", b"5-9"),
+            ("sm-hops", b"2"),
+            ("sm-slice", b"3:7"),
+        ]);
+        let s = Scheduled::from_slice(&legacy, &internal()).unwrap();
+        assert_eq!((s.id.as_str(), s.explicit_id, s.hops), ("5-9", false, 2));
+        assert_eq!(s.due.as_millis(), 1_893_456_000_000);
+        assert_eq!(
+            s.user_headers,
+            vec![("trace".to_string(), Some(b"abc".to_vec()))]
+        );
+        let corrupt = rec(&[("sm-copy", b"1;12;x;0-1;t;")]);
+        assert_eq!(
+            Scheduled::from_slice(&corrupt, &internal())
+                .unwrap_err()
+                .code(),
+            "corrupt-internal-record"
+        );
     }
 
     #[test]

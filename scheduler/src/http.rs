@@ -5,17 +5,24 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
+use tokio::sync::watch;
+
 use crate::engine::Shared;
+use crate::status::{Health, Status};
 
 #[derive(Clone)]
 pub(crate) struct Api {
+    /// For the job board (display data behind its own short lock) and the settings.
     pub shared: Arc<Shared>,
+    /// The engine's status snapshot: read without any engine lock.
+    pub status: watch::Receiver<Status>,
     pub prometheus: PrometheusHandle,
 }
 
@@ -47,8 +54,15 @@ async fn config(State(api): State<Api>) -> impl IntoResponse {
     Json(api.shared.settings.view())
 }
 
+/// 200 while `ok` or `degraded` (the process works, perhaps late), 503 once `failed` or
+/// `stopping`, so a load balancer or an orchestrator's probe can tell.
 async fn health(State(api): State<Api>) -> impl IntoResponse {
-    Json(api.shared.health())
+    let status = api.status.borrow().clone();
+    let code = match status.status {
+        Health::Ok | Health::Degraded => StatusCode::OK,
+        Health::Failed | Health::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, Json(status))
 }
 
 async fn prometheus(State(api): State<Api>) -> impl IntoResponse {

@@ -16,6 +16,9 @@ const LOG_CAPACITY: usize = 500;
 pub enum JobStatus {
     Ready,
     Working,
+    /// The last attempt failed; the job is retried with backoff until it succeeds or its
+    /// partitions are revoked.
+    Retrying,
     Done,
     Error,
 }
@@ -71,6 +74,8 @@ pub struct Job {
     pub finished_at: Option<String>,
     pub duration_ms: Option<i64>,
     pub error: Option<String>,
+    /// Attempts so far (more than one after a failure).
+    pub attempts: u32,
     #[serde(skip)]
     started_ms: Option<i64>,
 }
@@ -159,6 +164,7 @@ impl Board {
                 finished_at: None,
                 duration_ms: None,
                 error: None,
+                attempts: 0,
                 started_ms: None,
             },
         );
@@ -174,7 +180,10 @@ impl Board {
         let mut inner = self.lock();
         if let Some(job) = inner.active.get_mut(&job_id) {
             job.status = JobStatus::Working;
-            job.workers.push(worker.to_string());
+            job.attempts += 1;
+            if !job.workers.iter().any(|w| w == worker) {
+                job.workers.push(worker.to_string());
+            }
             job.partitions = partitions;
             job.started_at = Some(format_millis(now_ms));
             job.started_ms = Some(now_ms);
@@ -183,6 +192,14 @@ impl Board {
             w.status = WorkerStatus::Working;
             w.job_id = Some(job_id);
             w.last_heartbeat = format_millis(now_ms);
+        }
+    }
+
+    /// Records a failed attempt: the job stays active, RETRYING, with the error.
+    pub fn attempt_failed(&self, job_id: u64, error: String) {
+        if let Some(job) = self.lock().active.get_mut(&job_id) {
+            job.status = JobStatus::Retrying;
+            job.error = Some(error);
         }
     }
 

@@ -13,7 +13,10 @@ pub mod jobs;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+pub mod outbox;
 pub mod slice;
+pub mod status;
+mod sweep;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod time;
@@ -63,6 +66,7 @@ impl Scheduler {
         let engine = engine::Engine::start(settings, clock).await?;
         let app = http::router(http::Api {
             shared: engine.shared.clone(),
+            status: engine.status(),
             prometheus,
         });
         let http_stop = tokio_util::sync::CancellationToken::new();

@@ -43,6 +43,16 @@ pub const JOB_DURATION: &str = "sm_job_duration_seconds";
 pub const JOBS: &str = "sm_jobs_total";
 /// Gauge: workers running a job.
 pub const WORKERS_BUSY: &str = "sm_workers_busy";
+/// Counter: failed sweep attempts (each is retried), label `level`.
+pub const SWEEP_FAILURES: &str = "sm_sweep_failures_total";
+/// Gauge: sweeps failing and being retried now (`/healthz` says `degraded` while it is above 0).
+pub const SWEEPS_BEHIND: &str = "sm_sweeps_behind";
+/// Counter: slice records deleted by retention before they were swept (lost: raise the retention).
+pub const SLICE_DATA_LOST: &str = "sm_slice_records_lost_total";
+/// Counter: errors reading a slice (among them offsets out of range).
+pub const SLICE_READ_ERRORS: &str = "sm_slice_read_errors_total";
+/// Gauge: bytes of the memory budget in use (records in the timer and sends in flight).
+pub const MEMORY_USED: &str = "sm_memory_used_bytes";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -51,14 +61,42 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Registers the unlabelled counters at zero, so dashboards show 0 rather than "no data" before
 /// the first event.
 pub fn register_counters() {
-    for name in [SCHEDULED, PAST_DUE, SEND_RETRIES, TIMER_LATE, STRAGGLERS] {
+    for name in [
+        SCHEDULED,
+        PAST_DUE,
+        SEND_RETRIES,
+        TIMER_LATE,
+        STRAGGLERS,
+        SLICE_DATA_LOST,
+        SLICE_READ_ERRORS,
+    ] {
         metrics::counter!(name).increment(0);
     }
 }
 
 /// Installs the process-wide recorder once and returns its handle; later calls (several schedulers
-/// in one test process) share it.
+/// in one test process) share it. Also starts its upkeep (once), which drains histograms into
+/// their summaries every few seconds: without it they only drain when `/metrics` is scraped, and
+/// grow without bound in a process nobody scrapes.
 pub fn install() -> PrometheusHandle {
+    static UPKEEP: OnceLock<()> = OnceLock::new();
+    let handle = recorder();
+    if tokio::runtime::Handle::try_current().is_ok() {
+        UPKEEP.get_or_init(|| {
+            let h = handle.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    h.run_upkeep();
+                }
+            });
+        });
+    }
+    handle
+}
+
+fn recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {

@@ -21,6 +21,14 @@ pub struct Ticket {
     pub generation: u64,
 }
 
+/// An offset that may be committed for a partition, under the assignment it was computed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitPoint {
+    pub tp: Tp,
+    pub offset: i64,
+    pub generation: u64,
+}
+
 #[derive(Debug)]
 struct PartitionState {
     generation: u64,
@@ -61,12 +69,16 @@ impl OffsetTracker {
 
     /// Stops tracking revoked partitions; returns their last safe commit points, to commit before
     /// they are handed to another member.
-    pub fn revoke<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) -> Vec<(Tp, i64)> {
+    pub fn revoke<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) -> Vec<CommitPoint> {
         tps.into_iter()
             .filter_map(|tp| {
                 let state = self.partitions.remove(tp)?;
                 let point = state.commit_point()?;
-                (Some(point) != state.committed).then(|| (tp.clone(), point))
+                (Some(point) != state.committed).then(|| CommitPoint {
+                    tp: tp.clone(),
+                    offset: point,
+                    generation: state.generation,
+                })
             })
             .collect()
     }
@@ -116,18 +128,36 @@ impl OffsetTracker {
             .filter(|s| s.generation == ticket.generation)
     }
 
-    /// Commit points that moved since the last call; they are marked committed.
-    pub fn take_commit_points(&mut self) -> Vec<(Tp, i64)> {
+    /// Commit points that moved since the last acknowledged commit. They are not marked
+    /// committed here: only [`OffsetTracker::committed`], once the broker has acknowledged the
+    /// commit, does that, so a failed commit is simply offered again.
+    pub fn commit_points(&self) -> Vec<CommitPoint> {
         let mut out = Vec::new();
-        for (tp, state) in &mut self.partitions {
+        for (tp, state) in &self.partitions {
             if let Some(point) = state.commit_point() {
                 if state.committed != Some(point) {
-                    state.committed = Some(point);
-                    out.push((tp.clone(), point));
+                    out.push(CommitPoint {
+                        tp: tp.clone(),
+                        offset: point,
+                        generation: state.generation,
+                    });
                 }
             }
         }
+        out.sort_by(|a, b| a.tp.cmp(&b.tp));
         out
+    }
+
+    /// Records that the broker acknowledged these commits. A point of an earlier assignment of
+    /// its partition (revoked and assigned again meanwhile) changes nothing.
+    pub fn committed(&mut self, points: &[CommitPoint]) {
+        for p in points {
+            if let Some(state) = self.partitions.get_mut(&p.tp) {
+                if state.generation == p.generation {
+                    state.committed = Some(p.offset);
+                }
+            }
+        }
     }
 
     /// The assigned partitions of a topic, in order.
@@ -140,15 +170,6 @@ impl OffsetTracker {
             .collect();
         out.sort_unstable();
         out
-    }
-
-    /// Forgets that these points were committed (the commit failed), so they are offered again.
-    pub fn uncommit<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) {
-        for tp in tps {
-            if let Some(state) = self.partitions.get_mut(tp) {
-                state.committed = None;
-            }
-        }
     }
 
     /// The partitions this process owns now.
@@ -170,6 +191,10 @@ mod tests {
         ("t".to_string(), p)
     }
 
+    fn offsets(points: &[CommitPoint]) -> Vec<(Tp, i64)> {
+        points.iter().map(|p| (p.tp.clone(), p.offset)).collect()
+    }
+
     #[test]
     fn commits_stop_below_the_lowest_unacknowledged_record() {
         let mut t = OffsetTracker::default();
@@ -184,14 +209,21 @@ mod tests {
         let c = t.begin("t", 0, 12).unwrap();
         t.finish(&b);
         t.finish(&c);
-        assert_eq!(t.take_commit_points(), vec![(tp(0), 10)]);
+        assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 10)]);
         assert_eq!(
-            t.take_commit_points(),
+            offsets(&t.commit_points()),
+            vec![(tp(0), 10)],
+            "not acknowledged yet: offered again"
+        );
+        let points = t.commit_points();
+        t.committed(&points);
+        assert_eq!(
+            t.commit_points(),
             vec![],
             "unchanged points are not recommitted"
         );
         t.finish(&a);
-        assert_eq!(t.take_commit_points(), vec![(tp(0), 13)]);
+        assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 13)]);
         assert_eq!(t.in_flight(), 0);
     }
 
@@ -200,17 +232,36 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.assign([tp(0)]);
         let old = t.begin("t", 0, 5).unwrap();
-        assert_eq!(t.revoke([&tp(0)]), vec![(tp(0), 5)]);
+        assert_eq!(offsets(&t.revoke([&tp(0)])), vec![(tp(0), 5)]);
         t.assign([tp(0)]);
         let new = t.begin("t", 0, 5).unwrap();
         assert!(!t.is_current(&old));
         t.finish(&old);
         assert_eq!(
-            t.take_commit_points(),
+            offsets(&t.commit_points()),
             vec![(tp(0), 5)],
             "the old ack must not release offset 5"
         );
         t.finish(&new);
-        assert_eq!(t.take_commit_points(), vec![(tp(0), 6)]);
+        assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 6)]);
+    }
+
+    #[test]
+    fn a_commit_acknowledged_for_an_earlier_assignment_marks_nothing() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0)]);
+        let a = t.begin("t", 0, 7).unwrap();
+        t.finish(&a);
+        let stale = t.commit_points();
+        t.revoke([&tp(0)]);
+        t.assign([tp(0)]);
+        let b = t.begin("t", 0, 7).unwrap();
+        t.finish(&b);
+        t.committed(&stale);
+        assert_eq!(
+            offsets(&t.commit_points()),
+            vec![(tp(0), 8)],
+            "the new assignment's point is still to commit"
+        );
     }
 }

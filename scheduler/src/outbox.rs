@@ -1,0 +1,506 @@
+//! The outbox: every record the engine sends (to a slice, a target or the DLQ), its byte budget,
+//! and what happens when the broker acknowledges or refuses it.
+//!
+//! Receives [`Send`]s from ingest, the sweeps and the timer; a send holds a share of the memory
+//! budget ([`Budget`]) from the moment its record is read until the broker acknowledged it in its
+//! next place, then finishes its offset ticket. Each failure has one fate, decided by [`fate`]:
+//! retried in place with backoff and jitter, dead-lettered with a reason, the missing slice topic
+//! created again, or the process halted (a refused DLQ write, a fatal client error): never dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::domain::{Outgoing, Rejection, Scheduled};
+use crate::engine::Shared;
+use crate::kafka::{self, TopicSpec};
+use crate::metrics as m;
+use crate::offsets::Ticket;
+use crate::sweep::{ActiveSweep, Placed, SliceWrite};
+
+/// Sends of one record retried this many times for an error code [`fate`] does not know, before
+/// the record is dead-lettered (a target) or the process halts (our own topics).
+const UNKNOWN_ERROR_ATTEMPTS: usize = 5;
+
+/// The bytes of records held in memory at once: in the timer, and sent but not acknowledged.
+/// Reading stops while it is exhausted, so memory follows the budget, not the input.
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+impl Budget {
+    pub fn new(bytes: u64) -> Budget {
+        // Permits are counted in KiB so that a u32 covers budgets up to 4 TiB.
+        let total = u32::try_from((bytes >> 10).max(1)).unwrap_or(u32::MAX);
+        Budget {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// A record's share: at least 1 KiB (the bookkeeping around each record), and never more
+    /// than the whole budget, so a record larger than the budget still goes through alone.
+    fn share(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total)
+    }
+
+    /// Waits until `bytes` fit.
+    pub async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        self.permits
+            .clone()
+            .acquire_many_owned(self.share(bytes))
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
+
+    /// Reserves `bytes` if they fit now.
+    pub fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        self.permits
+            .clone()
+            .try_acquire_many_owned(self.share(bytes))
+            .ok()
+    }
+
+    /// Bytes in use now.
+    pub fn used(&self) -> u64 {
+        u64::from(self.total).saturating_sub(self.permits.available_permits() as u64) << 10
+    }
+}
+
+/// The bytes a record occupies in memory, roughly: key, value and headers.
+pub fn weight(s: &Scheduled) -> usize {
+    let headers: usize = s
+        .user_headers
+        .iter()
+        .map(|(n, v)| n.len() + v.as_ref().map_or(0, Vec::len))
+        .sum();
+    s.key.as_ref().map_or(0, Vec::len) + s.payload.as_ref().map_or(0, Vec::len) + headers
+}
+
+/// What acknowledging a send means.
+#[derive(Debug, Clone, Copy)]
+pub enum Then {
+    Slice { level: usize },
+    Deliver { due_ms: i64 },
+    DeadLetter { reason: &'static str },
+}
+
+/// A record on its way, with what to do once it is acknowledged.
+pub(crate) struct Send {
+    pub(crate) out: Outgoing,
+    pub(crate) then: Then,
+    /// The parsed record, to build a DLQ copy from if the destination refuses it for good.
+    pub(crate) scheduled: Option<Scheduled>,
+    pub(crate) ticket: Ticket,
+    pub(crate) sweep: Option<Arc<ActiveSweep>>,
+    /// Held while the record is on its way into a slice window (see `sweep::SliceWrites`).
+    pub(crate) slice_write: Option<SliceWrite>,
+    /// Its share of the memory budget, held until the send is dropped (acknowledged, or
+    /// abandoned at shutdown).
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+/// Where a send was going, for [`fate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Target,
+    Slice,
+    DeadLetter,
+}
+
+impl Then {
+    fn destination(&self) -> Destination {
+        match self {
+            Then::Slice { .. } => Destination::Slice,
+            Then::Deliver { .. } => Destination::Target,
+            Then::DeadLetter { .. } => Destination::DeadLetter,
+        }
+    }
+}
+
+/// What follows a failed send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// The broker or the network is unwell; the record is fine: retry in place with backoff.
+    Retry,
+    /// Not an error this table knows: retry a few times, then treat as refused for good.
+    RetryFew,
+    /// The record can never be accepted there: send it to the DLQ with this reason.
+    DeadLetter(Rejection),
+    /// One of our slice topics is gone (deleted by hand): create it again, then retry.
+    RecreateSlice,
+    /// Nothing this process can do fixes it (a refused DLQ write, authorisation, a fenced or
+    /// fatal producer): stop taking work, report `failed`, keep the record uncommitted.
+    Halt(String),
+}
+
+/// The one table of send errors: by librdkafka error code and destination, what follows.
+pub fn fate(err: &KafkaError, to: Destination) -> Fate {
+    use RDKafkaErrorCode as C;
+    let code = match err {
+        KafkaError::MessageProduction(code) => *code,
+        // Canceled (the producer is closing), a queue error, a client-side problem that
+        // says nothing about the record.
+        _ => return Fate::Retry,
+    };
+    let refused = || match to {
+        Destination::DeadLetter => Fate::Halt(format!("the DLQ refused a record: {code}")),
+        _ => Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string())),
+    };
+    let ours_refused = || match to {
+        Destination::Target => Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string())),
+        Destination::Slice => Fate::Halt(format!("a slice topic refuses our writes: {code}")),
+        Destination::DeadLetter => Fate::Halt(format!("the DLQ refuses our writes: {code}")),
+    };
+    match code {
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => match to {
+            Destination::Target => Fate::DeadLetter(Rejection::UnknownTopic(String::new())),
+            Destination::Slice => Fate::RecreateSlice,
+            Destination::DeadLetter => Fate::Halt(format!("the DLQ topic is missing: {code}")),
+        },
+        // The record itself is unacceptable, whoever sends it wherever.
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::BadMessage
+        | C::InvalidTimestamp => refused(),
+        // The destination will not take our writes: a target's problem is the record's; our own
+        // topics' is the deployment's.
+        C::InvalidTopic
+        | C::TopicAuthorizationFailed
+        | C::PolicyViolation
+        | C::InvalidArgument
+        | C::InvalidRequiredAcks => ours_refused(),
+        C::Fatal
+        | C::ProducerFenced
+        | C::InvalidProducerEpoch
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::UnsupportedForMessageFormat
+        | C::Authentication
+        | C::SaslAuthenticationFailed => Fate::Halt(format!("producer error: {code}")),
+        C::MessageTimedOut
+        | C::RequestTimedOut
+        | C::QueueFull
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::NetworkException
+        | C::BrokerNotAvailable
+        | C::AllBrokersDown
+        | C::BrokerTransportFailure
+        | C::Resolve
+        | C::KafkaStorageError
+        | C::OutOfOrderSequenceNumber
+        | C::DuplicateSequenceNumber
+        | C::UnknownProducerId
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::OffsetNotAvailable
+        | C::ConcurrentTransactions
+        | C::ThrottlingQuotaExceeded
+        | C::PurgeQueue
+        | C::PurgeInflight
+        | C::BrokerDestroy
+        | C::WaitCache
+        | C::Retry
+        | C::Fail => Fate::Retry,
+        _ => Fate::RetryFew,
+    }
+}
+
+/// Delays between retries: doubling from `min` to `max`, for as long as asked, with jitter so that
+/// many failures (sends, sweeps) do not retry in step.
+pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Delays between retries of one send: 100 ms doubling to 5 s.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    backoff(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+impl Shared {
+    /// Enqueues the record now (so records leave in the order they are handed over) and awaits
+    /// the broker's acknowledgement in a task of its own, so sends never wait on each other.
+    pub(crate) async fn send(self: &Arc<Self>, send: Send) {
+        let queued = enqueue(self.producer_for(send.then), &send.out).await;
+        let me = self.clone();
+        self.acks
+            .spawn(async move { me.complete(send, queued).await });
+    }
+
+    /// Deliveries and the DLQ on one producer (linger ~1 ms: they are due now), slice writes on
+    /// another that batches longer: a burst of slice writes never queues in front of a due record.
+    fn producer_for(&self, then: Then) -> &FutureProducer {
+        match then {
+            Then::Slice { .. } => &self.slice_producer,
+            _ => &self.producer,
+        }
+    }
+
+    /// Awaits the acknowledgement; on a failure, does what [`fate`] says, retrying the same record
+    /// in place (so records of one key keep their order behind it).
+    async fn complete(
+        self: Arc<Self>,
+        mut send: Send,
+        mut queued: Result<DeliveryFuture, KafkaError>,
+    ) {
+        let mut delays = retry_delays();
+        let mut unknown_attempts = 0;
+        loop {
+            let result = match queued {
+                Ok(fut) => match fut.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    // The producer is gone (shutdown): the record stays uncommitted.
+                    Err(_) => return,
+                },
+                Err(e) => Err(e),
+            };
+            let err = match result {
+                Ok(()) => return self.acknowledged(send),
+                Err(e) => e,
+            };
+            let mut fate = fate(&err, send.then.destination());
+            if fate == Fate::RetryFew {
+                unknown_attempts += 1;
+                fate = if unknown_attempts < UNKNOWN_ERROR_ATTEMPTS {
+                    Fate::Retry
+                } else if send.then.destination() == Destination::Target {
+                    Fate::DeadLetter(Rejection::RefusedByBroker(format!(
+                        "{err} (after {unknown_attempts} attempts)"
+                    )))
+                } else {
+                    Fate::Halt(format!("{} refuses our writes: {err}", send.out.topic))
+                };
+            }
+            match fate {
+                Fate::DeadLetter(why) => {
+                    let why = match why {
+                        Rejection::UnknownTopic(_) => {
+                            Rejection::UnknownTopic(send.out.topic.clone())
+                        }
+                        other => other,
+                    };
+                    tracing::warn!(topic = %send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
+                    let dlq = &self.settings.internal.dlq;
+                    send.out = match &send.scheduled {
+                        Some(s) => s.to_dlq(dlq, &why),
+                        None => send.out,
+                    };
+                    send.then = Then::DeadLetter { reason: why.code() };
+                    send.slice_write = None;
+                    delays = retry_delays();
+                }
+                Fate::Halt(reason) => {
+                    // The record stays uncommitted; the next owner (after a fix) sends it again.
+                    return self.fail(reason);
+                }
+                Fate::RecreateSlice => {
+                    tracing::warn!(topic = %send.out.topic, "slice topic missing; creating it again");
+                    let spec = self.slice_spec(&send.out.topic);
+                    if let Err(e) = kafka::ensure_topics(&self.settings, &[spec]).await {
+                        tracing::warn!(error = %e, "could not create the slice topic");
+                    }
+                    if !self.pause(&mut delays).await {
+                        return;
+                    }
+                }
+                Fate::Retry | Fate::RetryFew => {
+                    tracing::warn!(topic = %send.out.topic, error = %err, "send failed; retrying");
+                    metrics::counter!(m::SEND_RETRIES).increment(1);
+                    if !self.pause(&mut delays).await {
+                        return;
+                    }
+                }
+            }
+            queued = enqueue(self.producer_for(send.then), &send.out).await;
+        }
+    }
+
+    /// Sleeps the next retry delay; false when the engine stops meanwhile.
+    async fn pause(&self, delays: &mut impl Iterator<Item = Duration>) -> bool {
+        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = self.token.cancelled() => false,
+        }
+    }
+
+    /// The topic spec a slice topic is created with.
+    pub(crate) fn slice_spec(&self, name: &str) -> TopicSpec {
+        TopicSpec {
+            name: name.to_string(),
+            partitions: self.settings.config.slice_partitions,
+            configs: vec![("retention.ms", self.settings.retention_ms().to_string())],
+        }
+    }
+
+    fn acknowledged(&self, send: Send) {
+        let placed = match send.then {
+            Then::Slice { level } => {
+                metrics::counter!(m::SLICE_WRITES, "level" => level.to_string()).increment(1);
+                Placed::Slice
+            }
+            Then::Deliver { due_ms } => {
+                let late = (self.clock.now_ms() - due_ms).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::LATENESS, "path" => "kafka").record(late);
+                metrics::counter!(m::DELIVERED, "path" => "kafka").increment(1);
+                Placed::Timer
+            }
+            Then::DeadLetter { reason } => {
+                metrics::counter!(m::DEAD_LETTERED, "reason" => reason).increment(1);
+                Placed::DeadLetter
+            }
+        };
+        kafka::lock(&self.tracker).finish(&send.ticket);
+        if let Some(sweep) = &send.sweep {
+            sweep.placed(placed);
+        }
+    }
+}
+
+/// Hands the record to the producer's queue, waiting while the queue is full.
+async fn enqueue(producer: &FutureProducer, out: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(kafka::record(out)) {
+            Ok(fut) => return Ok(fut),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RDKafkaErrorCode as C;
+
+    fn of(code: RDKafkaErrorCode, to: Destination) -> Fate {
+        fate(&KafkaError::MessageProduction(code), to)
+    }
+
+    #[test]
+    fn a_missing_topic_is_the_records_fault_only_at_a_target() {
+        assert!(matches!(
+            of(C::UnknownTopicOrPartition, Destination::Target),
+            Fate::DeadLetter(Rejection::UnknownTopic(_))
+        ));
+        assert_eq!(
+            of(C::UnknownTopicOrPartition, Destination::Slice),
+            Fate::RecreateSlice
+        );
+        assert!(matches!(
+            of(C::UnknownTopic, Destination::DeadLetter),
+            Fate::Halt(_)
+        ));
+    }
+
+    #[test]
+    fn a_record_too_large_is_dead_lettered_unless_the_dlq_refuses_it() {
+        for to in [Destination::Target, Destination::Slice] {
+            assert!(matches!(
+                of(C::MessageSizeTooLarge, to),
+                Fate::DeadLetter(Rejection::RefusedByBroker(_))
+            ));
+        }
+        assert!(matches!(
+            of(C::MessageSizeTooLarge, Destination::DeadLetter),
+            Fate::Halt(_)
+        ));
+    }
+
+    #[test]
+    fn authorisation_on_our_own_topics_halts_and_on_a_target_dead_letters() {
+        assert!(matches!(
+            of(C::TopicAuthorizationFailed, Destination::Target),
+            Fate::DeadLetter(_)
+        ));
+        for to in [Destination::Slice, Destination::DeadLetter] {
+            assert!(matches!(of(C::TopicAuthorizationFailed, to), Fate::Halt(_)));
+        }
+    }
+
+    #[test]
+    fn fatal_and_fenced_producers_halt_everywhere() {
+        for code in [C::Fatal, C::ProducerFenced, C::ClusterAuthorizationFailed] {
+            for to in [
+                Destination::Target,
+                Destination::Slice,
+                Destination::DeadLetter,
+            ] {
+                assert!(matches!(of(code, to), Fate::Halt(_)), "{code:?} to {to:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn broker_trouble_is_retried_and_unknown_codes_only_a_few_times() {
+        for code in [
+            C::MessageTimedOut,
+            C::RequestTimedOut,
+            C::NotEnoughReplicas,
+            C::LeaderNotAvailable,
+            C::NotLeaderForPartition,
+            C::AllBrokersDown,
+            C::BrokerTransportFailure,
+            C::KafkaStorageError,
+        ] {
+            assert_eq!(of(code, Destination::Target), Fate::Retry, "{code:?}");
+            assert_eq!(of(code, Destination::DeadLetter), Fate::Retry, "{code:?}");
+        }
+        assert_eq!(
+            of(C::InvalidSessionTimeout, Destination::Target),
+            Fate::RetryFew
+        );
+        assert_eq!(
+            fate(&KafkaError::Canceled, Destination::Target),
+            Fate::Retry,
+            "a client-side error says nothing about the record"
+        );
+    }
+
+    #[test]
+    fn the_budget_counts_kib_and_lets_a_huge_record_through_alone() {
+        let b = Budget::new(4 << 20);
+        let small = b.try_reserve(10).expect("fits");
+        assert_eq!(b.used(), 1024);
+        assert!(
+            b.try_reserve(100 << 20).is_none(),
+            "the whole budget is not free"
+        );
+        drop(small);
+        let huge = b
+            .try_reserve(100 << 20)
+            .expect("a record over the budget takes all of it, alone");
+        assert!(b.try_reserve(1).is_none(), "nothing else fits meanwhile");
+        drop(huge);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn retry_delays_grow_with_jitter_and_stay_bounded() {
+        let d: Vec<Duration> = retry_delays().take(20).collect();
+        assert!(d[0] >= Duration::from_millis(100));
+        assert!(d.iter().all(|x| *x <= Duration::from_secs(10)));
+        assert!(d[6] > d[0]);
+    }
+}

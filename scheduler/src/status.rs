@@ -1,0 +1,80 @@
+//! The status snapshot: what `GET /healthz` shows, published by the engine, read without a lock.
+//!
+//! The engine's committer publishes a fresh [`Status`] on every tick through a
+//! `tokio::sync::watch`; the HTTP API only ever borrows the latest value. No request can take or
+//! wait for an engine lock, so no request can wedge the engine (nor be wedged by it).
+
+use serde::Serialize;
+
+/// How the process is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Starting or running normally.
+    #[default]
+    Ok,
+    /// Running, but a sweep is failing and being retried: records may be late.
+    Degraded,
+    /// Stopped taking work after an error it cannot fix (see `reason`); the process exits.
+    Failed,
+    /// A clean stop is under way.
+    Stopping,
+}
+
+/// The snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub status: Health,
+    /// Why the status is not `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// 0 until the group has assigned partitions: the process is up but does no work yet.
+    pub assigned_partitions: usize,
+    /// Records read and not yet acknowledged in their next place.
+    pub in_flight: usize,
+    pub timer_pending: usize,
+    /// The earliest due time in the timer (RFC 3339).
+    pub next_due: Option<String>,
+    /// Bytes of the memory budget in use.
+    pub memory_used: u64,
+    pub memory_budget: u64,
+    /// Sweeps failing and being retried now.
+    pub sweeps_behind: usize,
+}
+
+impl Status {
+    /// The health that these facts add up to: failed wins, then stopping, then degraded.
+    pub fn health(
+        fatal: Option<&str>,
+        stopping: bool,
+        sweeps_behind: usize,
+    ) -> (Health, Option<String>) {
+        match (fatal, stopping, sweeps_behind) {
+            (Some(reason), _, _) => (Health::Failed, Some(reason.to_string())),
+            (None, true, _) => (Health::Stopping, None),
+            (None, false, 0) => (Health::Ok, None),
+            (None, false, n) => (
+                Health::Degraded,
+                Some(format!("{n} sweep(s) failing and being retried")),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_outranks_stopping_which_outranks_degraded() {
+        assert_eq!(Status::health(None, false, 0), (Health::Ok, None));
+        assert_eq!(Status::health(None, false, 2).0, Health::Degraded);
+        assert_eq!(Status::health(None, true, 2).0, Health::Stopping);
+        let (h, why) = Status::health(Some("the DLQ refused a record"), true, 1);
+        assert_eq!(h, Health::Failed);
+        assert_eq!(why.as_deref(), Some("the DLQ refused a record"));
+        let json = serde_json::to_value(Status::default()).unwrap();
+        assert_eq!(json["status"], "ok");
+        assert!(json.get("reason").is_none());
+    }
+}

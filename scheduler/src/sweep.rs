@@ -1,0 +1,512 @@
+//! Sweeps: reading one slice window's partitions and moving each record to its next place.
+//!
+//! Each worker owns a reader, a consumer outside the group that is assigned a job's partitions
+//! only while it sweeps them and nothing in between, so slice partitions cost the broker no
+//! fetches between their sweeps (a waiting fetch costs this broker a read of every partition in it,
+//! several times per wait). The group's consumer keeps them assigned and paused: it decides which
+//! instance owns them and commits their offsets. Receives job ids from the planner and the control
+//! task; sends records to the outbox and the timer; reports each job on the board. A failed sweep is
+//! retried with backoff and jitter until it succeeds or its partitions are revoked.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::Settings;
+use crate::domain::Scheduled;
+use crate::engine::{Shared, BROKER_TIMEOUT};
+use crate::jobs::{Job, JobCounts, JobKind};
+use crate::kafka::{self, lock};
+use crate::metrics as m;
+use crate::offsets::Tp;
+use crate::slice::{Route, SliceId};
+use crate::Error;
+
+/// How long a sweep may see no progress at all before the attempt fails (and is retried).
+const STALL: Duration = Duration::from_secs(30);
+
+/// Writes into slice windows that this process has sent and the broker has not yet
+/// acknowledged. A window's sweep waits for them before it reads the high watermark: a write routed
+/// just before the sweep time (the safety margin) can take longer than the margin to be
+/// acknowledged on a loaded broker, and would then land behind the sweep and wait a whole turn of
+/// the ring (r+1+f windows) to be found. Writes of other instances are covered by the margin alone.
+#[derive(Default)]
+pub(crate) struct SliceWrites {
+    pending: Mutex<HashMap<SliceId, usize>>,
+    changed: Notify,
+}
+
+impl SliceWrites {
+    pub(crate) fn begin(self: &Arc<Self>, id: SliceId) -> SliceWrite {
+        *lock(&self.pending).entry(id).or_default() += 1;
+        SliceWrite {
+            writes: self.clone(),
+            id,
+        }
+    }
+
+    /// Waits until no write into `id` is unacknowledged, or `timeout`; returns how many remain.
+    async fn settled(&self, id: SliceId, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let left = lock(&self.pending).get(&id).copied().unwrap_or(0);
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return left;
+            }
+        }
+    }
+}
+
+/// One unacknowledged write into a slice window; dropping it (acknowledged, dead-lettered, or
+/// abandoned at shutdown) ends it.
+pub(crate) struct SliceWrite {
+    writes: Arc<SliceWrites>,
+    id: SliceId,
+}
+
+impl Drop for SliceWrite {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.writes.pending);
+        if let Some(n) = pending.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&self.id);
+            }
+        }
+        drop(pending);
+        self.writes.changed.notify_waiters();
+    }
+}
+
+/// What became of the records one sweep routed: counted as their sends are acknowledged (or as
+/// they enter the timer), so the sweep can wait until every record it read has its next place.
+#[derive(Default)]
+pub(crate) struct ActiveSweep {
+    progress: Mutex<Placement>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Placement {
+    routed: u64,
+    placed: u64,
+    counts: JobCounts,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Placed {
+    Slice,
+    Timer,
+    DeadLetter,
+}
+
+impl ActiveSweep {
+    fn routed(&self) {
+        let mut p = lock(&self.progress);
+        p.routed += 1;
+        p.counts.records += 1;
+    }
+
+    pub(crate) fn placed(&self, how: Placed) {
+        {
+            let mut p = lock(&self.progress);
+            p.placed += 1;
+            match how {
+                Placed::Slice => p.counts.to_slices += 1,
+                Placed::Timer => p.counts.to_timer += 1,
+                Placed::DeadLetter => p.counts.dead_lettered += 1,
+            }
+        }
+        self.wake.notify_waiters();
+    }
+
+    /// Waits until every routed record is placed; false after [`STALL`] without progress.
+    async fn all_placed(&self, shared: &Shared) -> Result<JobCounts, String> {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let before = {
+                let p = lock(&self.progress);
+                if p.placed >= p.routed {
+                    return Ok(p.counts);
+                }
+                p.placed
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(STALL) => {
+                    if lock(&self.progress).placed == before {
+                        return Err("records not acknowledged in time".into());
+                    }
+                }
+                _ = shared.token.cancelled() => return Err("shutting down".into()),
+            }
+        }
+    }
+}
+
+/// Where a slice partition's next sweep starts, under the assignment generation it was learnt in.
+#[derive(Debug, Default)]
+pub(crate) struct Cursor {
+    generation: u64,
+    next: Option<i64>,
+}
+
+/// One partition of a running sweep: its cursor held, read from `next` up to `end`.
+struct PartitionSweep {
+    tp: Tp,
+    generation: u64,
+    cursor: tokio::sync::OwnedMutexGuard<Cursor>,
+    next: i64,
+    /// The high watermark when the sweep began; records at or after it arrived late.
+    began_at_end: i64,
+    /// Where the sweep stops, moved on by stragglers found when it gets there.
+    end: i64,
+    /// Records below this offset that belong in this very slot (a later window, or beyond the
+    /// top level's horizon) are written again at the end; from this offset on, such a record ends
+    /// the sweep of this partition, so a sweep never reads its own re-writes.
+    reappend_below: i64,
+    done: bool,
+}
+
+/// A sweep worker's reader: outside the group, nothing committed, nothing assigned between sweeps. Offsets
+/// that are out of range are an error, never a silent reset: a slice read that finds its data
+/// already deleted has lost records, and that must be counted and seen.
+pub(crate) fn reader(settings: &Settings) -> Result<StreamConsumer, Error> {
+    let mut c = kafka::base_config(settings);
+    // librdkafka refuses assign() without a group.id. This one is never joined (assign() does not
+    // join a group) and never committed to: our group's consumer commits the slices.
+    c.set("client.id", "sm-sweep")
+        .set(
+            "group.id",
+            format!("{}.sweep-readers", settings.config.group_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100")
+        // Keep the prefetch per partition small: the sweep routes as fast as records come, and
+        // the memory budget, not librdkafka's queue, should hold what is waiting.
+        .set("queued.max.messages.kbytes", "2048")
+        .set("queued.min.messages", "2000")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    // Pass-through properties (TLS, SASL...) override these, as for every client.
+    for (k, v) in &settings.config.kafka_properties {
+        c.set(k, v);
+    }
+    Ok(c.create()?)
+}
+
+/// Delays between attempts of a failed sweep: 200 ms doubling to 10 s, with jitter.
+fn sweep_retry_delays() -> impl Iterator<Item = Duration> {
+    crate::outbox::backoff(Duration::from_millis(200), Duration::from_secs(10))
+}
+
+impl Shared {
+    /// A worker: takes jobs one at a time and runs each with its own reader.
+    pub(crate) async fn run_worker(
+        self: Arc<Self>,
+        id: String,
+        jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<u64>>>,
+        reader: StreamConsumer,
+    ) {
+        self.board.join(&id, self.clock.now_ms());
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let job = tokio::select! {
+                _ = self.intake.cancelled() => break,
+                _ = beat.tick() => {
+                    self.board.heartbeat(&id, self.clock.now_ms());
+                    continue;
+                }
+                job = async { jobs.lock().await.recv().await } => job,
+            };
+            let Some(job_id) = job else { break };
+            self.run_job(job_id, &id, &reader).await;
+        }
+        self.board.leave(&id);
+    }
+
+    /// Runs a job until it succeeds, its partitions are gone, or the engine stops; each failed
+    /// attempt is counted, shown on the board, and marks the process `degraded` until it passes.
+    async fn run_job(self: &Arc<Self>, job_id: u64, worker: &str, reader: &StreamConsumer) {
+        let Some(job) = self.board.get(job_id) else {
+            return;
+        };
+        let mut delays = sweep_retry_delays();
+        let mut behind = false;
+        let started = self.clock.now_ms();
+        metrics::gauge!(m::WORKERS_BUSY).increment(1.0);
+        let outcome = loop {
+            let partitions = lock(&self.tracker).partitions_of(&job.slot_topic);
+            if partitions.is_empty() {
+                break None; // revoked, or never ours
+            }
+            self.board
+                .start(job_id, worker, partitions.clone(), self.clock.now_ms());
+            match self.sweep_once(&job, &partitions, reader).await {
+                Ok(counts) => break Some(Ok(counts)),
+                Err(e) if self.intake.is_cancelled() => break Some(Err(e)),
+                Err(e) => {
+                    tracing::warn!(job = %job.name, error = %e, "sweep failed; retrying");
+                    metrics::counter!(m::SWEEP_FAILURES, "level" => job.level.to_string())
+                        .increment(1);
+                    self.board.attempt_failed(job_id, e);
+                    if !behind {
+                        behind = true;
+                        self.sweeps_behind
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.intake.cancelled() => break Some(Err("shutting down".into())),
+                    }
+                }
+            }
+        };
+        if behind {
+            self.sweeps_behind
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        metrics::gauge!(m::WORKERS_BUSY).decrement(1.0);
+        let now = self.clock.now_ms();
+        let (counts, error) = match outcome {
+            None => {
+                self.board.discard(job_id);
+                return;
+            }
+            Some(Ok(counts)) => (counts, None),
+            Some(Err(e)) => (JobCounts::default(), Some(e)),
+        };
+        let status = if error.is_some() { "error" } else { "done" };
+        self.board.finish(job_id, counts, error, now);
+        metrics::counter!(m::JOBS, "status" => status).increment(1);
+        metrics::histogram!(m::JOB_DURATION, "level" => job.level.to_string())
+            .record((now - started) as f64 / 1000.0);
+    }
+
+    /// One attempt at a job: every owned partition of its slot, from where the last sweep stopped
+    /// up to the high watermark (and the stragglers found there).
+    async fn sweep_once(
+        self: &Arc<Self>,
+        job: &Job,
+        partitions: &[i32],
+        reader: &StreamConsumer,
+    ) -> Result<JobCounts, String> {
+        let top = job.level + 1 == self.ladder().levels();
+        // Scheduled sweeps, and catch-ups of the top level (which also holds what lies beyond its
+        // horizon, mixed with due windows), rewrite in-place records; other catch-ups stop at them.
+        let reappend = job.kind == JobKind::Sweep || top;
+        if let Some(window) = job.window {
+            let id = SliceId {
+                level: job.level,
+                window,
+            };
+            let left = self.slice_writes.settled(id, BROKER_TIMEOUT).await;
+            if left > 0 {
+                tracing::warn!(job = %job.name, left, "writes into this window still unacknowledged; sweeping without them");
+            }
+        }
+        let parts = self
+            .sweep_starts(&job.slot_topic, partitions, reappend)
+            .await?;
+        self.read_sweep(&job.slot_topic, parts, reader).await
+    }
+
+    /// Where each partition's sweep starts and ends. Takes each partition's cursor first (so two
+    /// jobs never sweep one partition at once; always in partition order, so they cannot
+    /// deadlock), then asks for every partition's watermarks, and the committed offsets of those
+    /// without a cursor, in a few requests for the whole job.
+    async fn sweep_starts(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        reappend: bool,
+    ) -> Result<Vec<PartitionSweep>, String> {
+        let mut held = Vec::with_capacity(partitions.len());
+        for &partition in partitions {
+            let tp: Tp = (topic.to_string(), partition);
+            let cursor = lock(&self.cursors).entry(tp.clone()).or_default().clone();
+            let mut cursor = cursor.lock_owned().await;
+            let Some(generation) = lock(&self.tracker).generation(topic, partition) else {
+                continue; // revoked meanwhile
+            };
+            if cursor.generation != generation {
+                *cursor = Cursor {
+                    generation,
+                    next: None,
+                };
+            }
+            held.push((tp, generation, cursor));
+        }
+        let tps: Vec<Tp> = held.iter().map(|(tp, ..)| tp.clone()).collect();
+        let unknown: Vec<Tp> = held
+            .iter()
+            .filter(|(_, _, c)| c.next.is_none())
+            .map(|(tp, ..)| tp.clone())
+            .collect();
+        let (marks, committed) = self
+            .look(move |l| {
+                let marks = l.watermarks(&tps, BROKER_TIMEOUT)?;
+                let committed = if unknown.is_empty() {
+                    HashMap::new()
+                } else {
+                    l.committed(&unknown, BROKER_TIMEOUT)?
+                };
+                Ok((marks, committed))
+            })
+            .await?;
+        held.into_iter()
+            .map(|(tp, generation, cursor)| {
+                let &(low, high) = marks
+                    .get(&tp)
+                    .ok_or_else(|| format!("no watermarks for partition {}", tp.1))?;
+                let known = cursor.next.or(committed.get(&tp).copied());
+                if let Some(from) = known.filter(|&from| from < low) {
+                    // Retention deleted records this process never swept: they are lost. Count
+                    // and report it; carry on from what is left rather than stop for ever.
+                    metrics::counter!(m::SLICE_DATA_LOST).increment((low - from) as u64);
+                    tracing::error!(topic = %tp.0, partition = tp.1, from, low, "slice records deleted by retention before they were swept");
+                }
+                let next = known.unwrap_or(low).max(low);
+                Ok(PartitionSweep {
+                    tp,
+                    generation,
+                    cursor,
+                    next,
+                    began_at_end: high,
+                    end: high,
+                    reappend_below: if reappend { high } else { next },
+                    done: next >= high,
+                })
+            })
+            .collect()
+    }
+
+    /// Reads the partitions with the worker's reader and routes each record on; returns once
+    /// every record read has been placed (acknowledged in a finer slice or the DLQ, or in the
+    /// timer).
+    async fn read_sweep(
+        self: &Arc<Self>,
+        topic: &str,
+        mut parts: Vec<PartitionSweep>,
+        reader: &StreamConsumer,
+    ) -> Result<JobCounts, String> {
+        let sweep = Arc::new(ActiveSweep::default());
+        let mut tpl = TopicPartitionList::new();
+        for p in parts.iter().filter(|p| !p.done) {
+            tpl.add_partition_offset(topic, p.tp.1, Offset::Offset(p.next))
+                .map_err(|e| e.to_string())?;
+        }
+        let mut outcome = Ok(());
+        if tpl.count() > 0 {
+            reader.assign(&tpl).map_err(|e| e.to_string())?;
+            outcome = self
+                .read_until_done(topic, &mut parts, reader, &sweep)
+                .await;
+            if let Err(e) = reader.unassign() {
+                tracing::warn!(error = %e, "unassigning the sweep reader failed");
+            }
+        }
+        for p in &mut parts {
+            p.cursor.next = Some(p.next);
+        }
+        drop(parts);
+        outcome?;
+        sweep.all_placed(self).await
+    }
+
+    async fn read_until_done(
+        self: &Arc<Self>,
+        topic: &str,
+        parts: &mut [PartitionSweep],
+        reader: &StreamConsumer,
+        sweep: &Arc<ActiveSweep>,
+    ) -> Result<(), String> {
+        while parts.iter().any(|p| !p.done) {
+            let msg = tokio::select! {
+                m = tokio::time::timeout(STALL, reader.recv()) => m,
+                _ = self.intake.cancelled() => return Err("shutting down".into()),
+            };
+            let rec = match msg {
+                Err(_) => return Err(format!("no record for {STALL:?}")),
+                Ok(Err(e)) => {
+                    metrics::counter!(m::SLICE_READ_ERRORS).increment(1);
+                    return Err(format!("reading the slice failed: {e}"));
+                }
+                Ok(Ok(m)) => kafka::detach(&m),
+            };
+            let Some(p) = parts
+                .iter_mut()
+                .find(|p| p.tp.1 == rec.partition && rec.topic == topic)
+            else {
+                continue;
+            };
+            if p.done || rec.offset < p.next {
+                continue; // past where this partition stops, or read again after a seek
+            }
+            let now = self.clock.now_ms();
+            let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {
+                let route = self.next_place(s.due.as_millis(), now);
+                (s, route)
+            });
+            if let Ok((_, Route::Slice(id))) = &parsed {
+                if rec.offset >= p.reappend_below && self.slice_topic(*id) == rec.topic {
+                    // Already in the right place for a later window: leave it, and the rest,
+                    // for then.
+                    p.done = true;
+                    continue;
+                }
+            }
+            let ticket = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset);
+            let Some(ticket) = ticket.filter(|t| t.generation == p.generation) else {
+                return Err(format!("partition {} revoked", rec.partition));
+            };
+            if rec.offset >= p.began_at_end {
+                metrics::counter!(m::STRAGGLERS).increment(1);
+            }
+            p.next = rec.offset + 1;
+            sweep.routed();
+            match parsed {
+                Ok((s, route)) => {
+                    self.forward(s, route, ticket, Some(sweep.clone()), None)
+                        .await
+                }
+                Err(why) => {
+                    tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
+                    self.dead_letter_original(&rec, &why, ticket, Some(sweep.clone()))
+                        .await;
+                }
+            }
+            if p.next >= p.end {
+                // Caught up: take stragglers written since the sweep began, then stop.
+                let tps = vec![p.tp.clone()];
+                let tp = p.tp.clone();
+                let end = p.end;
+                let h = self
+                    .look(move |l| l.ends(&tps, BROKER_TIMEOUT))
+                    .await
+                    .map(|ends| ends.get(&tp).copied().unwrap_or(end))?;
+                if h > p.end {
+                    p.end = h;
+                } else {
+                    p.done = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
