@@ -17,6 +17,7 @@ MONGO_PORT="${SM_MONGO_PORT:-27017}"
 MYSQL_PORT=3306
 NISSHI_VERSION=0.8.1
 SECANTUS_VERSION=0.7.0b3
+CONFLUENT_KAFKA_VERSION=2.16.1
 
 usage() {
   cat <<'EOF'
@@ -91,20 +92,23 @@ ensure_nisshi() {
   else
     die "nisshi $NISSHI_VERSION needs rustc 1.96 or newer: install one (rustup toolchain install nightly) and retry"
   fi
-  log "installing nisshi $NISSHI_VERSION (about 12 minutes on 2 cores, once per machine)"
+  log "installing nisshi $NISSHI_VERSION: a Rust build of about 22 minutes on 2 cores, once per machine"
   cargo "${toolchain[@]}" install nisshi --version "$NISSHI_VERSION" --locked \
     --no-default-features --features dynostore,libsql
 }
 
+# The stack's Python: SecantusDB (the MongoDB server), and confluent-kafka, the ordinary external
+# Kafka client the benchmark measures the scheduler with (messenger/benches/steady_client.py).
 ensure_secantus() {
   local venv="$STACK/venv"
   if [ -x "$venv/bin/secantusd-py" ] &&
-    [ "$("$venv/bin/pip" show SecantusDB 2>/dev/null | sed -n 's/^Version: //p')" = "$SECANTUS_VERSION" ]; then
+    [ "$("$venv/bin/pip" show SecantusDB 2>/dev/null | sed -n 's/^Version: //p')" = "$SECANTUS_VERSION" ] &&
+    [ "$("$venv/bin/pip" show confluent-kafka 2>/dev/null | sed -n 's/^Version: //p')" = "$CONFLUENT_KAFKA_VERSION" ]; then
     return 0
   fi
-  log "installing SecantusDB $SECANTUS_VERSION into $venv"
+  log "installing SecantusDB $SECANTUS_VERSION and confluent-kafka $CONFLUENT_KAFKA_VERSION into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "SecantusDB==$SECANTUS_VERSION"
+  "$venv/bin/pip" install -q "SecantusDB==$SECANTUS_VERSION" "confluent-kafka==$CONFLUENT_KAFKA_VERSION"
 }
 
 # ---- starting and stopping ---------------------------------------------------------------------

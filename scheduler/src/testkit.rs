@@ -229,6 +229,11 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id (to read its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL (nothing flushed), `down` of silence, then the same broker again on the same
     /// port and storage.
     pub fn kill_and_restart(&mut self, down: Duration) {

@@ -48,6 +48,9 @@ struct Args {
     /// Seconds of producing in the recovery runs; the fault comes halfway.
     #[arg(long, default_value_t = 20)]
     recovery_seconds: u64,
+    /// Rates (records/s) of the ordinary client (Python's confluent-kafka, default settings).
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000")]
+    client_rates: Vec<usize>,
     /// Run only these sections (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<Section>,
@@ -64,6 +67,7 @@ struct Args {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Section {
+    Client,
     Throughput,
     Precision,
     Memory,
@@ -79,8 +83,10 @@ impl Args {
     /// The command that reproduces this run.
     fn command(&self) -> String {
         let rates: Vec<String> = self.rates.iter().map(ToString::to_string).collect();
+        let client: Vec<String> = self.client_rates.iter().map(ToString::to_string).collect();
         let mut c = format!(
-            "cargo bench -p messenger --bench compare -- --messages {} --rates {} --seconds {} --delay {} --pending {} --burst {} --recovery-rate {} --recovery-seconds {}",
+            "cargo bench -p messenger --bench compare -- --client-rates {} --messages {} --rates {} --seconds {} --delay {} --pending {} --burst {} --recovery-rate {} --recovery-seconds {}",
+            client.join(","),
             self.messages,
             rates.join(","),
             self.seconds,
@@ -155,6 +161,7 @@ async fn main() {
     if smoke {
         a = Args {
             messages: 500,
+            client_rates: vec![100],
             rates: vec![200],
             seconds: 2,
             pending: 2_000,
@@ -178,6 +185,49 @@ async fn main() {
         ),
     );
 
+    if a.runs(Section::Client) {
+        let mut text = format!(
+            "## 0. An ordinary client: Python confluent-kafka, default settings, {} s at a steady rate, due {} later\n\nThe same producer and reader, on one fresh broker: to a plain topic with nothing else running (*broker alone*), through a one-hop relay (consume, produce with idempotence and `acks=all`), and to `SCHEDULED_MESSAGES` with the scheduler running beside it. *Achieved* is the producer's acknowledged rate ÷ the rate it offered; lateness is on arrival at the reader (after the produce for the first two, after the due time for the scheduler). Ratios are against the broker alone.\n\n| rate/s | path | achieved | p50 ms | p99 ms | p99.9 ms | max ms | p99 ÷ alone | early | missing | dups | broker CPU s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            a.seconds,
+            humantime::format_duration(a.delay)
+        );
+        for &rate in &a.client_rates {
+            let c = sections::ordinary_client(&bins, rate, a.seconds, a.delay).await;
+            let floor = c.alone.p99_ms.unwrap_or(f64::NAN);
+            for (name, f) in [
+                ("broker alone", &c.alone),
+                ("relay", &c.relay),
+                ("scheduler", &c.scheduler),
+            ] {
+                let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                let _ = write!(
+                    text,
+                    "\n| {} | {name} | {:.2} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {} |",
+                    c.rate,
+                    f.achieved_ratio,
+                    ms(f.p50_ms),
+                    ms(f.p99_ms),
+                    ms(f.p999_ms),
+                    ms(f.max_ms),
+                    f.p99_ms.unwrap_or(f64::NAN) / floor,
+                    f.early,
+                    f.missing,
+                    f.duplicates,
+                    f.broker_cpu_s
+                        .map_or("-".to_string(), |v| format!("{v:.1}")),
+                );
+            }
+            outcomes.push((
+                format!("ordinary client at {rate}/s"),
+                Outcome {
+                    early: c.scheduler.early,
+                    missing: c.scheduler.missing + c.relay.missing + c.alone.missing,
+                    ..Outcome::default()
+                },
+            ));
+        }
+        emit(&mut out, &format!("{text}\n"));
+    }
     if a.runs(Section::Throughput) {
         let t = sections::throughput(&bins, a.messages).await;
         outcomes.push(("throughput".into(), t.scheduler_outcome));

@@ -501,3 +501,112 @@ pub async fn recovery(
         down_s: (back_at - fault_at) as f64 / 1000.0,
     }
 }
+
+// ---- 6. an ordinary client at a steady rate ----------------------------------------------------
+
+/// One mode of `steady_client.py`, as it printed it.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct ClientFigures {
+    pub achieved_ratio: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub early: usize,
+    pub missing: usize,
+    pub duplicates: usize,
+    pub broker_cpu_s: Option<f64>,
+}
+
+pub struct Client {
+    pub rate: usize,
+    /// The same producer to a plain topic, nothing else running: the broker alone.
+    pub alone: ClientFigures,
+    /// To a plain topic that a relay (consume, produce; one hop) copies to the target.
+    pub relay: ClientFigures,
+    /// To the ingest topic, the scheduler running beside, due `delay` later.
+    pub scheduler: ClientFigures,
+}
+
+/// The Python that runs the ordinary client: `SM_PYTHON`, else the stack's environment, which
+/// `./messagescheduler.sh --stack` fills with confluent-kafka.
+fn python() -> String {
+    std::env::var("SM_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.stack/venv/bin/python").to_string()
+    })
+}
+
+/// Runs `steady_client.py` in `mode` and reads its figures.
+async fn steady_client(
+    broker: &Broker,
+    mode: &str,
+    ingest: &str,
+    rate: usize,
+    seconds: u64,
+    delay: Duration,
+) -> ClientFigures {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/steady_client.py");
+    let args = [
+        script.to_string(),
+        "--bootstrap".into(),
+        broker.bootstrap(),
+        "--mode".into(),
+        mode.into(),
+        "--rate".into(),
+        rate.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--delay-ms".into(),
+        delay.as_millis().to_string(),
+        "--ingest".into(),
+        ingest.into(),
+        "--broker-pid".into(),
+        broker.pid().to_string(),
+    ];
+    let out = tokio::process::Command::new(python())
+        .args(&args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("python with confluent-kafka (./messagescheduler.sh --stack installs it)");
+    assert!(
+        out.status.success(),
+        "steady_client.py {mode} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let figures: ClientFigures = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("steady_client.py printed {line:?}: {e}"));
+    note(format!("{mode} at {rate}/s: {line}"));
+    figures
+}
+
+/// An ordinary external client (Python's confluent-kafka, default settings) producing at a
+/// steady rate: to a plain topic with nothing else running (the broker alone), through a one-hop
+/// relay (the control), and to the ingest topic with the scheduler running beside it. All three on
+/// the same fresh broker, one after another.
+pub async fn ordinary_client(
+    bins: &Binaries,
+    rate: usize,
+    seconds: u64,
+    delay: Duration,
+) -> Client {
+    let (broker, names) = set_up("bench-client").await;
+    let alone = steady_client(&broker, "broker", &names.ingest, rate, seconds, delay).await;
+    let relay = steady_client(&broker, "relay", &names.ingest, rate, seconds, delay).await;
+    let mut sched = Service::scheduler(
+        &bins.scheduler,
+        &scheduler_args(&broker, &names, &[]),
+        &log_name(&names, "client"),
+    )
+    .await;
+    let scheduler = steady_client(&broker, "scheduler", &names.ingest, rate, seconds, delay).await;
+    sched.stop().await;
+    Client {
+        rate,
+        alone,
+        relay,
+        scheduler,
+    }
+}
