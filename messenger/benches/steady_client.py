@@ -192,9 +192,10 @@ def main():
     cpu0 = cpu_seconds(args.broker_pid)
     started = time.time()
     for i in range(total):
-        # Steady pacing: record i leaves at started + i / rate.
-        wait = started + i / args.rate - time.time()
-        if wait > 0:
+        # Steady pacing: record i leaves at started + i / rate. poll() returns early when it
+        # serves a delivery report, so wait in a loop until the time has come.
+        leave_at = started + i / args.rate
+        while (wait := leave_at - time.time()) > 0:
             producer.poll(wait)
         t = now_ms()
         if args.mode == "scheduler":

@@ -154,11 +154,36 @@ pub async fn start_in_process_with(names: &Names, extra: &[&str]) -> Scheduler {
         .expect("scheduler starts")
 }
 
+/// A child process that is killed (SIGKILL) when dropped, so a test that panics leaves none
+/// behind. Derefs to the [`Child`].
+pub struct ChildGuard(Child);
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // Already reaped (killed or stopped by the test): both calls fail harmlessly.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a service binary as a child process (for kill -9 tests and the benchmark). Its stderr
 /// goes to `log` in the temporary directory, filtered by `RUST_LOG` (default info).
-pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> Child {
+pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> ChildGuard {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).expect("log file");
-    Command::new(binary)
+    let child = Command::new(binary)
         .args(args)
         .env(
             "RUST_LOG",
@@ -167,7 +192,8 @@ pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("scheduler binary starts")
+        .expect("scheduler binary starts");
+    ChildGuard(child)
 }
 
 /// A TCP port that was free a moment ago, for a server a test starts itself.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -77,7 +77,7 @@ pub fn build(release: bool) -> Binaries {
 
 /// A service running as a child process; killed (SIGKILL) when dropped.
 pub struct Service {
-    child: Option<Child>,
+    child: Option<ChildGuard>,
     pub http: String,
     log: String,
 }
@@ -151,7 +151,7 @@ impl Service {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     /// Resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM` of /proc/PID/status).

@@ -325,62 +325,76 @@ async fn main() {
 }
 
 /// What limits each figure, as far as this machine showed.
-const LIMITS: &str = "## What the profile showed, and what changed
+const LIMITS: &str = "## Why the scheduler slowed the broker for its own clients (the diagnosis)
 
-Measured with this benchmark at 1,000 due records/s, the scheduler's own metrics (`/metrics` is
-saved beside each child's log as `<log>.metrics`) and its debug log of every sweep's phases:
+Measured on a fresh broker with the ordinary client of section 0 (1,000 records/s for 10 s), with
+the broker's CPU time read from /proc, its requests counted per client with tshark, and its CPU
+sampled with perf:
+
+- **What the broker spends its time on.** perf on nisshi: SQLite parsing and planning each
+  statement afresh (`wherePathSolver`, `resolveExprStep`, `sqlite3RunParser`, `yy_reduce`,
+  `whereScanNext`...: about a fifth of all samples), malloc, mutexes and thread wake-ups. Its cost is
+  per statement: one or more per partition each time a fetch reads it, and one per record and per
+  header written or read.
+- **A waiting fetch reads every partition in it, again and again.** nisshi answers a fetch that
+  finds nothing by sleeping half the time left and reading every partition again (about log2 of the
+  wait in rounds). Idle, the old scheduler's consumer (16 ingest + 4 level-0 partitions fetched
+  continuously, `fetch.wait.max.ms` 50) cost the broker 11.7 s of CPU per 20 s; the same consumer on
+  the 16 ingest partitions alone 9.9 s; at 250 ms, 3.9 s; at 500 ms, 2.4 s. Slice partitions were
+  paused in that same consumer, so every sweep added its partitions to the ingest fetches.
+- **Partitions, not the scheduler, set the broker alone's limit.** The same producer and reader
+  with no scheduler at all: to a 4-partition topic the producer kept 0.91-0.97 of 1,000/s (p99
+  0.7-1.2 s on arrival); to a 16-partition topic (what `SCHEDULED_MESSAGES` has by default) 0.40,
+  p99 14.7 s, and the broker used a whole core. A one-hop relay beside it: 0.65-0.79 (4 partitions),
+  0.22 (16).
+- **Every hop is paid twice** (a produce and a fetch, each a statement per record and header). At
+  1,000/s the broker alone is at about one core, so any path that produces each record twice
+  (ingest, then target) cannot keep the offered rate on this broker: the relay does not either.
+
+What the redesign changed (commit \"Engine: stages with their own clients\"): sweeps read with
+readers of their own, assigned only while they run (no slice partition in any fetch between
+sweeps); level 0 is gone from the fetches; records due within the hold horizon take one hop
+(ingest → timer → target) instead of three; slice copies carry one internal header instead of
+six plus the user's `time`/`topic`/`id`; slice writes use a producer of their own that batches
+longer; the ingest consumer waits 250 ms. With 4 ingest partitions at 1,000/s, due 5 s ahead:
+scheduler 0.50-0.52 of the offered rate (p50 156-187 ms after due) against the relay's 0.65 in the
+same setting; the old scheduler made each of these records three hops.
+
+## What the earlier profile showed, and what changed then
 
 | finding | fix | effect |
 | --- | --- | --- |
 | sweep lookups (ListOffsets, OffsetFetch), one pair per partition, queued in front of the consumer's fetches on the broker; the start-up catch-up of 224 slice partitions stalled ingestion | a separate lookup client, a few requests per job | catch-up jobs of levels 3-8: about 9 s → about 20 ms each |
 | a write routed into a window just before its sweep was acknowledged after the sweep read the end, and waited a turn of the ring (28 s) | a sweep first waits for this process's writes into its window | publish p99 23.8 s → 4 ms |
 | sweeps wrote records to level 0, which streamed them straight back into the timer; level-1 sweeps outlasted their 2 s lead | sweeps put them into the timer directly | sweeps of ~2,600 records 2.5 s → 0.6-0.9 s; late into the timer 208 → 0 |
-| resident memory grew with the ingest backlog (librdkafka prefetch, unbounded sends) | 8 MB prefetch, at most 10,000 unacknowledged sends | over 200 MiB and rising → 129-135 MiB, not growing with the number pending |
+| resident memory grew with the ingest backlog (librdkafka prefetch, unbounded sends) | 8 MB prefetch, sends bounded (now by the byte budget) | over 200 MiB and rising → 129-135 MiB, not growing with the number pending |
 | nisshi ran many times slower when RUST_LOG (meant for our services) reached it | scripts start it with RUST_LOG=warn | 1,000/s produce-and-read p50 24 s → 30 ms |
 
 ## What limits these figures
 
 - **Two cores for everything.** The broker, MariaDB, the scheduler or the db-scheduler, and the
   benchmark's producers and readers share them; every figure is a floor for this machine, not for
-  the design. The broker is the busiest process throughout.
-- **The broker is nisshi with SQLite storage**, not Apache Kafka. It does not answer a waiting
-  fetch when data arrives (a reader sees a record after about half its `fetch.wait.max.ms`), it
-  spends most of a core on idle polling, and its produce acknowledgements reach p99 ≈ 450 ms at
-  1,000 records/s even with nothing else running (the *broker alone* rows: the same records
-  produced straight to a topic and read back). On arrival, the Kafka path's tail is that of the
-  broker; *at publish* (the record's timestamp, set when the scheduler produced it, minus the due
-  time) is the scheduler's own lateness.
+  the design. The broker is the busiest process throughout, and it uses about one core at most.
+- **The broker is nisshi with SQLite storage**, not Apache Kafka (see the diagnosis above). On
+  arrival, the Kafka path's tail is that of the broker; *at publish* (the record's timestamp, set
+  when the scheduler produced it, minus the due time) is the scheduler's own lateness.
 - **Throughput (1)** is the rate at which records already due leave the ingest topic for their
   target, the same single hop the relay makes, with the same consumer and producer settings
-  (idempotent, `acks=all`); the ratio varied from 0.83 to 0.98 across runs here. Records due later
-  make two more hops (a slice, then a sweep into the timer), so the sustained rate for future
-  records is lower: about 2,400-3,300 records/s filed (memory section) on this broker.
-- **Precision (2)**: records due 5 s after they are produced go through a level-1 slice (most) or
-  the level-0 stream (those due within the window being swept). At 1,000/s the scheduler
-  publishes within a few milliseconds of the due time. At 5,000/s this broker cannot carry three
-  hops per record (ingest, slice, target, each produced and fetched): the scheduler's reading of
-  the ingest topic fell more than 5 s behind, so 61% of the records were already past due when it
-  read them (`sm_past_due_total`), and publish lateness follows. The broker-alone row is a single
-  hop. The MySQL baseline is bounded by its poll interval, as expected; its broker leg is one
-  produce per record.
+  (idempotent, `acks=all`).
+- **Precision (2)**: records due 5 s after they are produced are within the hold horizon (6 s):
+  they wait in memory from ingest and take one hop. At 5,000/s this broker cannot carry even one
+  hop per record beside the producer and the reader: the scheduler's reading of the ingest topic
+  falls behind and records are past due when read (`sm_past_due_total`). The broker-alone row is a
+  single produce and fetch. The MySQL baseline is bounded by its poll interval, as expected.
 - **Memory (3)**: nothing pending is held in memory; the records are in the slice topics. The
-  resident set is the working set of filing records at full speed (at most 10,000 sends in flight,
-  librdkafka's queues, capped at 8 MB of prefetch), which the allocator keeps: it does not grow
-  with the number pending.
-- **Burst (4)**: the burst was produced about 50 s ahead, so it sat in one level-2 window (16 s
-  wide, swept 8 s before it begins). That sweep read the 100,000 records at about 4,000/s from
-  the slot's 4 partitions, some 25 s, so 38,876 of them reached the timer after their due time
-  (`sm_timer_late_total`); nothing was lost or early. A sweep's lead is fixed by the ladder, not by
-  how much its window holds: a smaller burst (10,000) was delivered within 1.8 s. Not yet done:
-  starting a sweep earlier when its slot holds more than it can read in the lead, or more slice
-  partitions (`--slice-partitions`) so that more consumers can share it.
+  resident set is the working set of filing records at full speed (sends in flight within the
+  64 MiB budget, librdkafka's queues, capped prefetch), which the allocator keeps.
+- **Burst (4)**: the burst sits in one level-2 window (16 s wide, swept 8 s before it begins); its
+  sweep reads the slot's 4 partitions with one reader, so what it cannot read in its lead reaches
+  the timer late (`sm_timer_late_total`); nothing is lost or early.
 - **Recovery (5)**: after `kill -9` the scheduler is restarted at once with the same
-  `--instance-id` (static membership), so it takes its partitions back without waiting for the
-  session timeout; *resume* is the first record the new process published. Duplicates are the
-  records delivered after the last commit point (commits every 100 ms, up to the lowest record not
-  yet acknowledged). After the broker's restart, *resume* is the first record a reader saw after it
-  came back; records whose due time fell in the outage are late by about its length plus the
-  time the clients take to reconnect. Duplicates after a broker restart varied from 0 to 995
-  across runs here (the suite's broker test counts them too); compare with Apache Kafka before
-  relying on that figure.
+  `--instance-id` (static membership); *resume* is the first record the new process published.
+  Duplicates are the records delivered after the last commit point (commits every 100 ms, up to the
+  lowest record not yet acknowledged; records held in memory hold their offset). After the broker's
+  restart, *resume* is the first record a reader saw after it came back.
 ";
