@@ -108,6 +108,22 @@ impl OffsetTracker {
         })
     }
 
+    /// [`OffsetTracker::begin`], but only under `generation`: a reader that started under an
+    /// earlier assignment of the partition must not begin offsets under the new one (nothing
+    /// would ever finish them, and that assignment's commit point would stop there).
+    pub fn begin_in(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Option<Ticket> {
+        if self.generation(topic, partition) != Some(generation) {
+            return None;
+        }
+        self.begin(topic, partition, offset)
+    }
+
     /// Records that the ticket's record reached its next place. Stale tickets are ignored.
     pub fn finish(&mut self, ticket: &Ticket) {
         if let Some(state) = self.current_mut(ticket) {
@@ -244,6 +260,19 @@ mod tests {
         );
         t.finish(&new);
         assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 6)]);
+    }
+
+    #[test]
+    fn a_reader_of_an_earlier_assignment_begins_nothing_under_the_new_one() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0)]);
+        let old = t.generation("t", 0).unwrap();
+        t.revoke([&tp(0)]);
+        t.assign([tp(0)]);
+        assert_eq!(t.begin_in("t", 0, 3, old), None);
+        assert_eq!(t.in_flight(), 0, "nothing holds the new commit point");
+        let new = t.generation("t", 0).unwrap();
+        assert!(t.begin_in("t", 0, 3, new).is_some());
     }
 
     #[test]

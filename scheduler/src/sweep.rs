@@ -471,9 +471,13 @@ impl Shared {
                     continue;
                 }
             }
-            let ticket = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset);
-            let Some(ticket) = ticket.filter(|t| t.generation == p.generation) else {
-                return Err(format!("partition {} revoked", rec.partition));
+            let ticket =
+                lock(&self.tracker).begin_in(&rec.topic, rec.partition, rec.offset, p.generation);
+            let Some(ticket) = ticket else {
+                // Revoked (perhaps assigned again meanwhile): not a failure. Its new owner, or
+                // the catch-up of the new assignment, sweeps it from the committed offset.
+                p.done = true;
+                continue;
             };
             if rec.offset >= p.began_at_end {
                 metrics::counter!(m::STRAGGLERS).increment(1);
