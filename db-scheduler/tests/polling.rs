@@ -210,7 +210,21 @@ async fn bad_rows_are_marked_failed_and_never_stop_the_poller() {
     .await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].header("sm-id").as_deref(), Some("m-2"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The bad rows are marked in the poll that published the good one: wait for it (deadline).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let failed = |r: Option<(String, Option<String>, i32)>| r.is_some_and(|r| r.0 == "failed");
+        let m0 = store.row_status("m-0").await.unwrap();
+        let m1 = store.row_status("m-1").await.unwrap();
+        if failed(m0) && failed(m1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bad rows never marked failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, error, attempts) = store.row_status("m-0").await.unwrap().unwrap();
     assert_eq!((status.as_str(), attempts), ("failed", 1));
     assert!(error.unwrap().contains("legal topic name"));
