@@ -169,6 +169,8 @@ pub enum ConfigError {
     NotPositive(&'static str),
     #[error("{0} is too long (at most {1})")]
     TooLong(&'static str, String),
+    #[error("slice retention {retention} is shorter than the longest a record can wait in one slice topic ({wait}: a turn of the top level's ring) plus an hour; records would be deleted before their sweep. Raise --slice-retention")]
+    RetentionTooShort { retention: String, wait: String },
 }
 
 /// Validated settings.
@@ -220,6 +222,19 @@ impl Settings {
                 "slice-prefix",
                 "200 characters".into(),
             ));
+        }
+        // A record waits in one slice topic at most a turn of the top level's ring (a record
+        // beyond the horizon is read and written again once per turn); retention must outlast it.
+        let top = ladder.levels() - 1;
+        let longest_wait = ladder.width(top).saturating_mul(ladder.slots());
+        let needed = longest_wait.saturating_add(3_600_000);
+        if millis(config.slice_retention) < needed {
+            let fmt =
+                |ms: i64| humantime::format_duration(Duration::from_millis(ms as u64)).to_string();
+            return Err(ConfigError::RetentionTooShort {
+                retention: fmt(millis(config.slice_retention)),
+                wait: fmt(longest_wait),
+            });
         }
         let mut config = config;
         if let Some(id) = &config.instance_id {
@@ -372,6 +387,18 @@ mod tests {
         assert!(parse(&["--memory-budget", "100"])
             .unwrap_err()
             .contains("1MiB"));
+    }
+
+    #[test]
+    fn a_retention_shorter_than_the_longest_wait_is_refused() {
+        // Defaults: 7 slots x 65,536 s (about 5.3 days) + 1 h, within 7 days.
+        assert!(parse(&[]).is_ok());
+        let err = parse(&["--slice-retention", "5days"]).unwrap_err();
+        assert!(
+            err.contains("slice retention") && err.contains("Raise"),
+            "{err}"
+        );
+        assert!(parse(&["--largest-slice", "1h", "--slice-retention", "9h"]).is_ok());
     }
 
     #[test]

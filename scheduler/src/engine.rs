@@ -382,7 +382,10 @@ impl Shared {
     ) {
         let out = dlq_original(rec, &self.settings.internal.dlq, why);
         let size = rec.payload.as_ref().map_or(0, Vec::len) + rec.key.as_ref().map_or(0, Vec::len);
-        let permit = self.budget.reserve(size).await;
+        let permit = self
+            .budget
+            .reserve(3 * size + crate::outbox::PER_RECORD_OVERHEAD)
+            .await;
         self.send(Send {
             out,
             then: Then::DeadLetter { reason: why.code() },
