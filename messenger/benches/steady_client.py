@@ -58,14 +58,15 @@ def create_topics(bootstrap, names, partitions):
                 raise
 
 
-def wait_assigned(consumer, deadline_s=30):
-    """Polls until the consumer has an assignment and a position (fetches started)."""
-    end = time.time() + deadline_s
-    while time.time() < end:
-        consumer.poll(0.1)
-        if consumer.assignment():
-            return
-    raise SystemExit("reader: no assignment within 30 s")
+def consumer(bootstrap, role, settings=None):
+    """A consumer at default settings but for a group of its own, reading from the beginning."""
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"steady-{role}-" + uuid.uuid4().hex[:8],
+        "auto.offset.reset": "earliest",
+    }
+    config.update(settings or {})
+    return Consumer(config)
 
 
 class Reader(threading.Thread):
@@ -73,14 +74,7 @@ class Reader(threading.Thread):
 
     def __init__(self, bootstrap, topic, partitions):
         super().__init__(daemon=True)
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "steady-reader-" + uuid.uuid4().hex[:8],
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
+        self.consumer = consumer(bootstrap, "reader", {"enable.auto.commit": False})
         self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
         self.arrivals = {}  # index -> [lateness ms, ...]
         self.stop = threading.Event()
@@ -105,13 +99,7 @@ class Relay(threading.Thread):
 
     def __init__(self, bootstrap, source, target):
         super().__init__(daemon=True)
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "steady-relay-" + uuid.uuid4().hex[:8],
-                "auto.offset.reset": "earliest",
-            }
-        )
+        self.consumer = consumer(bootstrap, "relay")
         self.consumer.subscribe([source])
         self.producer = Producer(
             {
