@@ -1,4 +1,4 @@
-//! The five measurements. Each runs on a broker of its own (nisshi with SQLite storage in a
+//! The measurements. Each runs on a broker of its own (nisshi with SQLite storage in a
 //! temporary directory), so that what one section leaves behind does not weigh on the next, and
 //! nothing is left on the developer's stack.
 
@@ -502,7 +502,7 @@ pub async fn recovery(
     }
 }
 
-// ---- 6. an ordinary client at a steady rate ----------------------------------------------------
+// ---- 0. an ordinary client at a steady rate ----------------------------------------------------
 
 /// One mode of `steady_client.py`, as it printed it.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
