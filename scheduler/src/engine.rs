@@ -1,11 +1,9 @@
 //! The engine: the data path from the ingest topic through the slices and the timer to the target,
 //! and the wiring of its stages.
 //!
-//! - ingest (`consume`): the group's consumer reads the ingest topic (slice partitions stay
-//!   assigned to it but paused: it owns them and commits them, the sweep readers read them). Each
-//!   record is parsed once and routed: due within the hold horizon, into the timer (one hop: its
-//!   ingest offset waits for the delivery); further out, into the coarsest slice window whose
-//!   sweep has not begun; bad records to the DLQ.
+//! - ingest ([`crate::ingest`]): the group's consumer reads the ingest topic (slice partitions
+//!   stay assigned to it but paused: it owns and commits them, the sweep readers read them); each
+//!   record goes to the timer (due within the hold horizon: one hop), a slice, or the DLQ.
 //! - the planner (`run_planner`) queues a sweep job per window as its sweep time comes; workers
 //!   ([`crate::sweep`]) run them with readers of their own.
 //! - the timer ([`crate::timer`]) publishes what it holds, in due order, never before its time.
@@ -29,15 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
-use crate::domain::{dlq_original, Incoming, Origin, Rejection, Scheduled};
+use crate::domain::{Origin, Scheduled};
 use crate::jobs::{Board, JobKind, JobSpec};
 use crate::kafka::{self, lock, EngineContext, RebalanceEvent, TopicSpec};
 use crate::metrics as m;
 use crate::offsets::{CommitPoint, OffsetTracker, Ticket, Tp};
-use crate::outbox::{weight, Budget, Send, Then};
-use crate::slice::{Ladder, Route, SliceId};
+use crate::outbox::{Budget, Send, Then};
+use crate::slice::{Ladder, SliceId};
 use crate::status::Status;
-use crate::sweep::{ActiveSweep, Cursor, SliceWrites};
+use crate::sweep::{Cursor, SliceWrites};
 use crate::time::{format_millis, Clock};
 use crate::timer::{self, Timed, TimerCmd, TimerView};
 use crate::Error;
@@ -48,9 +46,9 @@ pub(crate) const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A record waiting in the timer, with the ticket that releases its source offset once
 /// published and its share of the memory budget.
 pub(crate) struct TimerEntry {
-    scheduled: Scheduled,
-    ticket: Ticket,
-    permit: OwnedSemaphorePermit,
+    pub(crate) scheduled: Scheduled,
+    pub(crate) ticket: Ticket,
+    pub(crate) permit: OwnedSemaphorePermit,
 }
 
 impl Timed for TimerEntry {
@@ -71,10 +69,10 @@ pub(crate) struct Shared {
     pub(crate) producer: FutureProducer,
     /// Slice writes: batched longer, and never in front of a due delivery.
     pub(crate) slice_producer: FutureProducer,
-    consumer: Arc<StreamConsumer<EngineContext>>,
+    pub(crate) consumer: Arc<StreamConsumer<EngineContext>>,
     lookup: Arc<kafka::Lookup>,
     pub(crate) tracker: Arc<Mutex<OffsetTracker>>,
-    timer: mpsc::Sender<TimerCmd<TimerEntry>>,
+    pub(crate) timer: mpsc::Sender<TimerCmd<TimerEntry>>,
     timer_view: watch::Receiver<TimerView>,
     pub(crate) slice_writes: Arc<SliceWrites>,
     pub(crate) budget: Budget,
@@ -297,154 +295,6 @@ impl Shared {
         lock(&self.fatal).get_or_insert(reason);
         self.publish_status();
         self.token.cancel();
-    }
-
-    // ---- ingest ------------------------------------------------------------------------------
-
-    async fn consume(self: Arc<Self>) {
-        loop {
-            let rec = tokio::select! {
-                _ = self.intake.cancelled() => break,
-                msg = self.consumer.recv() => match msg {
-                    Ok(msg) => kafka::detach(&msg),
-                    Err(e) => {
-                        if let Some(reason) = kafka::fatal_consumer_error(&e) {
-                            return self.fail(reason);
-                        }
-                        tracing::warn!(error = %e, "consumer error");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            if rec.topic == self.settings.internal.ingest {
-                self.ingest(rec).await;
-            }
-            // Slice partitions are paused in this consumer: a record of one is a fetch that was
-            // in flight at the pause. The sweep reads it.
-        }
-    }
-
-    /// A record from the ingest topic: accepted and routed, or dead-lettered with its reason.
-    async fn ingest(self: &Arc<Self>, rec: Incoming) {
-        let Some(ticket) = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset) else {
-            return;
-        };
-        let internal = &self.settings.internal;
-        match Scheduled::from_ingest(&rec, self.settings.config.default_tz, internal) {
-            Err(why) => {
-                tracing::warn!(source = %rec.source(), reason = why.code(), detail = %why, "dead-lettering");
-                self.dead_letter_original(&rec, &why, ticket, None).await;
-            }
-            Ok(s) => {
-                metrics::counter!(m::SCHEDULED).increment(1);
-                let now = self.clock.now_ms();
-                let due = s.due.as_millis();
-                if due <= now {
-                    metrics::counter!(m::PAST_DUE).increment(1);
-                }
-                let mut route = self.next_place(due, now);
-                let mut permit = None;
-                if due - now <= self.settings.hold_ms {
-                    if let Route::Slice(_) = route {
-                        // Near: hold it in memory and deliver it in one hop, if the budget has
-                        // room now; otherwise the slice takes it, as further records.
-                        permit = self.budget.try_reserve(weight(&s));
-                        if permit.is_some() {
-                            route = Route::Timer;
-                        }
-                    }
-                }
-                self.forward(s, route, ticket, None, permit).await;
-            }
-        }
-    }
-
-    /// Where a record due at `due_ms` goes next at `now_ms`: the coarsest slice window of level 1
-    /// or up whose sweep has not begun, else the timer. Never level 0: a record the ladder would
-    /// put there is due within a level-1 window whose sweep has begun, so writing it there would
-    /// only cost one more produce and fetch; the timer holds it instead, and its source offset
-    /// waits for its delivery.
-    pub(crate) fn next_place(&self, due_ms: i64, now_ms: i64) -> Route {
-        match self.ladder().route(due_ms, now_ms) {
-            Route::Slice(id) if id.level > 0 => Route::Slice(id),
-            _ => Route::Timer,
-        }
-    }
-
-    /// Sends the record as it was read to the DLQ with the reason.
-    pub(crate) async fn dead_letter_original(
-        self: &Arc<Self>,
-        rec: &Incoming,
-        why: &Rejection,
-        ticket: Ticket,
-        sweep: Option<Arc<ActiveSweep>>,
-    ) {
-        let out = dlq_original(rec, &self.settings.internal.dlq, why);
-        let size = rec.payload.as_ref().map_or(0, Vec::len) + rec.key.as_ref().map_or(0, Vec::len);
-        let permit = self
-            .budget
-            .reserve(3 * size + crate::outbox::PER_RECORD_OVERHEAD)
-            .await;
-        self.send(Send {
-            out,
-            then: Then::DeadLetter { reason: why.code() },
-            scheduled: None,
-            ticket,
-            sweep,
-            slice_write: None,
-            _permit: permit,
-        })
-        .await;
-    }
-
-    /// Hands an accepted record to its next place, within the memory budget (waiting for room;
-    /// `permit` when the caller already holds the record's share).
-    pub(crate) async fn forward(
-        self: &Arc<Self>,
-        s: Scheduled,
-        route: Route,
-        ticket: Ticket,
-        sweep: Option<Arc<ActiveSweep>>,
-        permit: Option<OwnedSemaphorePermit>,
-    ) {
-        let permit = match permit {
-            Some(p) => p,
-            None => self.budget.reserve(weight(&s)).await,
-        };
-        match route {
-            Route::Timer => {
-                let headroom = s.due.as_millis() - self.clock.now_ms();
-                metrics::histogram!(m::TIMER_HEADROOM).record(headroom.max(0) as f64 / 1000.0);
-                if headroom < 0 && s.hops > 0 {
-                    metrics::counter!(m::TIMER_LATE).increment(1);
-                }
-                let entry = TimerEntry {
-                    scheduled: s,
-                    ticket,
-                    permit,
-                };
-                if self.timer.send(TimerCmd::Insert(entry)).await.is_err() {
-                    return; // stopping: the record stays uncommitted
-                }
-                if let Some(sweep) = sweep {
-                    sweep.placed(crate::sweep::Placed::Timer);
-                }
-            }
-            Route::Slice(id) => {
-                let out = s.to_slice(self.slice_topic(id));
-                self.send(Send {
-                    out,
-                    then: Then::Slice { level: id.level },
-                    scheduled: Some(s),
-                    ticket,
-                    sweep,
-                    slice_write: Some(self.slice_writes.begin(id)),
-                    _permit: permit,
-                })
-                .await;
-            }
-        }
     }
 
     /// Hands each record the timer says is due to the outbox, in the timer's order, unless its

@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 mod http;
+mod ingest;
 pub mod jobs;
 pub mod kafka;
 pub mod metrics;
