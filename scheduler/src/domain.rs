@@ -14,18 +14,20 @@ pub mod header {
     pub const TOPIC: &str = "topic";
     /// The schedule's id (user-supplied, optional).
     pub const ID: &str = "id";
-    /// The schedule's id, on every internal and delivered copy.
+    /// The schedule's id, on every delivered copy (and on slice copies of the earlier format).
     pub const SM_ID: &str = "sm-id";
-    /// The due time in UTC epoch milliseconds, on every internal and delivered copy.
+    /// The due time in UTC epoch milliseconds, on every delivered copy (and on slice copies of the
+    /// earlier format).
     pub const SM_DUE_MS: &str = "sm-due-ms";
     /// On a delivered copy: which scheduler delivered it, `kafka` or `mysql` (the baseline).
     pub const SM_PATH: &str = "sm-path";
-    /// The validated target topic, on internal copies.
+    /// Slice copies of the earlier format (still read, so that records written before an
+    /// upgrade are delivered after it): the validated target topic...
     pub const SM_TOPIC: &str = "sm-topic";
-    /// `partition-offset` of the record in the ingest topic: the tie-break that keeps the order of
-    /// records due at the same instant.
+    /// ...`partition-offset` of the record in the ingest topic (the tie-break that keeps the order
+    /// of records due at the same instant)...
     pub const SM_ORIGIN: &str = "sm-origin";
-    /// How many slices the record has passed through.
+    /// ...and how many slices the record had passed through. [`SM_COPY`] carries all three now.
     pub const SM_HOPS: &str = "sm-hops";
     /// Everything a slice copy needs, in one header (see [`super::SliceCopy`]): the broker stores
     /// a row per header, so one compact header instead of six named ones (and the user's `time`,

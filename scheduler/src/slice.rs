@@ -67,7 +67,7 @@ pub enum LadderError {
         "the sweep lead factor must be at least 1 and below the ratio ({ratio}); got {factor}"
     )]
     BadLeadFactor { factor: i64, ratio: i64 },
-    #[error("at least two levels are needed (largest >= smallest * ratio): level 0 is streamed into the timer, so it must not be the top level, which holds everything beyond the horizon")]
+    #[error("at least two levels are needed (largest >= smallest * ratio): level 0 is never swept (what would go there waits in the timer), so it must not be the top level, which holds everything beyond the horizon")]
     OneLevel,
 }
 
@@ -174,8 +174,9 @@ impl Ladder {
         self.ratio + 1 + self.lead_factor
     }
 
-    /// Slot topics of a level: level 0 is streamed (read continuously, never swept), so one topic
-    /// serves all its windows; swept levels have [`Ladder::slots`].
+    /// Slot topics of a level: level 0 is never swept (what would go there waits in the timer; its
+    /// one topic is read only by the catch-up on assignment, for an earlier version's records);
+    /// swept levels have [`Ladder::slots`].
     pub fn slots_of(&self, level: usize) -> i64 {
         if level == 0 {
             1
@@ -271,7 +272,7 @@ mod tests {
                 window: 7
             }),
             0,
-            "level 0 is one streamed topic"
+            "level 0 is one topic"
         );
     }
 
