@@ -136,6 +136,7 @@ async fn dashboards_name_only_exported_metrics_and_the_live_page_works() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "-pl failed: {text}");
     assert_eq!(
         text.matches("\x1b[H\x1b[J").count(),
         2,
@@ -355,12 +356,14 @@ fn every_option_of_the_script_does_what_it_says() {
         out.contains("/produce-messages"),
         "--all starts the experiment: {out}"
     );
-    let (_, out) = script(&["--dry-run", "--app"], "1");
+    let (ok, out) = script(&["--dry-run", "--app"], "1");
+    assert!(ok, "the script failed: {out}");
     assert!(
         out.contains("scheduler.yml") && !out.contains("messenger.yml"),
         "--app is the scheduler alone: {out}"
     );
-    let (_, out) = script(&["--dry-run"], "1");
+    let (ok, out) = script(&["--dry-run"], "1");
+    assert!(ok, "the script failed: {out}");
     assert!(
         out.contains("messenger.yml")
             && out.contains("db-scheduler.yml")
@@ -368,26 +371,32 @@ fn every_option_of_the_script_does_what_it_says() {
             && out.contains("/produce-messages"),
         "--exp is the default: {out}"
     );
-    let (_, out) = script(&["--dry-run", "--exp", "--grafana"], "1");
+    let (ok, out) = script(&["--dry-run", "--exp", "--grafana"], "1");
+    assert!(ok, "the script failed: {out}");
     assert!(
         out.contains("monitoring.yml") && !out.contains("--profile gui"),
         "{out}"
     );
-    let (_, out) = script(&["--dry-run", "--exp", "--gui"], "1");
+    let (ok, out) = script(&["--dry-run", "--exp", "--gui"], "1");
+    assert!(ok, "the script failed: {out}");
     assert!(
         out.contains("--profile gui") && !out.contains("monitoring.yml"),
         "{out}"
     );
-    let (_, out) = script(&["--dry-run", "-s"], "1");
+    let (ok, out) = script(&["--dry-run", "-s"], "1");
+    assert!(ok, "the script failed: {out}");
     assert!(out.contains("down --remove-orphans"), "{out}");
-    let (_, out) = script(&["--dry-run", "-c"], "1");
+    let (ok, out) = script(&["--dry-run", "-c"], "1");
+    assert!(ok, "the script failed: {out}");
     assert!(out.contains("rm -rf") && out.contains("target"), "{out}");
-    let (_, out) = script(&["--dry-run", "-dc"], "1");
+    let (ok, out) = script(&["--dry-run", "-dc"], "1");
+    assert!(ok, "the script failed: {out}");
     assert!(
         out.contains("down --volumes --rmi local") && out.contains("rm -rf"),
         "{out}"
     );
-    let (_, out) = script(&["--dry-run", "--exp"], "0");
+    let (ok, out) = script(&["--dry-run", "--exp"], "0");
+    assert!(ok, "the script failed: {out}");
     assert!(
         out.contains("no Docker engine") && !out.contains("docker compose"),
         "{out}"
