@@ -17,7 +17,7 @@ use crate::engine::{Shared, TimerEntry};
 use crate::kafka::{self, lock};
 use crate::metrics as m;
 use crate::offsets::Ticket;
-use crate::outbox::{weight, Send, Then};
+use crate::outbox::{in_memory, weight, Send, Then};
 use crate::slice::Route;
 use crate::sweep::ActiveSweep;
 use crate::timer::TimerCmd;
@@ -104,10 +104,7 @@ impl Shared {
     ) {
         let out = dlq_original(rec, &self.settings.internal.dlq, why);
         let size = rec.payload.as_ref().map_or(0, Vec::len) + rec.key.as_ref().map_or(0, Vec::len);
-        let permit = self
-            .budget
-            .reserve(3 * size + crate::outbox::PER_RECORD_OVERHEAD)
-            .await;
+        let permit = self.budget.reserve(in_memory(size)).await;
         self.send(Send {
             out,
             then: Then::DeadLetter { reason: why.code() },

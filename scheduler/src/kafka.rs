@@ -104,6 +104,31 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
     merge(c, base_config(settings))
 }
 
+/// A sweep worker's reader: outside the group, nothing committed, nothing assigned between
+/// sweeps. Offsets that are out of range are an error, never a silent reset: a slice read that
+/// finds its data already deleted has lost records, and that must be counted and seen.
+pub fn sweep_reader_config(settings: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // librdkafka refuses assign() without a group.id. This one is never joined (assign() does not
+    // join a group) and never committed to: our group's consumer commits the slices.
+    c.set("client.id", "sm-sweep")
+        .set(
+            "group.id",
+            format!("{}.sweep-readers", settings.config.group_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100")
+        // Keep the prefetch small: the sweep routes as fast as records come, and the memory
+        // budget, not librdkafka's queue, should hold what is waiting.
+        .set("queued.max.messages.kbytes", "2048")
+        .set("queued.min.messages", "2000")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    merge(c, base_config(settings))
+}
+
 /// A client for the round trips that look positions up: watermarks and the group's committed
 /// offsets. It is separate from the engine's consumer so that these requests never queue in front
 /// of the consumer's fetches (a broker may answer one connection's requests in order, and the local

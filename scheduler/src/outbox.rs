@@ -79,19 +79,22 @@ impl Budget {
 /// million records: with 1 KiB, 64 MiB admitted ~64,000 sends and the process grew to 186 MiB;
 /// with 2 KiB (~22,000 sends) still 181-186 MiB; each send in flight costs about 5 KiB more than
 /// its bytes. (One acknowledgement collector instead of a task per send would lower it.)
-pub(crate) const PER_RECORD_OVERHEAD: usize = 6 << 10;
+const PER_RECORD_OVERHEAD: usize = 6 << 10;
 
-/// The memory a record occupies while the engine holds it: its key, value and headers three times
-/// (the parsed record, the outgoing copy, librdkafka's copy) plus [`PER_RECORD_OVERHEAD`].
+/// The memory a record of `bytes` (key, value and headers) occupies while the engine holds it:
+/// three copies (the parsed record, the outgoing copy, librdkafka's) plus [`PER_RECORD_OVERHEAD`].
+pub fn in_memory(bytes: usize) -> usize {
+    3 * bytes + PER_RECORD_OVERHEAD
+}
+
+/// [`in_memory`] of a parsed record.
 pub fn weight(s: &Scheduled) -> usize {
     let headers: usize = s
         .user_headers
         .iter()
         .map(|(n, v)| n.len() + v.as_ref().map_or(0, Vec::len))
         .sum();
-    let bytes =
-        s.key.as_ref().map_or(0, Vec::len) + s.payload.as_ref().map_or(0, Vec::len) + headers;
-    3 * bytes + PER_RECORD_OVERHEAD
+    in_memory(s.key.as_ref().map_or(0, Vec::len) + s.payload.as_ref().map_or(0, Vec::len) + headers)
 }
 
 /// What acknowledging a send means.

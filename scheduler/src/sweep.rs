@@ -180,33 +180,9 @@ struct PartitionSweep {
     done: bool,
 }
 
-/// A sweep worker's reader: outside the group, nothing committed, nothing assigned between sweeps. Offsets
-/// that are out of range are an error, never a silent reset: a slice read that finds its data
-/// already deleted has lost records, and that must be counted and seen.
+/// A sweep worker's reader (settings in [`kafka::sweep_reader_config`]).
 pub(crate) fn reader(settings: &Settings) -> Result<StreamConsumer, Error> {
-    let mut c = kafka::base_config(settings);
-    // librdkafka refuses assign() without a group.id. This one is never joined (assign() does not
-    // join a group) and never committed to: our group's consumer commits the slices.
-    c.set("client.id", "sm-sweep")
-        .set(
-            "group.id",
-            format!("{}.sweep-readers", settings.config.group_id),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "error")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "100")
-        // Keep the prefetch per partition small: the sweep routes as fast as records come, and
-        // the memory budget, not librdkafka's queue, should hold what is waiting.
-        .set("queued.max.messages.kbytes", "2048")
-        .set("queued.min.messages", "2000")
-        .set("topic.metadata.refresh.interval.ms", "10000");
-    // Pass-through properties (TLS, SASL...) override these, as for every client.
-    for (k, v) in &settings.config.kafka_properties {
-        c.set(k, v);
-    }
-    Ok(c.create()?)
+    Ok(kafka::sweep_reader_config(settings).create()?)
 }
 
 /// Delays between attempts of a failed sweep: 200 ms doubling to 10 s, with jitter.
