@@ -94,25 +94,27 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
         );
     }
     // The bound the design promises: a record is delivered again only if its source offset was
-    // not yet committed when its partition changed owner: at the kill, or in the rebalances of the
-    // restart (a revoke and re-assign re-reads from the commit point too). Offsets wait only for
-    // records held in memory (due within the hold horizon, or swept into the timer: at most
-    // w1 + lead1 ahead, 1.2 s with the test ladder) or in flight, so every duplicate's first copy
-    // was published close to the kill: within that horizon plus the commit interval and the
-    // broker's acknowledgement latency under this suite's load (a generous 5 s), either side.
+    // not yet committed when its partition changed owner. Here that happens at the kill, and again
+    // in the rebalances after it, up to the session timeout (6 s in the tests), when the broker
+    // may drop the dead member (a revoke and re-assign re-reads from the commit point too).
+    // Offsets wait only for records held in memory (due within the hold horizon, or swept into the
+    // timer: at most w1 + lead1 ahead, 1.2 s with the test ladder) or in flight, so every
+    // duplicate's first copy was published within that horizon, plus the commit interval and the
+    // broker's acknowledgement latency under this suite's load (a generous 5 s), of those moments.
     let settings = names.settings();
     let ladder = &settings.ladder;
     let held = settings.hold_ms.max(ladder.width(1) + ladder.lead(1));
-    let window = held + 100 + 5_000;
+    let slack = held + 100 + 5_000;
+    let session_timeout = 6_000;
     for (id, copies) in by_id(&all).iter().filter(|(_, v)| v.len() > 1) {
         let first = copies.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
         assert!(
-            (first - killed_at).abs() <= window,
+            first >= killed_at - slack && first <= killed_at + session_timeout + slack,
             "{id} was delivered twice, first {} ms from the kill: only what was unacknowledged when its partition changed owner may come again",
             first - killed_at
         );
     }
-    eprintln!("{dups} duplicates, each first published within {window} ms of the kill");
+    eprintln!("{dups} duplicates, each first published between {slack} ms before and {} ms after the kill", session_timeout + slack);
 }
 
 /// Two schedulers share the work in one group; one is killed, the other takes over its partitions
