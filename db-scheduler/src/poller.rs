@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
-use scheduler::domain::Rejection;
 use scheduler::domain::{header, InternalTopics, Outgoing};
 use scheduler::kafka;
 use scheduler::metrics as m;
@@ -104,14 +103,8 @@ impl Poller {
 
     /// The scheduler's own table of send errors decides, so both paths treat a failure alike.
     fn verdict(&self, e: &KafkaError, row: &DueRow) -> Verdict {
-        match fate(e, Destination::Target) {
-            Fate::DeadLetter(why) => {
-                let why = match why {
-                    Rejection::UnknownTopic(_) => Rejection::UnknownTopic(row.topic.clone()),
-                    other => other,
-                };
-                Verdict::Failed(why.to_string(), why.code())
-            }
+        match fate(e, Destination::Target, &row.topic) {
+            Fate::DeadLetter(why) => Verdict::Failed(why.to_string(), why.code()),
             other => {
                 tracing::warn!(id = %row.id, error = %e, ?other, "publish failed; the row stays pending");
                 Verdict::Retry

@@ -364,7 +364,7 @@ impl Shared {
     fn publish_status(&self) {
         let (assigned, in_flight) = {
             let t = lock(&self.tracker);
-            (t.owned().len(), t.in_flight())
+            (t.owned_count(), t.in_flight())
         };
         let timer = *self.timer_view.borrow();
         let behind = self.sweeps_behind.load(Ordering::SeqCst);

@@ -188,6 +188,11 @@ impl OffsetTracker {
         out
     }
 
+    /// How many partitions this process owns now.
+    pub fn owned_count(&self) -> usize {
+        self.partitions.len()
+    }
+
     /// The partitions this process owns now.
     pub fn owned(&self) -> Vec<Tp> {
         self.partitions.keys().cloned().collect()

@@ -154,8 +154,9 @@ pub enum Fate {
     Halt(String),
 }
 
-/// The one table of send errors: by librdkafka error code and destination, what follows.
-pub fn fate(err: &KafkaError, to: Destination) -> Fate {
+/// The one table of send errors: by librdkafka error code and destination (`topic`, named in
+/// a rejection), what follows.
+pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
     use RDKafkaErrorCode as C;
     let code = match err {
         KafkaError::MessageProduction(code) => *code,
@@ -174,7 +175,7 @@ pub fn fate(err: &KafkaError, to: Destination) -> Fate {
     };
     match code {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => match to {
-            Destination::Target => Fate::DeadLetter(Rejection::UnknownTopic(String::new())),
+            Destination::Target => Fate::DeadLetter(Rejection::UnknownTopic(topic.to_string())),
             Destination::Slice => Fate::RecreateSlice,
             Destination::DeadLetter => Fate::Halt(format!("the DLQ topic is missing: {code}")),
         },
@@ -290,7 +291,7 @@ impl Shared {
                 Ok(()) => return self.acknowledged(send),
                 Err(e) => e,
             };
-            let mut fate = fate(&err, send.then.destination());
+            let mut fate = fate(&err, send.then.destination(), &send.out.topic);
             if fate == Fate::RetryFew {
                 unknown_attempts += 1;
                 fate = if unknown_attempts < UNKNOWN_ERROR_ATTEMPTS {
@@ -305,12 +306,6 @@ impl Shared {
             }
             match fate {
                 Fate::DeadLetter(why) => {
-                    let why = match why {
-                        Rejection::UnknownTopic(_) => {
-                            Rejection::UnknownTopic(send.out.topic.clone())
-                        }
-                        other => other,
-                    };
                     tracing::warn!(topic = %send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
                     let dlq = &self.settings.internal.dlq;
                     send.out = match &send.scheduled {
@@ -408,14 +403,14 @@ mod tests {
     use RDKafkaErrorCode as C;
 
     fn of(code: RDKafkaErrorCode, to: Destination) -> Fate {
-        fate(&KafkaError::MessageProduction(code), to)
+        fate(&KafkaError::MessageProduction(code), to, "t")
     }
 
     #[test]
     fn a_missing_topic_is_the_records_fault_only_at_a_target() {
         assert!(matches!(
             of(C::UnknownTopicOrPartition, Destination::Target),
-            Fate::DeadLetter(Rejection::UnknownTopic(_))
+            Fate::DeadLetter(Rejection::UnknownTopic(t)) if t == "t"
         ));
         assert_eq!(
             of(C::UnknownTopicOrPartition, Destination::Slice),
@@ -485,7 +480,7 @@ mod tests {
             Fate::RetryFew
         );
         assert_eq!(
-            fate(&KafkaError::Canceled, Destination::Target),
+            fate(&KafkaError::Canceled, Destination::Target, "t"),
             Fate::Retry,
             "a client-side error says nothing about the record"
         );
