@@ -379,7 +379,7 @@ impl ConsumerContext for EngineContext {
             let revoked = tps(list);
             let points = lock(&self.tracker).revoke(revoked.iter());
             if !points.is_empty() {
-                if let Err(e) = crate::engine::commit_offsets(consumer, &points) {
+                if let Err(e) = crate::committer::commit_offsets(consumer, &points) {
                     tracing::warn!(error = %e, "commit before revoke failed; the next owner re-reads from the previous commit");
                 }
             }

@@ -5,6 +5,7 @@
 //! early, at least once, with its key, value and headers. [`run`] is the whole service; the
 //! `scheduler` binary only parses [`config::Config`] and calls it.
 
+mod committer;
 pub mod config;
 pub mod domain;
 pub mod engine;
@@ -12,9 +13,12 @@ mod http;
 mod ingest;
 pub mod jobs;
 pub mod kafka;
+pub mod lanes;
+pub mod latency;
 pub mod metrics;
 pub mod offsets;
 pub mod outbox;
+mod planner;
 pub mod slice;
 pub mod status;
 mod sweep;

@@ -7,10 +7,12 @@
 //! retried in place with backoff and jitter, dead-lettered with a reason, the missing slice topic
 //! created again, or the process halted (a refused DLQ write, a fatal client error): never dropped.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::future::BoxFuture;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -233,15 +235,20 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
     }
 }
 
-/// Delays between retries: doubling from `min` to `max`, for as long as asked, with jitter so that
-/// many failures (sends, sweeps) do not retry in step.
-pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+/// The workspace's one retry schedule: delays doubling from `min` to `max`, without a limit on
+/// tries, with jitter so that many failures (sends, sweeps, writers) do not retry in step. Limit
+/// the tries with `with_max_times` where giving up is the right end.
+pub fn backoff_builder(min: Duration, max: Duration) -> ExponentialBuilder {
     ExponentialBuilder::new()
         .with_min_delay(min)
         .with_max_delay(max)
         .with_jitter()
         .without_max_times()
-        .build()
+}
+
+/// [`backoff_builder`]'s delays, for loops that pace themselves.
+pub fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    backoff_builder(min, max).build()
 }
 
 /// Delays between retries of one send: 100 ms doubling to 5 s.
@@ -249,14 +256,73 @@ fn retry_delays() -> impl Iterator<Item = Duration> {
     backoff(Duration::from_millis(100), Duration::from_secs(5))
 }
 
+/// A send with its place in the outbox's order and its count of unknown errors.
+pub(crate) struct Tracked {
+    send: Send,
+    seq: u64,
+    unknown_attempts: usize,
+}
+
+/// How a send handed to the producer ended.
+enum Outcome {
+    Acknowledged,
+    Failed(KafkaError),
+    /// The producer is gone (shutdown): the record stays uncommitted.
+    Abandoned,
+}
+
+async fn outcome(queued: Result<DeliveryFuture, KafkaError>) -> Outcome {
+    match queued {
+        Ok(fut) => match fut.await {
+            Ok(Ok(_)) => Outcome::Acknowledged,
+            Ok(Err((e, _))) => Outcome::Failed(e),
+            Err(_) => Outcome::Abandoned,
+        },
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
 impl Shared {
     /// Enqueues the record now (so records leave in the order they are handed over) and awaits
     /// the broker's acknowledgement in a task of its own, so sends never wait on each other.
+    /// While its topic has an open retry lane ([`crate::lanes`]), the record joins the lane
+    /// instead, behind the records that failed before it.
     pub(crate) async fn send(self: &Arc<Self>, send: Send) {
-        let queued = enqueue(self.producer_for(send.then), &send.out).await;
-        let me = self.clone();
-        self.acks
-            .spawn(async move { me.complete(send, queued).await });
+        let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
+        let tracked = Tracked {
+            send,
+            seq,
+            unknown_attempts: 0,
+        };
+        self.clone().dispatch(tracked).await;
+    }
+
+    /// Sends a record at once, unless its topic's lane is open (then it joins the lane). Boxed,
+    /// with its type spelled out: a send's completion may dispatch another (its DLQ copy).
+    fn dispatch(self: Arc<Self>, t: Tracked) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let topic = t.send.out.topic.clone();
+            let Some(t) = kafka::lock(&self.lanes).divert(&topic, t.seq, t) else {
+                return;
+            };
+            let queued = enqueue(self.producer_for(t.send.then), &t.send.out).await;
+            let me = self.clone();
+            self.acks.spawn(async move { me.complete(t, queued).await });
+        })
+    }
+
+    /// Awaits a send's acknowledgement and does what its outcome says.
+    async fn complete(self: Arc<Self>, t: Tracked, queued: Result<DeliveryFuture, KafkaError>) {
+        match outcome(queued).await {
+            Outcome::Acknowledged => self.acknowledged(t.send),
+            Outcome::Abandoned => {}
+            Outcome::Failed(e) => {
+                if let Some(dead) = self.failed(t, e).await {
+                    let me = self.clone();
+                    self.acks.spawn(me.dispatch(dead));
+                }
+            }
+        }
     }
 
     /// Deliveries and the DLQ on one producer (linger ~1 ms: they are due now), slice writes on
@@ -268,77 +334,112 @@ impl Shared {
         }
     }
 
-    /// Awaits the acknowledgement; on a failure, does what [`fate`] says, retrying the same record
-    /// in place (so records of one key keep their order behind it).
-    async fn complete(
-        self: Arc<Self>,
-        mut send: Send,
-        mut queued: Result<DeliveryFuture, KafkaError>,
-    ) {
-        let mut delays = retry_delays();
-        let mut unknown_attempts = 0;
-        loop {
-            let result = match queued {
-                Ok(fut) => match fut.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    // The producer is gone (shutdown): the record stays uncommitted.
-                    Err(_) => return,
-                },
-                Err(e) => Err(e),
+    /// Does what [`fate`] says with a failed send: a retry joins its topic's lane (in its first
+    /// send's order, so records of one key keep their order behind it), a refusal goes to the
+    /// DLQ (the DLQ copy is returned, to be dispatched), a missing slice topic is created again,
+    /// anything else halts the process.
+    async fn failed(self: &Arc<Self>, mut t: Tracked, err: KafkaError) -> Option<Tracked> {
+        let to = t.send.then.destination();
+        let mut fate = fate(&err, to, &t.send.out.topic);
+        if fate == Fate::RetryFew {
+            t.unknown_attempts += 1;
+            fate = if t.unknown_attempts < UNKNOWN_ERROR_ATTEMPTS {
+                Fate::Retry
+            } else if to == Destination::Target {
+                Fate::DeadLetter(Rejection::RefusedByBroker(format!(
+                    "{err} (after {} attempts)",
+                    t.unknown_attempts
+                )))
+            } else {
+                Fate::Halt(format!("{} refuses our writes: {err}", t.send.out.topic))
             };
-            let err = match result {
-                Ok(()) => return self.acknowledged(send),
-                Err(e) => e,
-            };
-            let mut fate = fate(&err, send.then.destination(), &send.out.topic);
-            if fate == Fate::RetryFew {
-                unknown_attempts += 1;
-                fate = if unknown_attempts < UNKNOWN_ERROR_ATTEMPTS {
-                    Fate::Retry
-                } else if send.then.destination() == Destination::Target {
-                    Fate::DeadLetter(Rejection::RefusedByBroker(format!(
-                        "{err} (after {unknown_attempts} attempts)"
-                    )))
-                } else {
-                    Fate::Halt(format!("{} refuses our writes: {err}", send.out.topic))
+        }
+        match fate {
+            Fate::DeadLetter(why) => {
+                tracing::warn!(topic = %t.send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
+                let mut send = t.send;
+                let dlq = &self.settings.internal.dlq;
+                send.out = match &send.scheduled {
+                    Some(s) => s.to_dlq(dlq, &why),
+                    None => send.out,
                 };
+                send.then = Then::DeadLetter { reason: why.code() };
+                send.slice_write = None;
+                return Some(Tracked {
+                    send,
+                    seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
+                    unknown_attempts: 0,
+                });
             }
-            match fate {
-                Fate::DeadLetter(why) => {
-                    tracing::warn!(topic = %send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
-                    let dlq = &self.settings.internal.dlq;
-                    send.out = match &send.scheduled {
-                        Some(s) => s.to_dlq(dlq, &why),
-                        None => send.out,
-                    };
-                    send.then = Then::DeadLetter { reason: why.code() };
-                    send.slice_write = None;
-                    delays = retry_delays();
+            // The record stays uncommitted; the next owner (after a fix) sends it again.
+            Fate::Halt(reason) => self.fail(reason),
+            Fate::RecreateSlice => {
+                tracing::warn!(topic = %t.send.out.topic, "slice topic missing; creating it again");
+                let spec = self.slice_spec(&t.send.out.topic);
+                if let Err(e) = kafka::ensure_topics(&self.settings, &[spec]).await {
+                    tracing::warn!(error = %e, "could not create the slice topic");
                 }
-                Fate::Halt(reason) => {
-                    // The record stays uncommitted; the next owner (after a fix) sends it again.
-                    return self.fail(reason);
-                }
-                Fate::RecreateSlice => {
-                    tracing::warn!(topic = %send.out.topic, "slice topic missing; creating it again");
-                    let spec = self.slice_spec(&send.out.topic);
-                    if let Err(e) = kafka::ensure_topics(&self.settings, &[spec]).await {
-                        tracing::warn!(error = %e, "could not create the slice topic");
-                    }
-                    if !self.pause(&mut delays).await {
-                        return;
-                    }
-                }
-                Fate::Retry | Fate::RetryFew => {
-                    tracing::warn!(topic = %send.out.topic, error = %err, "send failed; retrying");
-                    metrics::counter!(m::SEND_RETRIES).increment(1);
-                    if !self.pause(&mut delays).await {
-                        return;
+                self.hold(t);
+            }
+            Fate::Retry | Fate::RetryFew => {
+                tracing::warn!(topic = %t.send.out.topic, error = %err, "send failed; retrying");
+                metrics::counter!(m::SEND_RETRIES).increment(1);
+                self.hold(t);
+            }
+        }
+        None
+    }
+
+    /// Puts a failed send in its topic's retry lane, starting the lane's task if it was closed.
+    fn hold(self: &Arc<Self>, t: Tracked) {
+        let topic = t.send.out.topic.clone();
+        if kafka::lock(&self.lanes).hold(&topic, t.seq, t) {
+            let me = self.clone();
+            self.acks.spawn(async move { me.drain_lane(topic).await });
+        }
+    }
+
+    /// A topic's retry lane: after a backoff, sends what it holds again, all in their first
+    /// order, and awaits them in that order; closes once everything in it was acknowledged (or
+    /// given another fate) and nothing new joined. Stops with the engine: what it holds then
+    /// stays uncommitted.
+    async fn drain_lane(self: Arc<Self>, topic: String) {
+        let mut delays = retry_delays();
+        let mut wait = true;
+        loop {
+            if wait && !self.pause(&mut delays).await {
+                return;
+            }
+            let batch = kafka::lock(&self.lanes).take(&topic);
+            let mut queued = Vec::with_capacity(batch.len());
+            for (_, t) in batch {
+                let q = enqueue(self.producer_for(t.send.then), &t.send.out).await;
+                queued.push((t, q));
+            }
+            wait = false;
+            for (t, q) in queued {
+                match outcome(q).await {
+                    Outcome::Acknowledged => self.acknowledged(t.send),
+                    Outcome::Abandoned => return,
+                    Outcome::Failed(e) => {
+                        let retry = matches!(
+                            fate(&e, t.send.then.destination(), &t.send.out.topic),
+                            Fate::Retry | Fate::RetryFew | Fate::RecreateSlice
+                        );
+                        wait |= retry;
+                        if let Some(dead) = self.failed(t, e).await {
+                            let me = self.clone();
+                            self.acks.spawn(me.dispatch(dead));
+                        }
                     }
                 }
             }
-            queued = enqueue(self.producer_for(send.then), &send.out).await;
+            if kafka::lock(&self.lanes).close_if_empty(&topic) {
+                return;
+            }
+            if !wait {
+                delays = retry_delays();
+            }
         }
     }
 

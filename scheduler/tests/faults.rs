@@ -210,3 +210,75 @@ async fn a_burst_due_at_one_instant_does_not_stall_the_others() {
     );
     sched.stop().await.expect("clean stop");
 }
+
+/// A record its target refuses for good and the DLQ refuses too (here: larger than the producer's
+/// `message.max.bytes`, so both sends fail in the client) halts the process: `/healthz` answers
+/// `failed` with the reason, `stop` returns the error (the binary exits non-zero with it), and
+/// the record's offset stays uncommitted, so the next owner (after a fix) sends it again. The
+/// record before it is delivered and committed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_dlq_refuses_halts_the_process_and_stays_uncommitted() {
+    let names = Names::new("dlqrefused");
+    create_topic(&names.target, 1).await;
+    let flags = ["-X", "message.max.bytes=20000", "--ingest-partitions", "1"];
+    let sched = start_in_process_with(&names, &flags).await;
+    let http = sched.http_addr.to_string();
+    let p = producer();
+    let now = now_ms().to_string();
+    let headers = |id: &'static str| {
+        vec![
+            ("time", now.as_bytes()),
+            ("topic", names.target.as_bytes()),
+            ("id", id.as_bytes()),
+        ]
+    };
+    produce(&p, &names.ingest, None, b"fits", &headers("ok")).await;
+    let reader = reader(&names.target, 1);
+    let first = collect(&reader, Duration::from_secs(30), |r| !r.is_empty()).await;
+    assert_eq!(first.len(), 1, "the good record is delivered");
+    produce(
+        &p,
+        &names.ingest,
+        None,
+        &vec![b'x'; 30_000],
+        &headers("big"),
+    )
+    .await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let health = loop {
+        let h: serde_json::Value = reqwest::get(format!("http://{http}/healthz"))
+            .await
+            .expect("healthz answers")
+            .json()
+            .await
+            .expect("healthz is JSON");
+        if h["status"] == "failed" || std::time::Instant::now() > deadline {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health["status"], "failed", "{health}");
+    let reason = health["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("DLQ"), "{reason}");
+    let stopped = sched.stop().await;
+    assert!(
+        matches!(&stopped, Err(e) if e.to_string().contains("DLQ")),
+        "{stopped:?}"
+    );
+
+    let settings = names.settings_with(&flags);
+    let lookup = scheduler::kafka::Lookup::new(&settings).expect("lookup client");
+    let tp = (names.ingest.clone(), 0);
+    let committed = tokio::task::block_in_place(|| {
+        lookup.committed(std::slice::from_ref(&tp), Duration::from_secs(10))
+    })
+    .expect("committed offsets");
+    assert_eq!(
+        committed.get(&tp),
+        Some(&1),
+        "committed up to the refused record (offset 1), not past it"
+    );
+    let rest = collect(&reader, Duration::from_secs(2), |_| false).await;
+    assert!(rest.is_empty(), "the refused record was not delivered");
+}

@@ -1,0 +1,136 @@
+//! The committer: commits, per partition, up to the lowest record not yet acknowledged in its
+//! next place (the [`OffsetTracker`] says where), and only marks a point committed once the broker
+//! acknowledged the commit. It also publishes the status snapshot the HTTP API reads, and the
+//! pending-records statistics.
+//!
+//! Receives nothing but ticks; reads the tracker, the timer's view and the budget; sends the
+//! [`Status`] on a watch channel.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::engine::{Shared, BROKER_TIMEOUT};
+use crate::kafka::lock;
+use crate::metrics as m;
+use crate::offsets::CommitPoint;
+use crate::status::Status;
+use crate::time::format_millis;
+
+impl Shared {
+    pub(crate) async fn run_committer(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.config.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.token.cancelled() => break,
+            }
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.commit()).await;
+            self.publish_status();
+        }
+    }
+
+    /// Commits every partition's safe point that moved, and marks them committed once the broker
+    /// has acknowledged the commit; a failed commit is offered again on the next tick.
+    pub(crate) fn commit(&self) {
+        let points = lock(&self.tracker).commit_points();
+        if points.is_empty() {
+            return;
+        }
+        match commit_offsets(&*self.consumer, &points) {
+            Ok(()) => lock(&self.tracker).committed(&points),
+            Err(e) => tracing::warn!(error = %e, "commit failed; retrying"),
+        }
+    }
+
+    /// Publishes the status snapshot (and the gauges that mirror it).
+    pub(crate) fn publish_status(&self) {
+        let (assigned, in_flight) = {
+            let t = lock(&self.tracker);
+            (t.owned_count(), t.in_flight())
+        };
+        let timer = *self.timer_view.borrow();
+        let behind = self.sweeps_behind.load(Ordering::SeqCst);
+        let fatal = lock(&self.fatal).clone();
+        let (status, reason) = Status::health(fatal.as_deref(), self.intake.is_cancelled(), behind);
+        metrics::gauge!(m::TIMER_PENDING).set(timer.pending as f64);
+        metrics::gauge!(m::NEXT_DUE).set(timer.next_due.map_or(0.0, |d| d as f64 / 1000.0));
+        metrics::gauge!(m::IN_FLIGHT).set(in_flight as f64);
+        metrics::gauge!(m::MEMORY_USED).set(self.budget.used() as f64);
+        metrics::gauge!(m::SWEEPS_BEHIND).set(behind as f64);
+        self.status.send_replace(Status {
+            status,
+            reason,
+            assigned_partitions: assigned,
+            in_flight,
+            timer_pending: timer.pending,
+            next_due: timer.next_due.map(format_millis),
+            memory_used: self.budget.used(),
+            memory_budget: self.settings.config.memory_budget,
+            sweeps_behind: behind,
+        });
+    }
+
+    /// Pending records per level in the slices this process owns (high watermark minus the
+    /// committed offset), every 30 s: one round trip per partition, so not more often.
+    pub(crate) async fn run_stats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.intake.cancelled() => break,
+            }
+            let me = self.clone();
+            let Ok(Ok((per_level, ingest_lag))) =
+                tokio::task::spawn_blocking(move || me.pending()).await
+            else {
+                continue;
+            };
+            for (level, pending) in per_level.into_iter().enumerate() {
+                metrics::gauge!(m::SLICE_PENDING, "level" => level.to_string()).set(pending as f64);
+            }
+            metrics::gauge!(m::INGEST_LAG).set(ingest_lag as f64);
+        }
+    }
+
+    /// Records not yet committed in the partitions this process owns: per slice level, and in
+    /// the ingest topic (the consumer lag).
+    fn pending(&self) -> KafkaResult<(Vec<i64>, i64)> {
+        let mut per_level = vec![0i64; self.ladder().levels()];
+        let mut ingest = 0;
+        let owned = lock(&self.tracker).owned();
+        if owned.is_empty() {
+            return Ok((per_level, ingest));
+        }
+        let committed = self.lookup.committed(&owned, BROKER_TIMEOUT)?;
+        let marks = self.lookup.watermarks(&owned, BROKER_TIMEOUT)?;
+        for (tp, (low, high)) in marks {
+            let from = committed.get(&tp).map_or(low, |&c| c.max(low));
+            let lag = (high - from).max(0);
+            match self.slices.get(&tp.0) {
+                Some(&(level, _)) => per_level[level] += lag,
+                None if tp.0 == self.settings.internal.ingest => ingest += lag,
+                None => {}
+            }
+        }
+        Ok((per_level, ingest))
+    }
+}
+
+/// Commits the points synchronously: returns once the broker acknowledged (or refused) them.
+pub(crate) fn commit_offsets<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    points: &[CommitPoint],
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in points {
+        tpl.add_partition_offset(&p.tp.0, p.tp.1, Offset::Offset(p.offset))?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync)
+}
