@@ -117,6 +117,12 @@ pub struct Config {
     #[arg(long, env = "SM_COMMIT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub commit_interval: Duration,
 
+    /// The longest a clean stop (SIGTERM, Ctrl-C) takes: the timer publishes what it holds and
+    /// in-flight sends finish within it; what does not stays uncommitted and is sent again by
+    /// the next owner. `messagescheduler.sh` waits this long plus 10 s before SIGKILL.
+    #[arg(long, env = "SM_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
     /// Any librdkafka property for every client, as key=value (repeat the flag; in the environment
     /// separate pairs with ';'). For TLS and SASL: security.protocol, ssl.ca.location,
     /// sasl.mechanism, sasl.username, sasl.password...
@@ -285,6 +291,7 @@ impl Settings {
             replication_factor: c.replication_factor,
             slice_retention_ms: millis(c.slice_retention),
             commit_interval_ms: millis(c.commit_interval),
+            shutdown_timeout_ms: millis(c.shutdown_timeout),
             kafka_properties: c
                 .kafka_properties
                 .iter()
@@ -348,6 +355,7 @@ pub struct ConfigView {
     pub replication_factor: i32,
     pub slice_retention_ms: i64,
     pub commit_interval_ms: i64,
+    pub shutdown_timeout_ms: i64,
     pub kafka_properties: Vec<(String, String)>,
 }
 
@@ -428,11 +436,23 @@ mod tests {
             "-X",
             "sasl.password=hunter2",
             "-X",
+            "ssl.key.password=hunter3",
+            "-X",
+            "sasl.oauthbearer.client.secret=hunter4",
+            "-X",
+            "SASL.JAAS.CONFIG=hunter5",
+            "-X",
             "security.protocol=SASL_SSL",
+            "-X",
+            // A value that merely looks like a secret is shown: redaction goes by key.
+            "client.id=password-reset-service",
         ])
         .unwrap();
         let view = serde_json::to_string(&s.view()).unwrap();
-        assert!(!view.contains("hunter2"));
+        for secret in ["hunter2", "hunter3", "hunter4", "hunter5"] {
+            assert!(!view.contains(secret), "{secret} shown: {view}");
+        }
         assert!(view.contains("SASL_SSL"));
+        assert!(view.contains("password-reset-service"));
     }
 }
