@@ -195,6 +195,18 @@ impl Messenger {
         started: tokio::sync::oneshot::Sender<String>,
     ) -> Result<Report, Error> {
         exp.validate()?;
+        self.live.runs.begin();
+        let result = self.run_to_report(exp, faults, started).await;
+        self.live.runs.end();
+        result
+    }
+
+    async fn run_to_report(
+        &self,
+        exp: &Experiment,
+        faults: &Faults,
+        started: tokio::sync::oneshot::Sender<String>,
+    ) -> Result<Report, Error> {
         let run_id = format!("run{}", chrono::Utc::now().format("%Y%m%d%H%M%S%3f"));
         self.audit
             .start_run(
@@ -220,8 +232,12 @@ impl Messenger {
         while !self.live.complete(&run_id, &paths) && now_ms() < deadline_ms {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Late duplicates arrive within moments of the originals; give them a moment too.
-        tokio::time::sleep(Duration::from_secs(1) + self.conn.processing_time * 2).await;
+        // Late duplicates arrive within moments of the originals: wait until arrivals are quiet.
+        self.arrivals_quiet(
+            &run_id,
+            Duration::from_secs(1) + self.conn.processing_time * 2,
+        )
+        .await;
         self.finish(&run_id).await
     }
 
@@ -245,9 +261,28 @@ impl Messenger {
         Ok(report)
     }
 
-    /// Lets simulated sends in progress finish, so their audit records are in the flush.
+    /// Waits until no copy of the run has arrived for `quiet` (at most 30 s in all).
+    async fn arrivals_quiet(&self, run_id: &str, quiet: Duration) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = self.live.arrivals(run_id);
+        let mut since = tokio::time::Instant::now();
+        while since.elapsed() < quiet && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now_seen = self.live.arrivals(run_id);
+            if now_seen != seen {
+                (seen, since) = (now_seen, tokio::time::Instant::now());
+            }
+        }
+    }
+
+    /// Waits until the simulated sends under way have handed their audit records to the writer
+    /// (each takes the processing time), so that the flush includes them.
     async fn tasks_settle(&self) {
-        tokio::time::sleep(self.conn.processing_time + Duration::from_millis(50)).await;
+        let deadline =
+            tokio::time::Instant::now() + self.conn.processing_time + Duration::from_secs(10);
+        while self.live.sends.now() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The report of a run (the latest when `None`), from the audit store.

@@ -3,12 +3,13 @@
 //! the audit store is the record.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::percentile;
 use crate::Path;
+use scheduler::latency::Latency;
 
 /// A sender's totals as published on the status topic (the original's shape).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -24,7 +25,7 @@ struct PathStats {
     sent: u64,
     arrivals: u64,
     seen: HashSet<String>,
-    lateness: Vec<i64>,
+    lateness: Latency,
 }
 
 #[derive(Debug, Default)]
@@ -49,9 +50,31 @@ struct Inner {
     series: VecDeque<(i64, BTreeMap<&'static str, Bucket>)>,
 }
 
+/// A count of things begun and not yet finished.
+#[derive(Debug, Default)]
+pub struct InProgress(AtomicU64);
+
+impl InProgress {
+    pub fn begin(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn end(&self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Live {
     inner: Mutex<Inner>,
+    /// Simulated sends begun and not yet handed to the audit writer.
+    pub sends: InProgress,
+    /// Runs started and not yet reported.
+    pub runs: InProgress,
 }
 
 const SERIES_SECONDS: usize = 600;
@@ -87,7 +110,7 @@ impl Live {
             let p = run.paths.entry(path.as_str()).or_default();
             p.arrivals += 1;
             if p.seen.insert(id.to_string()) {
-                p.lateness.push(lateness_ms);
+                p.lateness.record(lateness_ms);
             }
         }
         let second = received_ms.div_euclid(1000);
@@ -146,8 +169,7 @@ impl Live {
         let (mut sent, mut delivered) = (0, 0);
         if let Some(run) = inner.latest.as_ref().and_then(|id| inner.runs.get(id)) {
             for (name, p) in &run.paths {
-                let mut late = p.lateness.clone();
-                late.sort_unstable();
+                let late = p.lateness.summary();
                 sent += p.sent;
                 delivered += p.seen.len() as u64;
                 paths.insert(
@@ -155,8 +177,9 @@ impl Live {
                     serde_json::json!({
                         "sent": p.sent, "received": p.seen.len(), "duplicates": p.arrivals - p.seen.len() as u64,
                         "pending": p.sent.saturating_sub(p.seen.len() as u64),
-                        "p50_ms": percentile(&late, 0.5), "p95_ms": percentile(&late, 0.95),
-                        "p99_ms": percentile(&late, 0.99), "max_ms": late.last(),
+                        "early": late.early,
+                        "p50_ms": late.p50_ms, "p99_ms": late.p99_ms, "p999_ms": late.p999_ms,
+                        "max_ms": late.max_ms,
                     }),
                 );
             }

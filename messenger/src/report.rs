@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use scheduler::latency::Latency;
 use serde::Serialize;
 
 /// What the audit holds for one message on one path.
@@ -28,8 +29,8 @@ pub struct PathReport {
     pub not_produced: u64,
     pub sms_failed: u64,
     pub lateness_p50_ms: Option<i64>,
-    pub lateness_p95_ms: Option<i64>,
     pub lateness_p99_ms: Option<i64>,
+    pub lateness_p999_ms: Option<i64>,
     pub lateness_max_ms: Option<i64>,
 }
 
@@ -37,15 +38,6 @@ pub struct PathReport {
 pub struct Report {
     pub run_id: String,
     pub paths: Vec<PathReport>,
-}
-
-/// Nearest-rank percentile of sorted values.
-pub fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len() as f64).ceil().max(1.0) as usize;
-    Some(sorted[rank.min(sorted.len()) - 1])
 }
 
 impl Report {
@@ -60,7 +52,7 @@ impl Report {
                     path: path.to_string(),
                     ..Default::default()
                 };
-                let mut late = Vec::new();
+                let mut late = Latency::default();
                 for r in rows.iter().filter(|r| r.path == path) {
                     if r.status == "produce-failed" {
                         p.not_produced += 1;
@@ -71,19 +63,19 @@ impl Report {
                         p.received += 1;
                         p.duplicates += (r.deliveries - 1) as u64;
                         if let Some(l) = r.lateness_ms {
-                            late.push(l);
-                            p.early += u64::from(l < 0);
+                            late.record(l);
                         }
                     } else {
                         p.missing += 1;
                     }
                     p.sms_failed += u64::from(r.status == "failed");
                 }
-                late.sort_unstable();
-                p.lateness_p50_ms = percentile(&late, 0.50);
-                p.lateness_p95_ms = percentile(&late, 0.95);
-                p.lateness_p99_ms = percentile(&late, 0.99);
-                p.lateness_max_ms = late.last().copied();
+                let sum = late.summary();
+                p.early = sum.early;
+                p.lateness_p50_ms = sum.p50_ms;
+                p.lateness_p99_ms = sum.p99_ms;
+                p.lateness_p999_ms = sum.p999_ms;
+                p.lateness_max_ms = sum.max_ms;
                 p
             })
             .collect();
@@ -112,8 +104,8 @@ impl Report {
             "dup",
             "early",
             "p50 ms",
-            "p95 ms",
             "p99 ms",
+            "p99.9 ms",
             "max ms"
         );
         for p in &self.paths {
@@ -127,8 +119,8 @@ impl Report {
                 p.duplicates,
                 p.early,
                 ms(p.lateness_p50_ms),
-                ms(p.lateness_p95_ms),
                 ms(p.lateness_p99_ms),
+                ms(p.lateness_p999_ms),
                 ms(p.lateness_max_ms)
             );
         }
@@ -187,14 +179,5 @@ mod tests {
         );
         assert!(!r.ok());
         assert!(r.table().contains("FAILED"));
-    }
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        assert_eq!(percentile(&[], 0.5), None);
-        assert_eq!(percentile(&[7], 0.99), Some(7));
-        assert_eq!(percentile(&[1, 2, 3, 4], 0.5), Some(2));
-        assert_eq!(percentile(&[1, 2, 3, 4], 0.75), Some(3));
-        assert_eq!(percentile(&[1, 2, 3, 4], 1.0), Some(4));
     }
 }

@@ -160,6 +160,7 @@ impl Sender {
             self.live
                 .arrived(&a.run_id, &a.id, a.path, a.received_ms, lateness_ms);
             let ok = rng.random_bool(self.conn.success_rate.clamp(0.0, 1.0));
+            self.live.sends.begin();
             self.sends.spawn(self.send(a, ok));
         }
     }
@@ -173,6 +174,7 @@ impl Sender {
             self.audit.clone(),
         );
         let (status_topic, sender) = (self.conn.status_topic.clone(), self.id.clone());
+        let live = self.live.clone();
         async move {
             tokio::time::sleep(processing).await;
             let status = {
@@ -201,6 +203,7 @@ impl Sender {
                 sender,
                 sent_ok: ok,
             });
+            live.sends.end();
         }
     }
 }

@@ -241,6 +241,14 @@ async fn a_short_run_is_fully_audited_with_missing_and_duplicates_reported() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The HTTP run writes its report after its last arrival: wait for that before stopping.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while m.live.runs.now() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HTTP run never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stack.stop().await;
 }

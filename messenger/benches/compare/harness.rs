@@ -397,17 +397,14 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    pub fn of(mut v: Vec<i64>) -> Percentiles {
-        if v.is_empty() {
-            return Percentiles::default();
-        }
-        v.sort_unstable();
-        let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+    /// Summarised by the workspace's one latency definition ([`scheduler::latency::Latency`]).
+    pub fn of(v: Vec<i64>) -> Percentiles {
+        let s = scheduler::latency::Latency::of(v).summary();
         Percentiles {
-            p50: pct(0.5),
-            p99: pct(0.99),
-            p999: pct(0.999),
-            max: v[v.len() - 1],
+            p50: s.p50_ms.unwrap_or(0),
+            p99: s.p99_ms.unwrap_or(0),
+            p999: s.p999_ms.unwrap_or(0),
+            max: s.max_ms.unwrap_or(0),
         }
     }
 }
