@@ -11,7 +11,7 @@ use rdkafka::producer::FutureProducer;
 use scheduler::domain::{header, InternalTopics, Outgoing};
 use scheduler::kafka;
 use scheduler::metrics as m;
-use scheduler::outbox::{fate, Destination, Fate};
+use scheduler::outbox::{self, fate, Destination, Fate};
 use scheduler::Clock;
 use tokio_util::sync::CancellationToken;
 
@@ -155,23 +155,25 @@ impl Poller {
     /// Polls every `interval` until `stop`; a full batch is followed by another poll at once, so
     /// a backlog drains at the table's speed, not one batch per interval.
     pub async fn run(self, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let failing = || outbox::backoff(Duration::from_millis(100), Duration::from_secs(5));
+        let mut delays = failing();
         loop {
             let started = tokio::time::Instant::now();
             let next = match self.poll_once().await {
                 Ok(o) if o.claimed as i64 >= self.batch && o.retried == 0 => started,
                 Ok(o) => {
-                    backoff = Duration::from_millis(100);
+                    delays = failing();
                     if o.retried > 0 {
-                        started + self.interval.max(backoff)
+                        // Rows whose publish failed wait at least 100 ms before the next try.
+                        started + self.interval.max(Duration::from_millis(100))
                     } else {
                         started + self.interval
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "poll failed");
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    started + backoff
+                    let retry_in = delays.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, ?retry_in, "poll failed");
+                    started + retry_in
                 }
             };
             tokio::select! {

@@ -11,9 +11,10 @@ use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, Database, IndexModel};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{next_batch, retry_until_ok};
+use crate::batch::{batches, retry_until_ok};
 use crate::report::AuditRow;
 use crate::{Error, Path};
+use futures::StreamExt;
 
 /// One fact for the audit.
 #[derive(Debug)]
@@ -228,9 +229,11 @@ impl AuditSink {
 /// Starts the writer: it batches ops (up to 2,000, or what arrived within 100 ms) and retries a
 /// failed batch with backoff, so a slow or restarting MongoDB delays the audit but loses nothing.
 pub fn spawn_writer(audit: Audit) -> (AuditSink, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<AuditOp>();
+    let (tx, rx) = mpsc::unbounded_channel::<AuditOp>();
     let task = tokio::spawn(async move {
-        while let Some(batch) = next_batch(&mut rx, 2_000, Duration::from_millis(100)).await {
+        let batches = batches(rx, 2_000, Duration::from_millis(100));
+        tokio::pin!(batches);
+        while let Some(batch) = batches.next().await {
             retry_until_ok("audit write", || audit.write(&batch)).await;
             for op in batch {
                 if let AuditOp::Flush(done) = op {

@@ -5,67 +5,65 @@
 use std::future::Future;
 use std::time::Duration;
 
+use backon::Retryable;
+use futures::Stream;
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
 
-/// Waits for one item, then takes whatever else arrives within `window`, up to `max` items.
-/// `None` once the channel is closed and empty.
-pub async fn next_batch<T>(
-    rx: &mut UnboundedReceiver<T>,
+/// The items of `rx` in batches: a batch starts with the first item that arrives and holds what
+/// else arrives within `window` of it, up to `max` items (tokio-stream's `chunks_timeout`). Ends
+/// once the channel is closed and empty.
+pub fn batches<T>(
+    rx: UnboundedReceiver<T>,
     max: usize,
     window: Duration,
-) -> Option<Vec<T>> {
-    let mut batch = vec![rx.recv().await?];
-    let deadline = tokio::time::Instant::now() + window;
-    while batch.len() < max {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(item)) => batch.push(item),
-            _ => break,
-        }
-    }
-    Some(batch)
+) -> impl Stream<Item = Vec<T>> {
+    UnboundedReceiverStream::new(rx).chunks_timeout(max, window)
 }
 
-/// Runs `attempt` until it succeeds, backing off from 100 ms to 5 s between tries.
-pub async fn retry_until_ok<F, Fut, E>(what: &str, mut attempt: F)
+/// Runs `attempt` until it succeeds, waiting between tries from 100 ms doubling to 5 s, with
+/// jitter (the workspace's one retry schedule, [`scheduler::outbox::backoff`]).
+pub async fn retry_until_ok<F, Fut, E>(what: &str, attempt: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut backoff = Duration::from_millis(100);
-    while let Err(e) = attempt().await {
-        tracing::warn!(error = %e, retry_in = ?backoff, "{what} failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+    let forever =
+        scheduler::outbox::backoff_builder(Duration::from_millis(100), Duration::from_secs(5));
+    // Without a limit on tries, the retry ends only in success.
+    let _ = attempt
+        .retry(forever)
+        .notify(|e, retry_in| tracing::warn!(error = %e, ?retry_in, "{what} failed; retrying"))
+        .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn batches_what_arrives_together_and_ends_when_closed() {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..5 {
             tx.send(i).unwrap();
         }
+        let b = batches(rx, 3, Duration::from_millis(10));
+        tokio::pin!(b);
+        assert_eq!(b.next().await, Some(vec![0, 1, 2]));
         assert_eq!(
-            next_batch(&mut rx, 3, Duration::from_millis(10)).await,
-            Some(vec![0, 1, 2])
+            b.next().await,
+            Some(vec![3, 4]),
+            "the window closes a short batch"
         );
-        assert_eq!(
-            next_batch(&mut rx, 3, Duration::from_millis(10)).await,
-            Some(vec![3, 4])
-        );
+        tx.send(5).unwrap();
+        assert_eq!(b.next().await, Some(vec![5]));
         drop(tx);
-        assert_eq!(
-            next_batch(&mut rx, 3, Duration::from_millis(10)).await,
-            None
-        );
+        assert_eq!(b.next().await, None);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn retries_until_the_attempt_succeeds() {
         let mut tries = 0;
         retry_until_ok("test", || {

@@ -19,11 +19,12 @@ use scheduler::domain::header;
 use tokio::sync::mpsc;
 
 use crate::audit::{AuditOp, AuditSink};
-use crate::batch::{next_batch, retry_until_ok};
+use crate::batch::{batches, retry_until_ok};
 use crate::config::{Connections, Experiment};
 use crate::live::Live;
 use crate::sms::{self, Scheduled};
 use crate::{metric, now_ms, Error, Path};
+use backon::Retryable;
 
 /// What producing a run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,61 +50,61 @@ pub(crate) struct Workload<'a> {
     pub progress: &'a AtomicU64,
 }
 
-/// Sends one record, retrying transient failures with backoff (5 tries).
+/// Sends one record, retrying failures with backoff and jitter (5 tries in all).
 async fn send_with_retry(
     producer: FutureProducer,
     topic: String,
     m: Arc<Scheduled>,
 ) -> Result<(), KafkaError> {
-    let mut backoff = Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        let value = m.value();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: header::TIME,
-                value: Some(m.time_header.as_bytes()),
-            })
-            .insert(Header {
-                key: header::TOPIC,
-                value: Some(m.sms_topic.as_bytes()),
-            })
-            .insert(Header {
-                key: header::ID,
-                value: Some(m.sms.id.as_bytes()),
-            });
-        let mut record = FutureRecord::to(&topic)
-            .key(m.key())
-            .payload(&value)
-            .headers(headers);
-        let queued = loop {
-            match producer.send_result(record) {
-                Ok(f) => break Ok(f),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await
-                }
-                Err((e, _)) => break Err(e),
+    let tries =
+        scheduler::outbox::backoff_builder(Duration::from_millis(100), Duration::from_secs(5))
+            .with_max_times(4);
+    (|| send_once(&producer, &topic, &m))
+        .retry(tries)
+        .notify(
+            |e, retry_in| tracing::warn!(error = %e, id = %m.sms.id, ?retry_in, "produce failed"),
+        )
+        .await
+}
+
+/// Sends one record and awaits its acknowledgement, waiting while the producer's queue is full.
+async fn send_once(
+    producer: &FutureProducer,
+    topic: &str,
+    m: &Scheduled,
+) -> Result<(), KafkaError> {
+    let value = m.value();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: header::TIME,
+            value: Some(m.time_header.as_bytes()),
+        })
+        .insert(Header {
+            key: header::TOPIC,
+            value: Some(m.sms_topic.as_bytes()),
+        })
+        .insert(Header {
+            key: header::ID,
+            value: Some(m.sms.id.as_bytes()),
+        });
+    let mut record = FutureRecord::to(topic)
+        .key(m.key())
+        .payload(&value)
+        .headers(headers);
+    let queued = loop {
+        match producer.send_result(record) {
+            Ok(f) => break f,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await
             }
-        };
-        let result = match queued {
-            Ok(f) => match f.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(KafkaError::Canceled),
-            },
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) if tries >= 4 => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, id = %m.sms.id, retry_in = ?backoff, "produce failed");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-                tries += 1;
-            }
+            Err((e, _)) => return Err(e),
         }
+    };
+    match queued.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
     }
 }
 
@@ -114,9 +115,11 @@ fn spawn_mysql_writer(
     mpsc::UnboundedSender<NewMessage>,
     tokio::task::JoinHandle<Result<(), Error>>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<NewMessage>();
+    let (tx, rx) = mpsc::unbounded_channel::<NewMessage>();
     let task = tokio::spawn(async move {
-        while let Some(batch) = next_batch(&mut rx, 500, Duration::from_millis(100)).await {
+        let batches = batches(rx, 500, Duration::from_millis(100));
+        tokio::pin!(batches);
+        while let Some(batch) = batches.next().await {
             retry_until_ok("MySQL insert", || store.insert(&batch)).await;
         }
         Ok(())
