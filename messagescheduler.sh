@@ -32,16 +32,20 @@ Compose where a Docker engine runs, otherwise as local processes on the local st
       --exp               run the experiment configured in compose/experiment.env [default]
       --gui               include the GUIs (Kafka UI, Mongo Express, Adminer; Docker only)
       --grafana           include Prometheus and Grafana (locally: Prometheus from Debian)
-  -c,  --clean            remove this project's build cache and logs
-  -dc, --deep-clean       also remove its data and containers
+  -c,  --clean            stop, then remove what this project built and ran: its release
+                          binaries and the local stack's data and logs
+  -dc, --deep-clean       stop, then remove everything: all of target/, .stack/ (with the
+                          Python venv), and with Docker the containers, volumes and images
   -p,  --progress         show the experiment's progress once
   -pl, --progress-live    show the experiment's progress, refreshed in place (Ctrl-C to leave)
   -s,  --stop             stop everything this script started
       --stack             only install and start the local servers (broker, MongoDB, MySQL)
       --test              the local stack, then every test of the workspace
       --dry-run           print the Docker commands instead of running them
+One action per run: two of --all/--app/--exp/-c/-dc/-p/-pl/-s/--stack/--test are refused.
 Environment: SM_DOCKER=1/0 forces or forbids the Docker branch; SM_MESSENGER_URL (default
-http://127.0.0.1:5000) is what -p/-pl read.
+http://127.0.0.1:5000) is what -p/-pl read; SM_SHUTDOWN_TIMEOUT (default 20s) is the
+scheduler's clean-stop limit, and -s waits that plus 10 s before SIGKILL.
 EOF
 }
 
@@ -73,7 +77,7 @@ apt_install() {
 # Build dependencies of the workspace: cmake for the bundled librdkafka; curl headers because
 # librdkafka 2.12's CMake build includes <curl/curl.h> even without curl; OpenSSL for TLS.
 ensure_build_deps() {
-  apt_install cmake pkg-config libssl-dev libcurl4-openssl-dev python3-venv
+  apt_install cmake pkg-config libssl-dev libcurl4-openssl-dev python3-venv jq
 }
 
 # nisshi needs rustc >= 1.96: plain cargo when stable is new enough, else a nightly toolchain.
@@ -120,6 +124,28 @@ pid_alive() {
   [ -f "$file" ] && kill -0 "$(cat "$file")" 2>/dev/null
 }
 
+# The command line of a process, as one line ('' when it is gone).
+cmdline_of() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
+
+# pid_ours NAME: its PID file names a live process that still runs the command we started (a PID
+# the system reused for something else is not ours).
+pid_ours() {
+  local name=$1
+  pid_alive "$name" || return 1
+  [ "$(cmdline_of "$(cat "$STACK/pids/$name.pid")")" = "$(cat "$STACK/pids/$name.cmd" 2>/dev/null)" ]
+}
+
+# Who listens on a port: "pid N (command)", or "an unknown process".
+port_holder() {
+  local pid
+  pid="$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)"
+  if [ -n "$pid" ]; then
+    echo "pid $pid ($(cmdline_of "$pid" | cut -c1-80))"
+  else
+    echo "an unknown process"
+  fi
+}
+
 wait_port() {
   local name=$1 port=$2 pid=${3:-}
   local i
@@ -134,27 +160,65 @@ wait_port() {
   done
 }
 
-# start NAME PORT DIR COMMAND...: runs COMMAND in DIR in the background, records its PID, waits.
+# start NAME PORT DIR COMMAND...: runs COMMAND in DIR in the background, in a session of its own
+# (so a Ctrl-C in this terminal does not reach it), records its PID and command line, waits for
+# the port. A process of ours already running is kept, unless SM_RESTART names it (a rebuilt
+# binary). A port held by a process this script did not start is reported and left alone: for
+# the stack's servers, another checkout's server of the same program is used (named); anything
+# else stops the start.
 start() {
   local name=$1 port=$2 dir=$3
   shift 3
-  if pid_alive "$name" && port_open "$port"; then
-    log "$name already running (pid $(cat "$STACK/pids/$name.pid")) on 127.0.0.1:$port"
-    return 0
+  if pid_ours "$name"; then
+    local pid
+    pid="$(cat "$STACK/pids/$name.pid")"
+    if [[ " ${SM_RESTART:-} " == *" $name "* ]]; then
+      log "restarting $name (pid $pid): its binary was rebuilt"
+      stop_one "$name"
+    elif port_open "$port"; then
+      log "$name already running (pid $pid) on 127.0.0.1:$port"
+      return 0
+    fi
+  elif pid_alive "$name"; then
+    log "$name: pid $(cat "$STACK/pids/$name.pid") is no longer the process we started; leaving it alone"
+    rm -f "$STACK/pids/$name.pid" "$STACK/pids/$name.cmd"
   fi
-  if port_open "$port"; then
-    log "$name: something else already answers on 127.0.0.1:$port; using it"
-    return 0
-  fi
+  port_free_for "$name" "$port" || return 0
   mkdir -p "$dir" "$STACK/logs" "$STACK/pids"
-  (cd "$dir" && exec "$@" >>"$STACK/logs/$name.log" 2>&1) &
+  (cd "$dir" && exec setsid "$@" >>"$STACK/logs/$name.log" 2>&1 </dev/null) &
   local pid=$!
   echo "$pid" >"$STACK/pids/$name.pid"
   wait_port "$name" "$port" "$pid"
+  cmdline_of "$pid" >"$STACK/pids/$name.cmd"
+  # When its binary was built, so that a rebuild is noticed (restart_rebuilt).
+  [ -f "$1" ] && stat -c %Y "$1" >"$STACK/pids/$name.built"
   log "$name started (pid $pid) on 127.0.0.1:$port"
 }
 
+# The programs of the stack's servers: a server of the same program on the port, started by
+# another checkout of this project (or by hand), is used rather than refused.
+declare -A STACK_PROGRAM=([kafka]=nisshi [mongo]=secantusd-py)
+
+# port_free_for NAME PORT: true when the port is free for NAME to start on; false (after saying
+# so) when a server of NAME's program already answers there, to be used; stops the script when
+# anything else holds it, touching nothing.
+port_free_for() {
+  local name=$1 port=$2 holder program
+  port_open "$port" || return 0
+  if pid_ours "$name"; then
+    return 1
+  fi
+  holder="$(port_holder "$port")"
+  program="${STACK_PROGRAM[$name]:-}"
+  if [ -n "$program" ] && [[ "$holder" == *"$program"* ]]; then
+    log "$name: 127.0.0.1:$port is held by $holder, not started by this checkout; using it"
+    return 1
+  fi
+  die "$name: 127.0.0.1:$port is held by $holder, which this script did not start; stop it or free the port (it was not touched)"
+}
+
 start_kafka() {
+  pid_ours kafka || port_free_for kafka "$KAFKA_PORT" || return 0
   ensure_nisshi
   local dir="$STACK/kafka"
   mkdir -p "$dir"
@@ -170,6 +234,7 @@ start_kafka() {
 }
 
 start_mongo() {
+  pid_ours mongo || port_free_for mongo "$MONGO_PORT" || return 0
   ensure_secantus
   start mongo "$MONGO_PORT" "$STACK/mongo" "$STACK/venv/bin/secantusd-py" \
     --host 127.0.0.1 --port "$MONGO_PORT" --storage-path "$STACK/mongo"
@@ -185,7 +250,8 @@ start_mysql() {
   log "starting MariaDB"
   start-stop-daemon --start --oknodo --background --make-pidfile \
     --pidfile "$STACK/pids/mysql.pid" --exec /usr/sbin/mariadbd
-  wait_port mysql "$MYSQL_PORT"
+  wait_port mysql "$MYSQL_PORT" "$(cat "$STACK/pids/mysql.pid")"
+  cmdline_of "$(cat "$STACK/pids/mysql.pid")" >"$STACK/pids/mysql.cmd"
 }
 
 stack() {
@@ -196,24 +262,38 @@ stack() {
   start_mysql
 }
 
+# A clean stop of the scheduler takes up to its SM_SHUTDOWN_TIMEOUT (20 s by default); the other
+# services stop in moments. SIGKILL only after that and 10 s more.
+SHUTDOWN_TIMEOUT_S="${SM_SHUTDOWN_TIMEOUT:-20s}"
+SHUTDOWN_TIMEOUT_S="${SHUTDOWN_TIMEOUT_S%s}"
+STOP_GRACE_S=$((SHUTDOWN_TIMEOUT_S + 10))
+
+# stop_one NAME: SIGTERM to the process we started, SIGKILL after the grace period.
+stop_one() {
+  local name=$1 pid i
+  pid="$(cat "$STACK/pids/$name.pid")"
+  if pid_ours "$name" || { [ ! -f "$STACK/pids/$name.cmd" ] && pid_alive "$name"; }; then
+    log "stopping $name (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+    for i in $(seq 1 $((STOP_GRACE_S * 10))); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$name did not stop within ${STOP_GRACE_S} s; killing it"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  elif pid_alive "$name"; then
+    log "$name: pid $pid is no longer the process we started; leaving it alone"
+  fi
+  rm -f "$STACK/pids/$name.pid" "$STACK/pids/$name.cmd" "$STACK/pids/$name.built"
+}
+
 stop_all() {
-  local file name pid i
+  local file
   for file in "$STACK"/pids/*.pid; do
     [ -e "$file" ] || continue
-    name="$(basename "$file" .pid)"
-    pid="$(cat "$file")"
-    if kill -0 "$pid" 2>/dev/null; then
-      log "stopping $name (pid $pid)"
-      kill "$pid" 2>/dev/null || true
-      for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-      done
-      if kill -0 "$pid" 2>/dev/null; then
-        kill -9 "$pid" 2>/dev/null || true
-      fi
-    fi
-    rm -f "$file"
+    stop_one "$(basename "$file" .pid)"
   done
 }
 
@@ -286,6 +366,19 @@ build_release() {
   cargo build --release --bins --quiet
 }
 
+# Our services whose binary was rebuilt since they started: `start` restarts them (SM_RESTART).
+restart_rebuilt() {
+  local name
+  SM_RESTART=""
+  for name in scheduler db-scheduler messenger; do
+    pid_ours "$name" || continue
+    if [ "$(stat -c %Y "$ROOT/target/release/$name" 2>/dev/null)" != \
+      "$(cat "$STACK/pids/$name.built" 2>/dev/null)" ]; then
+      SM_RESTART+=" $name"
+    fi
+  done
+}
+
 # Exports compose/experiment.env's settings, except those already set in the environment, so
 # `SM_EXP_COUNT=200 ./messagescheduler.sh --exp` overrides the file.
 load_experiment_env() {
@@ -301,6 +394,7 @@ local_services() {
   stack
   export_env
   build_release
+  restart_rebuilt
   load_experiment_env
   start scheduler 8000 "$STACK/run" "$ROOT/target/release/scheduler"
   [ "$what" = app ] && return 0
@@ -348,28 +442,30 @@ start_experiment() {
 
 # One frame of the progress view, from the messenger's /monitor.
 progress_frame() {
-  curl -fsS "$MESSENGER_URL/monitor" | python3 -c '
-import json, sys
-m = json.load(sys.stdin)
-t = m["total"]
-print("run", m.get("run_id") or "-")
-print("sent {sent}  delivered {delivered}  pending {pending}  SMS failed {failed}".format(**t))
-row = "{:<6} {:>8} {:>9} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8}"
-print(row.format("path", "sent", "received", "pending", "dup", "p50 ms", "p95 ms", "p99 ms", "max ms"))
-f = lambda v: "-" if v is None else v
-for name, p in sorted(m["paths"].items()):
-    print(row.format(name, p["sent"], p["received"], p["pending"], p["duplicates"],
-                     f(p["p50_ms"]), f(p["p95_ms"]), f(p["p99_ms"]), f(p["max_ms"])))
-'
+  local m
+  m="$(curl -fs --max-time 5 "$MESSENGER_URL/monitor")" || return 1
+  jq -r '"run \(.run_id // "-")",
+    (.total | "sent \(.sent)  delivered \(.delivered)  pending \(.pending)  SMS failed \(.failed)")' <<<"$m"
+  {
+    printf 'path\tsent\treceived\tpending\tdup\tearly\tp50 ms\tp99 ms\tp99.9 ms\tmax ms\n'
+    jq -r '.paths | to_entries | sort_by(.key)[] | .value as $p
+      | [.key, $p.sent, $p.received, $p.pending, $p.duplicates, ($p.early // 0),
+         $p.p50_ms, $p.p99_ms, $p.p999_ms, $p.max_ms]
+      | map(if . == null then "-" else tostring end) | @tsv' <<<"$m"
+  } | awk -F'\t' '{ printf "%-6s %8s %9s %8s %5s %6s %8s %8s %9s %8s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
 }
 
 progress() {
-  progress_frame || die "the messenger does not answer at $MESSENGER_URL"
+  apt_install jq
+  progress_frame || die "the messenger does not answer at $MESSENGER_URL (start it with ./messagescheduler.sh --exp)"
 }
 
 # Refreshes in place every second; SM_PROGRESS_FRAMES bounds the frames (for tests).
 progress_live() {
   local frames=${SM_PROGRESS_FRAMES:-0} n=0 out
+  apt_install jq
+  # The services run in sessions of their own: Ctrl-C ends this view only.
+  trap 'echo; log "left the live view; the services keep running (stop them with ./messagescheduler.sh -s)"; exit 0' INT
   while :; do
     out="$(progress_frame 2>/dev/null || echo "waiting for the messenger at $MESSENGER_URL ...")"
     printf '\033[H\033[J%s\n(refreshed every second; Ctrl-C to leave)\n' "$out"
@@ -388,40 +484,55 @@ stop() {
   [ "$DRY_RUN" -eq 1 ] || stop_all
 }
 
+# -c: what this project built and ran (its release binaries, the stack's data and logs), not the
+# rest of target/ nor the installed servers. -dc: everything, said out loud.
 clean() {
   local deep=$1
   stop
-  if use_docker && [ "$deep" -eq 1 ]; then
-    WITH_GRAFANA=1 WITH_GUI=1 compose down --volumes --rmi local --remove-orphans
-  fi
-  run rm -rf "$STACK/logs" "$ROOT/target"
   if [ "$deep" -eq 1 ]; then
-    run rm -rf "$STACK"
+    log "deep clean: removing $ROOT/target (all build artefacts), $STACK (data, logs, the Python venv)"
+    if use_docker; then
+      log "and the compose project's containers, volumes and locally built images"
+      WITH_GRAFANA=1 WITH_GUI=1 compose down --volumes --rmi local --remove-orphans
+    fi
+    run rm -rf "$ROOT/target" "$STACK"
+  else
+    run rm -f "$ROOT/target/release/scheduler" "$ROOT/target/release/db-scheduler" \
+      "$ROOT/target/release/messenger"
+    run rm -rf "$STACK/logs" "$STACK/kafka" "$STACK/mongo" "$STACK/run" "$STACK/prometheus"
   fi
 }
 
 main() {
-  local action=exp progress_after=0
+  local action="" given="" progress_after=0
+  # One action per run: a second one is refused, never silently preferred.
+  act() {
+    if [ -n "$action" ] && [ "$action" != "$1" ]; then
+      die "options $given and $2 conflict: give one of them"
+    fi
+    action=$1 given=$2
+  }
   while [ $# -gt 0 ]; do
     case "$1" in
       --help|-h) usage; exit 0 ;;
-      --all) action=all; WITH_GUI=1; WITH_GRAFANA=1; progress_after=1 ;;
-      --app) action=app ;;
-      --exp) action=exp ;;
+      --all) act all "$1"; WITH_GUI=1; WITH_GRAFANA=1; progress_after=1 ;;
+      --app) act app "$1" ;;
+      --exp) act exp "$1" ;;
       --gui) WITH_GUI=1 ;;
       --grafana) WITH_GRAFANA=1 ;;
-      -c|--clean) action=clean ;;
-      -dc|--deep-clean) action="deep-clean" ;;
-      -p|--progress) action=progress ;;
-      -pl|--progress-live) action=progress-live ;;
-      -s|--stop) action=stop ;;
-      --stack) action=stack ;;
-      --test) action="test" ;;
+      -c|--clean) act clean "$1" ;;
+      -dc|--deep-clean) act deep-clean "$1" ;;
+      -p|--progress) act progress "$1" ;;
+      -pl|--progress-live) act progress-live "$1" ;;
+      -s|--stop) act stop "$1" ;;
+      --stack) act stack "$1" ;;
+      --test) act test "$1" ;;
       --dry-run) DRY_RUN=1 ;;
       *) usage; die "unknown option: $1" ;;
     esac
     shift
   done
+  action=${action:-exp}
   case "$action" in
     stack) stack ;;
     test) run_tests ;;

@@ -404,3 +404,171 @@ fn every_option_of_the_script_does_what_it_says() {
     let (ok, out) = script(&["--bogus"], "0");
     assert!(!ok && out.contains("unknown option"), "{out}");
 }
+
+/// The script run without Docker against a stack directory of the test's own, with extra
+/// environment; returns the finished process's output.
+fn script_with(args: &[&str], stack: &Path, env: &[(&str, String)]) -> std::process::Output {
+    Command::new("bash")
+        .arg(root().join("messagescheduler.sh"))
+        .args(args)
+        .env("SM_DOCKER", "0")
+        .env("SM_STACK_DIR", stack)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap()
+}
+
+/// Two actions in one command line are refused with a message, never the last one silently.
+#[test]
+fn conflicting_options_are_refused() {
+    for args in [
+        &["--test", "--stop"][..],
+        &["-c", "--all"],
+        &["--app", "-p"],
+        &["-pl", "-dc"],
+    ] {
+        let (ok, out) = script(args, "0");
+        assert!(!ok, "{args:?} ran: {out}");
+        assert!(out.contains("conflict"), "{args:?}: {out}");
+    }
+    let (ok, out) = script(&["--dry-run", "--exp", "--exp"], "0");
+    assert!(ok, "the same action twice is not a conflict: {out}");
+}
+
+/// `-p` with the messenger down: one clear line on stderr, nothing on stdout, a failed exit.
+#[test]
+fn progress_with_the_messenger_down_says_so_in_one_line() {
+    let stack = std::env::temp_dir().join(unique("no-stack"));
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let out = script_with(&["-p"], &stack, &[("SM_MESSENGER_URL", url)]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success());
+    assert!(stdout.is_empty(), "{stdout}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("does not answer"), "{stderr}");
+}
+
+/// Ctrl-C (SIGINT) in the live view ends the view, with a zero exit and a word on how to stop
+/// the services (which run in sessions of their own, see the next test).
+#[test]
+fn ctrl_c_in_the_live_view_ends_the_view_only() {
+    let stack = std::env::temp_dir().join(unique("no-stack"));
+    let out_file = std::env::temp_dir().join(unique("live-view"));
+    let mut view = Command::new("bash")
+        .arg(root().join("messagescheduler.sh"))
+        .arg("-pl")
+        .env("SM_DOCKER", "0")
+        .env("SM_STACK_DIR", &stack)
+        .env(
+            "SM_MESSENGER_URL",
+            format!("http://127.0.0.1:{}", free_port()),
+        )
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&out_file)
+        .unwrap_or_default()
+        .contains("waiting for the messenger")
+    {
+        assert!(std::time::Instant::now() < deadline, "the view never drew");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &view.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = view.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the view ignored Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(view.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("services keep running") && stderr.contains("-s"),
+        "{stderr}"
+    );
+}
+
+/// A port held by a process the script did not start is reported (with its pid) and left
+/// alone; what the script starts runs in a session of its own (a Ctrl-C in the terminal does not
+/// reach it); `-s` stops only what the script started.
+#[test]
+fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
+    let stack = std::env::temp_dir().join(unique("stack"));
+    let foreign_port = free_port();
+    let port = foreign_port.to_string();
+    let mut foreign = spawn_binary(
+        "python3",
+        &["-m", "http.server", &port, "--bind", "127.0.0.1"].map(String::from),
+        "foreign-http.log",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", foreign_port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the foreign server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The broker's port is free (the script starts a broker there); MongoDB's is the foreign one.
+    let env = [
+        ("SM_KAFKA_PORT", free_port().to_string()),
+        ("SM_MONGO_PORT", port.clone()),
+    ];
+    let out = script_with(&["--stack"], &stack, &env);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("held by pid {}", foreign.id())) && text.contains("did not start"),
+        "{text}"
+    );
+    assert!(
+        foreign.try_wait().unwrap().is_none(),
+        "the foreign process was killed"
+    );
+
+    let broker: u32 = std::fs::read_to_string(stack.join("pids/kafka.pid"))
+        .expect("the script started a broker")
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{broker}/stat")).unwrap();
+    let session: u32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(3))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert_eq!(session, broker, "the broker leads a session of its own");
+
+    let out = script_with(&["-s"], &stack, &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{broker}")).exists(),
+        "-s stopped the broker it started"
+    );
+    assert!(
+        foreign.try_wait().unwrap().is_none(),
+        "-s left the foreign process alone"
+    );
+    let _ = std::fs::remove_dir_all(&stack);
+}
