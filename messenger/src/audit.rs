@@ -87,7 +87,7 @@ impl AuditOp {
             } => (
                 key(id, *path),
                 doc! {
-                    "$inc": { "deliveries": 1_i64 },
+                    "$inc": { "deliveries": 1_i64, "sent_ok": i64::from(*sent_ok) },
                     "$min": { "received_at": DateTime::from_millis(*received_ms), "lateness_ms": received_ms - due_ms },
                     "$set": { "msg_id": id, "path": path.as_str(), "run_id": run_id, "due_at": DateTime::from_millis(*due_ms),
                               "sender": sender, "status": if *sent_ok { "sent" } else { "failed" } },
@@ -187,7 +187,9 @@ impl Audit {
         let mut cursor = self
             .messages
             .find(doc! { "run_id": run_id })
-            .projection(doc! { "path": 1, "deliveries": 1, "lateness_ms": 1, "status": 1 })
+            .projection(
+                doc! { "path": 1, "deliveries": 1, "lateness_ms": 1, "status": 1, "sent_ok": 1 },
+            )
             .await?;
         let mut rows = Vec::new();
         while let Some(d) = cursor.try_next().await? {
@@ -201,6 +203,7 @@ impl Audit {
                 deliveries: int("deliveries").unwrap_or(0),
                 lateness_ms: int("lateness_ms"),
                 status: d.get_str("status").unwrap_or("pending").to_string(),
+                sent_ok: int("sent_ok").unwrap_or(0),
             });
         }
         Ok(rows)

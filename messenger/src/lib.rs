@@ -257,6 +257,7 @@ impl Messenger {
             metrics::gauge!(metric::MISSING, "path" => p.path.clone()).set(p.missing as f64);
             metrics::gauge!(metric::DUPLICATES, "path" => p.path.clone()).set(p.duplicates as f64);
         }
+        self.live.finish_run(run_id);
         tracing::info!(%run_id, ok = report.ok(), "experiment finished");
         Ok(report)
     }

@@ -1,6 +1,15 @@
 //! Live figures for `/monitor`, the live page and the progress view: what each run sent and
 //! received per path, lateness as it arrives, and the senders' reported totals. In memory only;
 //! the audit store is the record.
+//!
+//! The counts, defined once (the report computes the same from the audit):
+//! - *received*: distinct messages that arrived at a sender; *duplicates*: copies beyond the first.
+//! - *SMS failed*: received messages of which no send attempt succeeded (a message is an SMS; a
+//!   retry after a failed attempt that succeeds makes it sent).
+//! - *attempts*: simulated sends in this run (every copy handled), and *re-processed*: attempts
+//!   beyond one per message (a message handled twice).
+//! - the senders' own totals (the status topic) are attempts since each sender started, over all
+//!   runs: they are shown per sender, never as the run's figure.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,12 +35,23 @@ struct PathStats {
     arrivals: u64,
     seen: HashSet<String>,
     lateness: Latency,
+    /// Per message handled by a sender: whether any attempt succeeded.
+    outcome: HashMap<String, bool>,
+    attempts: u64,
+}
+
+impl PathStats {
+    fn sms_failed(&self) -> u64 {
+        self.outcome.values().filter(|ok| !**ok).count() as u64
+    }
 }
 
 #[derive(Debug, Default)]
 struct RunStats {
     expected: u64,
     paths: BTreeMap<&'static str, PathStats>,
+    /// The run has reported: what has not arrived is missing, not pending.
+    finished: bool,
 }
 
 /// One second of arrivals on one path, for the chart.
@@ -128,6 +148,22 @@ impl Live {
         }
     }
 
+    /// A sender finished a simulated send of a copy of `id`.
+    pub fn handled(&self, run_id: &str, id: &str, path: Path, ok: bool) {
+        if let Some(run) = self.lock().runs.get_mut(run_id) {
+            let p = run.paths.entry(path.as_str()).or_default();
+            p.attempts += 1;
+            *p.outcome.entry(id.to_string()).or_default() |= ok;
+        }
+    }
+
+    /// The run has reported.
+    pub fn finish_run(&self, run_id: &str) {
+        if let Some(run) = self.lock().runs.get_mut(run_id) {
+            run.finished = true;
+        }
+    }
+
     pub fn sender_status(&self, status: SenderStatus) {
         let mut inner = self.lock();
         let entry = inner.senders.entry(status.sender_id.clone()).or_default();
@@ -166,25 +202,34 @@ impl Live {
     pub fn monitor(&self) -> serde_json::Value {
         let inner = self.lock();
         let mut paths = serde_json::Map::new();
-        let (mut sent, mut delivered) = (0, 0);
+        let (mut sent, mut delivered, mut failed, mut attempts, mut handled) = (0, 0, 0, 0, 0);
+        let mut finished = false;
         if let Some(run) = inner.latest.as_ref().and_then(|id| inner.runs.get(id)) {
+            finished = run.finished;
             for (name, p) in &run.paths {
                 let late = p.lateness.summary();
+                let received = p.seen.len() as u64;
                 sent += p.sent;
-                delivered += p.seen.len() as u64;
+                delivered += received;
+                failed += p.sms_failed();
+                attempts += p.attempts;
+                handled += p.outcome.len() as u64;
+                let left = p.sent.saturating_sub(received);
                 paths.insert(
                     name.to_string(),
                     serde_json::json!({
-                        "sent": p.sent, "received": p.seen.len(), "duplicates": p.arrivals - p.seen.len() as u64,
-                        "pending": p.sent.saturating_sub(p.seen.len() as u64),
+                        "sent": p.sent, "received": received, "duplicates": p.arrivals - received,
+                        "pending": if run.finished { 0 } else { left },
+                        "missing": run.finished.then_some(left),
                         "early": late.early,
                         "p50_ms": late.p50_ms, "p99_ms": late.p99_ms, "p999_ms": late.p999_ms,
                         "max_ms": late.max_ms,
+                        "sms_failed": p.sms_failed(),
+                        "distribution": run.finished.then(|| p.lateness.decades()),
                     }),
                 );
             }
         }
-        let failed: u64 = inner.senders.values().map(|s| s.failed_count).sum();
         let series: Vec<serde_json::Value> = inner
             .series
             .iter()
@@ -200,8 +245,13 @@ impl Live {
             .collect();
         serde_json::json!({
             "run_id": inner.latest,
+            "finished": finished,
             "senders": inner.senders,
-            "total": { "sent": sent, "delivered": delivered, "failed": failed, "pending": sent.saturating_sub(delivered) },
+            "total": {
+                "sent": sent, "delivered": delivered, "failed": failed,
+                "pending": if finished { 0 } else { sent.saturating_sub(delivered) },
+                "attempts": attempts, "reprocessed": attempts.saturating_sub(handled),
+            },
             "paths": paths,
             "series": series,
         })
@@ -247,5 +297,29 @@ mod tests {
             2,
             "an older, smaller total does not win"
         );
+    }
+
+    #[test]
+    fn a_message_fails_only_when_no_attempt_sent_it_and_missing_shows_once_finished() {
+        let live = Live::default();
+        live.start_run("r", 3);
+        for _ in 0..3 {
+            live.sent("r", Path::Kafka);
+        }
+        for (id, ok) in [("a", false), ("a", true), ("b", false), ("b", false)] {
+            live.arrived("r", id, Path::Kafka, 1_000, 5);
+            live.handled("r", id, Path::Kafka, ok);
+        }
+        let m = live.monitor();
+        assert_eq!(m["total"]["failed"], 1, "a was sent on its second attempt");
+        assert_eq!(m["total"]["attempts"], 4);
+        assert_eq!(m["total"]["reprocessed"], 2);
+        assert_eq!(m["paths"]["kafka"]["pending"], 1);
+        assert!(m["paths"]["kafka"]["missing"].is_null());
+        live.finish_run("r");
+        let m = live.monitor();
+        assert_eq!(m["paths"]["kafka"]["missing"], 1);
+        assert_eq!(m["paths"]["kafka"]["pending"], 0);
+        assert_eq!(m["paths"]["kafka"]["distribution"][1]["count"], 2);
     }
 }

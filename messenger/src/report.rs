@@ -14,8 +14,10 @@ pub struct AuditRow {
     pub deliveries: i64,
     /// Consumer's clock at the first arrival minus the due time.
     pub lateness_ms: Option<i64>,
-    /// `pending`, `sent`, `failed` (the simulated SMS send), or `produce-failed`.
+    /// `pending`, `sent`, `failed` (the last simulated SMS send), or `produce-failed`.
     pub status: String,
+    /// Send attempts that succeeded (a message is an SMS failed when it arrived and none did).
+    pub sent_ok: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -68,7 +70,7 @@ impl Report {
                     } else {
                         p.missing += 1;
                     }
-                    p.sms_failed += u64::from(r.status == "failed");
+                    p.sms_failed += u64::from(r.deliveries > 0 && r.sent_ok == 0);
                 }
                 let sum = late.summary();
                 p.early = sum.early;
@@ -143,6 +145,8 @@ mod tests {
             deliveries,
             lateness_ms: lateness,
             status: status.into(),
+            // One successful attempt per copy, unless the last attempt failed.
+            sent_ok: if status == "failed" { 0 } else { deliveries },
         }
     }
 
@@ -177,6 +181,12 @@ mod tests {
             (m.sent, m.received, m.early, m.not_produced, m.sms_failed),
             (1, 1, 1, 1, 1)
         );
+        // A message handled twice, the last attempt failed but an earlier one succeeded: sent.
+        let twice = AuditRow {
+            sent_ok: 1,
+            ..row("kafka", 2, Some(3), "failed")
+        };
+        assert_eq!(Report::from_rows("r", &[twice]).paths[0].sms_failed, 0);
         assert!(!r.ok());
         assert!(r.table().contains("FAILED"));
     }

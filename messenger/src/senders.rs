@@ -194,6 +194,7 @@ impl Sender {
             if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
                 tracing::warn!(error = %e, "status update not published");
             }
+            live.handled(&a.run_id, &a.id, a.path, ok);
             audit.send(AuditOp::Received {
                 run_id: a.run_id,
                 id: a.id,

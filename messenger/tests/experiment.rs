@@ -183,6 +183,22 @@ async fn a_short_run_is_fully_audited_with_missing_and_duplicates_reported() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(total, m.live.arrivals(&run_id));
+
+    // One definition of each count: /monitor (what -p and the live page show) and the audited
+    // report agree on failed SMS (messages no attempt sent), and attempts are every copy handled.
+    let mon = m.live.monitor();
+    assert_eq!(mon["run_id"], run_id.as_str());
+    assert_eq!(mon["finished"], true);
+    let report_failed: u64 = report.paths.iter().map(|p| p.sms_failed).sum();
+    assert_eq!(mon["total"]["failed"], report_failed, "{mon}");
+    assert_eq!(mon["total"]["attempts"], 600);
+    assert_eq!(
+        mon["total"]["reprocessed"], 1,
+        "the one duplicate was handled twice"
+    );
+    assert_eq!(mon["paths"]["kafka"]["missing"], 1);
+    assert_eq!(mon["paths"]["kafka"]["pending"], 0);
+    assert!(mon["paths"]["mysql"]["distribution"].is_array());
     assert_eq!(total, 600);
 
     // The HTTP API: the report, the live figures, and a run started over HTTP.

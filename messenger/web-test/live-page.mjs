@@ -29,9 +29,22 @@ try {
     later = await received();
   }
   if (!(later.kafka > first.kafka && later.mysql > first.mysql)) await fail(`no update: ${JSON.stringify(first)} then ${JSON.stringify(later)}`);
+  const headers = await page.evaluate(() => [...document.querySelectorAll("#paths thead th")].map((th) => th.textContent));
+  for (const h of ["missing", "early", "duplicates", "p99.9 ms"]) if (!headers.includes(h)) await fail(`no ${h} column: ${headers}`);
+  if (await page.evaluate(() => document.getElementById("chart").dataset.scale) !== "log") await fail("the chart is not on a log scale");
+  // Once the run reports: missing instead of pending, and the lateness distribution per path.
+  await page.waitForFunction(() => !document.getElementById("dist-box").hidden, null, { timeout: 90000 });
+  const dist = await page.evaluate(() => ({
+    head: [...document.querySelectorAll("#dist thead th")].map((th) => th.textContent),
+    rows: [...document.querySelectorAll("#dist tbody tr")].map((tr) => [...tr.cells].map((c) => c.textContent)),
+  }));
+  if (dist.rows.length !== 2 || !dist.head.some((h) => h.endsWith("ms"))) await fail(`no distribution: ${JSON.stringify(dist)}`);
+  const counted = dist.rows.map((r) => r.slice(1).reduce((a, c) => a + Number(c), 0));
+  const receivedNow = await received();
+  if (counted[0] !== receivedNow[dist.rows[0][0]]) await fail(`distribution ${JSON.stringify(dist)} does not add up to ${JSON.stringify(receivedNow)}`);
   const points = await page.evaluate(() => document.getElementById("chart").toDataURL().length);
   await page.screenshot({ path: screenshot, fullPage: true });
-  console.log(`OK: received ${JSON.stringify(first)} then ${JSON.stringify(later)}; chart ${points} bytes; screenshot ${screenshot}`);
+  console.log(`OK: received ${JSON.stringify(first)} then ${JSON.stringify(later)}; distribution ${JSON.stringify(dist.rows)}; chart ${points} bytes; screenshot ${screenshot}`);
   await browser.close();
 } catch (e) {
   await fail(e.message);

@@ -88,6 +88,46 @@ impl Latency {
     }
 }
 
+/// Values in one decade of milliseconds: `[from_ms, to_ms)` (the first is `[0, 1)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Decade {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub count: u64,
+}
+
+impl Latency {
+    /// Counts per decade, from `[0, 1)` ms up to the decade of the largest value: a distribution a
+    /// chart on a log scale can show whole.
+    pub fn decades(&self) -> Vec<Decade> {
+        let mut out: Vec<Decade> = Vec::new();
+        if self.hist.is_empty() {
+            return out;
+        }
+        let bound = |i: usize| if i == 0 { 0 } else { 10u64.pow(i as u32 - 1) };
+        let mut i = 0;
+        while bound(i) <= self.hist.max() {
+            out.push(Decade {
+                from_ms: bound(i),
+                to_ms: bound(i + 1),
+                count: 0,
+            });
+            i += 1;
+        }
+        for v in self.hist.iter_recorded() {
+            let value = self.hist.highest_equivalent(v.value_iterated_to());
+            let decade = if value == 0 {
+                0
+            } else {
+                value.ilog10() as usize + 1
+            };
+            let last = out.len() - 1;
+            out[decade.min(last)].count += v.count_at_value();
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +152,17 @@ mod tests {
         assert_eq!(s.p50_ms, Some(0));
         assert_eq!(s.max_ms, Some(10));
         assert_eq!(Latency::default().summary().p99_ms, None);
+    }
+
+    #[test]
+    fn decades_count_every_value_once() {
+        let d = Latency::of([0, 0, 3, 42, 420, 999, 1000, 25_000]).decades();
+        let counts: Vec<(u64, u64)> = d.iter().map(|d| (d.from_ms, d.count)).collect();
+        assert_eq!(
+            counts,
+            [(0, 2), (1, 1), (10, 1), (100, 2), (1000, 1), (10_000, 1)]
+        );
+        assert!(Latency::default().decades().is_empty());
     }
 
     #[test]
