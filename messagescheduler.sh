@@ -44,7 +44,8 @@ Compose where a Docker engine runs, otherwise as local processes on the local st
       --dry-run           print the Docker commands instead of running them
 One action per run: two of --all/--app/--exp/-c/-dc/-p/-pl/-s/--stack/--test are refused.
 Environment: SM_DOCKER=1/0 forces or forbids the Docker branch; SM_MESSENGER_URL (default
-http://127.0.0.1:5000) is what -p/-pl read; SM_SHUTDOWN_TIMEOUT (default 20s) is the
+http://127.0.0.1:5000) is what -p/-pl read; SM_BIN_DIR runs the binaries there instead of
+building release ones; SM_SCHEDULER_PORT (default 8000) is the local scheduler's HTTP port; SM_SHUTDOWN_TIMEOUT (default 20s) is the
 scheduler's clean-stop limit, and -s waits that plus 10 s before SIGKILL.
 EOF
 }
@@ -361,7 +362,15 @@ compose() {
   run docker compose --project-directory "$COMPOSE_DIR" "${files[@]}" "${profiles[@]}" "$@"
 }
 
+# The binaries the local services run: the release build, or SM_BIN_DIR's (then nothing is built).
+BIN_DIR="${SM_BIN_DIR:-$ROOT/target/release}"
+SCHEDULER_PORT="${SM_SCHEDULER_PORT:-8000}"
+
 build_release() {
+  if [ -n "${SM_BIN_DIR:-}" ]; then
+    log "running the binaries in $BIN_DIR (SM_BIN_DIR): nothing to build"
+    return 0
+  fi
   log "building the release binaries"
   cargo build --release --bins --quiet
 }
@@ -372,7 +381,7 @@ restart_rebuilt() {
   SM_RESTART=""
   for name in scheduler db-scheduler messenger; do
     pid_ours "$name" || continue
-    if [ "$(stat -c %Y "$ROOT/target/release/$name" 2>/dev/null)" != \
+    if [ "$(stat -c %Y "$BIN_DIR/$name" 2>/dev/null)" != \
       "$(cat "$STACK/pids/$name.built" 2>/dev/null)" ]; then
       SM_RESTART+=" $name"
     fi
@@ -396,10 +405,10 @@ local_services() {
   build_release
   restart_rebuilt
   load_experiment_env
-  start scheduler 8000 "$STACK/run" "$ROOT/target/release/scheduler"
+  SM_HTTP_ADDR="127.0.0.1:$SCHEDULER_PORT" start scheduler "$SCHEDULER_PORT" "$STACK/run" "$BIN_DIR/scheduler"
   [ "$what" = app ] && return 0
-  start db-scheduler 8001 "$STACK/run" "$ROOT/target/release/db-scheduler"
-  start messenger 5000 "$STACK/run" "$ROOT/target/release/messenger" serve
+  start db-scheduler 8001 "$STACK/run" "$BIN_DIR/db-scheduler"
+  start messenger 5000 "$STACK/run" "$BIN_DIR/messenger" serve
   if [ "$WITH_GRAFANA" -eq 1 ]; then
     start_prometheus
     log "Grafana is not installable here: its dashboards are in compose/grafana (with Docker: --grafana)"
@@ -445,14 +454,14 @@ progress_frame() {
   local m
   m="$(curl -fs --max-time 5 "$MESSENGER_URL/monitor")" || return 1
   jq -r '"run \(.run_id // "-")",
-    (.total | "sent \(.sent)  delivered \(.delivered)  pending \(.pending)  SMS failed \(.failed)")' <<<"$m"
+    (.total | "sent \(.sent)  delivered \(.delivered)  pending \(.pending)  SMS failed \(.failed)  attempts \(.attempts // 0) (re-processed \(.reprocessed // 0))")' <<<"$m"
   {
-    printf 'path\tsent\treceived\tpending\tdup\tearly\tp50 ms\tp99 ms\tp99.9 ms\tmax ms\n'
+    printf 'path\tsent\treceived\tpending\tmissing\tdup\tearly\tp50 ms\tp99 ms\tp99.9 ms\tmax ms\n'
     jq -r '.paths | to_entries | sort_by(.key)[] | .value as $p
-      | [.key, $p.sent, $p.received, $p.pending, $p.duplicates, ($p.early // 0),
+      | [.key, $p.sent, $p.received, $p.pending, $p.missing, $p.duplicates, ($p.early // 0),
          $p.p50_ms, $p.p99_ms, $p.p999_ms, $p.max_ms]
       | map(if . == null then "-" else tostring end) | @tsv' <<<"$m"
-  } | awk -F'\t' '{ printf "%-6s %8s %9s %8s %5s %6s %8s %8s %9s %8s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
+  } | awk -F'\t' '{ printf "%-6s %8s %9s %8s %8s %5s %6s %8s %8s %9s %8s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 }'
 }
 
 progress() {
@@ -538,7 +547,7 @@ main() {
     test) run_tests ;;
     app)
       up app
-      log "the scheduler answers at http://127.0.0.1:8000/api/jq"
+      log "the scheduler answers at http://127.0.0.1:$SCHEDULER_PORT/api/jq"
       ;;
     exp|all)
       up exp

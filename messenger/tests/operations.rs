@@ -572,3 +572,88 @@ fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
     );
     let _ = std::fs::remove_dir_all(&stack);
 }
+
+/// `--app` twice with an unchanged binary keeps the running scheduler; after a rebuild (here: a
+/// new copy of the binary) `--app` restarts it and says so, so the new code runs; `-s` stops it.
+/// Runs the workspace's debug build through `SM_BIN_DIR`, on the running stack, with topics and
+/// a group of its own and a short ladder.
+#[test]
+fn a_rebuilt_binary_is_restarted_by_app() {
+    let built = root().join("target/debug/scheduler");
+    assert!(
+        built.exists(),
+        "the workspace's debug scheduler (cargo test --workspace builds it)"
+    );
+    let bins = std::env::temp_dir().join(unique("bins"));
+    std::fs::create_dir_all(&bins).unwrap();
+    let bin = bins.join("scheduler");
+    std::fs::copy(&built, &bin).unwrap();
+    let stack = std::env::temp_dir().join(unique("stack"));
+    let names = Names::new("app");
+    let port = free_port();
+    let env = [
+        ("SM_BIN_DIR", bins.display().to_string()),
+        ("SM_SCHEDULER_PORT", port.to_string()),
+        ("SM_INGEST_TOPIC", names.ingest.clone()),
+        ("SM_GROUP_ID", names.group.clone()),
+        ("SM_SLICE_PREFIX", names.prefix.clone()),
+        ("SM_LARGEST_SLICE", "16s".to_string()),
+        ("SM_INGEST_PARTITIONS", "2".to_string()),
+        ("SM_SHUTDOWN_TIMEOUT", "5s".to_string()),
+    ];
+    let pid = || -> u32 {
+        std::fs::read_to_string(stack.join("pids/scheduler.pid"))
+            .expect("a pid file")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let app = |what: &str| {
+        let out = script_with(&["--app"], &stack, &env);
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{what}: {text}");
+        text
+    };
+    app("first start");
+    let first = pid();
+    let text = app("unchanged");
+    assert!(text.contains("already running"), "{text}");
+    assert_eq!(pid(), first, "an unchanged binary keeps running");
+
+    // A rebuild: a new binary at the same path, with a later modification time.
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::copy(&built, &bin).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&bin)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let text = app("rebuilt");
+    assert!(text.contains("restarting scheduler"), "{text}");
+    let second = pid();
+    assert_ne!(second, first, "the rebuilt binary runs");
+    assert!(
+        !Path::new(&format!("/proc/{first}")).exists(),
+        "the old one stopped"
+    );
+    let health = Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{port}/healthz")])
+        .output()
+        .unwrap();
+    assert!(health.status.success(), "the new one answers");
+
+    let out = script_with(&["-s"], &stack, &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{second}")).exists(),
+        "-s stopped it"
+    );
+    let _ = std::fs::remove_dir_all(&stack);
+    let _ = std::fs::remove_dir_all(&bins);
+}
