@@ -388,12 +388,22 @@ fn every_option_of_the_script_does_what_it_says() {
     assert!(out.contains("down --remove-orphans"), "{out}");
     let (ok, out) = script(&["--dry-run", "-c"], "1");
     assert!(ok, "the script failed: {out}");
-    assert!(out.contains("rm -rf") && out.contains("target"), "{out}");
+    assert!(
+        out.contains("target/release/scheduler") && out.contains("logs"),
+        "-c removes our binaries and the stack's logs: {out}"
+    );
+    let whole_target = format!("{} ", root().join("target").display());
+    assert!(
+        !out.contains(&whole_target),
+        "-c leaves the rest of target/: {out}"
+    );
     let (ok, out) = script(&["--dry-run", "-dc"], "1");
     assert!(ok, "the script failed: {out}");
     assert!(
-        out.contains("down --volumes --rmi local") && out.contains("rm -rf"),
-        "{out}"
+        out.contains("down --volumes --rmi local")
+            && out.contains(&whole_target)
+            && out.contains("deep clean: removing"),
+        "-dc removes everything and says what: {out}"
     );
     let (ok, out) = script(&["--dry-run", "--exp"], "0");
     assert!(ok, "the script failed: {out}");

@@ -496,18 +496,20 @@ pub fn by_id(records: &[Received]) -> HashMap<String, Vec<&Received>> {
     map
 }
 
-/// Lateness percentiles in ms (p50, p99, max) of arrivals against `sm-due-ms`.
+/// Lateness percentiles in ms (p50, p99, max) of arrivals against `sm-due-ms`, by the
+/// workspace's one definition ([`crate::latency::Latency`]); 0 when nothing arrived.
 pub fn lateness(records: &[Received]) -> (i64, i64, i64) {
-    let mut late: Vec<i64> = records
-        .iter()
-        .filter_map(|r| Some(r.timestamp_ms - r.header("sm-due-ms")?.parse::<i64>().ok()?))
-        .collect();
-    late.sort_unstable();
-    if late.is_empty() {
-        return (0, 0, 0);
-    }
-    let pct = |p: f64| late[((late.len() - 1) as f64 * p) as usize];
-    (pct(0.5), pct(0.99), late[late.len() - 1])
+    let s = crate::latency::Latency::of(
+        records
+            .iter()
+            .filter_map(|r| Some(r.timestamp_ms - r.header("sm-due-ms")?.parse::<i64>().ok()?)),
+    )
+    .summary();
+    (
+        s.p50_ms.unwrap_or(0),
+        s.p99_ms.unwrap_or(0),
+        s.max_ms.unwrap_or(0),
+    )
 }
 
 /// Produces a record whose first header name is arbitrary bytes (not UTF-8), plus `time` and
