@@ -193,6 +193,10 @@ pub enum Rejection {
     UnknownTopic(String),
     #[error("the broker refused the record: {0}")]
     RefusedByBroker(String),
+    #[error("a 'cancel' record needs an 'id' header: the id to cancel")]
+    MissingId,
+    #[error("the 'cancel' header must be exactly \"true\" (got {0:?})")]
+    InvalidCancel(String),
 }
 
 impl Rejection {
@@ -209,6 +213,8 @@ impl Rejection {
             Rejection::CorruptInternal(_) => "corrupt-internal-record",
             Rejection::UnknownTopic(_) => "unknown-topic",
             Rejection::RefusedByBroker(_) => "refused-by-broker",
+            Rejection::MissingId => "missing-id",
+            Rejection::InvalidCancel(_) => "invalid-cancel",
         }
     }
 }

@@ -9,6 +9,7 @@ mod committer;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod facts;
 mod http;
 mod ingest;
 pub mod jobs;

@@ -1,0 +1,252 @@
+//! Cancel and reschedule by id: the contract's pure core (issue #13), without I/O.
+//!
+//! A record with an `id` has a [`Version`]: its record timestamp, then its ingest partition and
+//! offset, a total order comparable across partitions. For each id the highest version wins:
+//! a later schedule reschedules, a later `cancel: true` record cancels. What the engine knows
+//! about an id is a set of [`Fact`]s keyed by version; [`verdict`] says whether a copy of a
+//! given version may be delivered: only if no known fact of its id has a higher version.
+//!
+//! The rule needs no reads before writes and no coordination: any process may learn the facts in
+//! any order, and compaction (dropping every fact of an id but its highest) never changes a
+//! verdict, because only the highest version matters. The property tests below hold this for
+//! any interleaving.
+
+use std::collections::BTreeMap;
+
+use crate::domain::Rejection;
+
+/// Header that turns a record with an `id` into a cancel of that id.
+pub const CANCEL: &str = "cancel";
+
+/// The order of the records of one id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    /// The record's timestamp (the producer's clock, or the broker's with `LogAppendTime`).
+    pub timestamp_ms: i64,
+    /// The ingest partition; -1 for a cancel made over HTTP.
+    pub partition: i32,
+    /// The offset in that partition; for an HTTP cancel, a random number.
+    pub offset: i64,
+}
+
+impl Version {
+    /// `<timestamp ms>.<partition>.<offset>`, as in the `sm-version` header.
+    pub fn encode(&self) -> String {
+        format!("{}.{}.{}", self.timestamp_ms, self.partition, self.offset)
+    }
+
+    pub fn decode(s: &str) -> Option<Version> {
+        let mut parts = s.splitn(3, '.');
+        Some(Version {
+            timestamp_ms: parts.next()?.parse().ok()?,
+            partition: parts.next()?.parse().ok()?,
+            offset: parts.next()?.parse().ok()?,
+        })
+    }
+}
+
+/// What a record asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Deliver it at its time (with an id: the id's newest schedule).
+    Schedule,
+    /// Cancel every older version of this id; the record's key, value, `time` and `topic` are
+    /// ignored, so a client may send the original back with one header added.
+    Cancel,
+}
+
+/// Reads the `cancel` header. Absent: a schedule (a null value is never a cancel: a scheduled
+/// tombstone for a compacted target is a real use). `true`: a cancel, which needs an id. Any other
+/// value is refused, so that a typo never turns into a reschedule carrying the cancel's payload.
+pub fn command(cancel: Option<&[u8]>, has_id: bool) -> Result<Command, Rejection> {
+    match cancel {
+        None => Ok(Command::Schedule),
+        Some(b"true") if has_id => Ok(Command::Cancel),
+        Some(b"true") => Err(Rejection::MissingId),
+        Some(other) => Err(Rejection::InvalidCancel(
+            String::from_utf8_lossy(other).chars().take(64).collect(),
+        )),
+    }
+}
+
+/// What is known about one version of an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fact {
+    /// Scheduled for `due_ms` to `target`.
+    Pending { due_ms: i64, target: String },
+    /// A cancel.
+    Cancelled,
+    /// Acknowledged by its target.
+    Delivered,
+}
+
+/// May a copy of `version` be delivered, given the versions known for its id?
+pub fn verdict(known: impl IntoIterator<Item = Version>, version: Version) -> bool {
+    known.into_iter().all(|k| k <= version)
+}
+
+/// The facts of ids, as an index holds them: the model the on-disk index follows.
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    by_id: BTreeMap<String, BTreeMap<Version, Fact>>,
+}
+
+impl Facts {
+    /// Learns a fact; a fact learnt twice is the same fact (each key is written once).
+    pub fn learn(&mut self, id: &str, version: Version, fact: Fact) {
+        let facts = self.by_id.entry(id.to_string()).or_default();
+        match (facts.get(&version), &fact) {
+            // Delivered is learnt after Pending for the same version; keep the later news.
+            (Some(Fact::Delivered), Fact::Pending { .. }) => {}
+            _ => {
+                facts.insert(version, fact);
+            }
+        }
+    }
+
+    /// May a copy of `version` of `id` be delivered?
+    pub fn may_deliver(&self, id: &str, version: Version) -> bool {
+        self.by_id
+            .get(id)
+            .is_none_or(|f| verdict(f.keys().copied(), version))
+    }
+
+    /// The fact with the highest version of `id`: what the status API reports.
+    pub fn latest(&self, id: &str) -> Option<(Version, &Fact)> {
+        self.by_id.get(id)?.iter().next_back().map(|(v, f)| (*v, f))
+    }
+
+    /// Compaction: forgets every fact of `id` but the highest.
+    pub fn compact(&mut self, id: &str) {
+        if let Some(facts) = self.by_id.get_mut(id) {
+            while facts.len() > 1 {
+                facts.pop_first();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v(timestamp_ms: i64, partition: i32, offset: i64) -> Version {
+        Version {
+            timestamp_ms,
+            partition,
+            offset,
+        }
+    }
+
+    #[test]
+    fn a_null_value_with_a_time_is_a_schedule_and_cancel_needs_true_and_an_id() {
+        assert_eq!(command(None, false), Ok(Command::Schedule));
+        assert_eq!(command(None, true), Ok(Command::Schedule));
+        assert_eq!(command(Some(b"true"), true), Ok(Command::Cancel));
+        assert_eq!(command(Some(b"true"), false), Err(Rejection::MissingId));
+        for typo in [&b"True"[..], b"yes", b"1", b"", b"false"] {
+            assert!(
+                matches!(command(Some(typo), true), Err(Rejection::InvalidCancel(_))),
+                "{typo:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn versions_order_by_time_then_partition_then_offset_and_round_trip() {
+        assert!(v(1, 9, 9) < v(2, 0, 0));
+        assert!(v(5, 0, 9) < v(5, 1, 0));
+        assert!(v(5, 1, 3) < v(5, 1, 4));
+        assert!(
+            v(5, -1, 7) < v(5, 0, 0),
+            "an HTTP cancel at the same ms sorts first"
+        );
+        for x in [v(1_700_000_000_000, 3, 42), v(0, -1, i64::MAX)] {
+            assert_eq!(Version::decode(&x.encode()), Some(x));
+        }
+        assert_eq!(Version::decode("1.2"), None);
+        assert_eq!(Version::decode("a.b.c"), None);
+    }
+
+    #[test]
+    fn the_highest_version_wins() {
+        let mut f = Facts::default();
+        let pending = |due_ms| Fact::Pending {
+            due_ms,
+            target: "t".into(),
+        };
+        f.learn("x", v(10, 0, 1), pending(100));
+        assert!(f.may_deliver("x", v(10, 0, 1)));
+        f.learn("x", v(20, 1, 5), pending(200));
+        assert!(!f.may_deliver("x", v(10, 0, 1)), "rescheduled");
+        assert!(f.may_deliver("x", v(20, 1, 5)));
+        f.learn("x", v(30, 0, 2), Fact::Cancelled);
+        assert!(!f.may_deliver("x", v(20, 1, 5)), "cancelled");
+        assert_eq!(f.latest("x"), Some((v(30, 0, 2), &Fact::Cancelled)));
+        assert!(
+            f.may_deliver("other", v(1, 0, 0)),
+            "unknown ids are not held"
+        );
+    }
+
+    /// One fact of a test: (id, version, cancel?).
+    fn fact() -> impl Strategy<Value = (u8, Version, bool)> {
+        (0u8..4, 0i64..20, -1i32..3, 0i64..5, any::<bool>())
+            .prop_map(|(id, t, p, o, cancel)| (id, v(t, p, o), cancel))
+    }
+
+    proptest! {
+        /// Whatever order the facts arrive in, and wherever compactions fall between them, the
+        /// verdicts at the end are those of the full set: only the highest version of each id
+        /// may be delivered, and only if it is a schedule. A cancelled version never comes back.
+        #[test]
+        fn any_interleaving_and_compaction_gives_the_same_verdicts(
+            facts in proptest::collection::vec(fact(), 1..40),
+            order in proptest::collection::vec(any::<prop::sample::Index>(), 40),
+            compactions in proptest::collection::vec(any::<bool>(), 40),
+        ) {
+            // Each (id, version) is one record: a schedule or a cancel, never both.
+            let mut facts = facts;
+            facts.sort_by_key(|(id, v, _)| (*id, *v));
+            facts.dedup_by_key(|(id, v, _)| (*id, *v));
+            let mut shuffled = facts.clone();
+            for (i, ix) in order.iter().enumerate().take(shuffled.len()) {
+                let j = ix.index(shuffled.len());
+                shuffled.swap(i, j);
+            }
+            let mut index = Facts::default();
+            let mut cancelled_seen: Vec<(String, Version)> = Vec::new();
+            for (i, (id, version, cancel)) in shuffled.iter().enumerate() {
+                let id = format!("id-{id}");
+                let fact = if *cancel { Fact::Cancelled } else { Fact::Pending { due_ms: 0, target: "t".into() } };
+                index.learn(&id, *version, fact);
+                if *cancel {
+                    cancelled_seen.push((id.clone(), *version));
+                }
+                if compactions[i % compactions.len()] {
+                    index.compact(&id);
+                }
+                // Once a cancel is known, no lower version is ever deliverable again.
+                for (cid, cv) in &cancelled_seen {
+                    for (_, other, _) in facts.iter().filter(|(x, _, _)| format!("id-{x}") == *cid) {
+                        if other < cv {
+                            prop_assert!(!index.may_deliver(cid, *other));
+                        }
+                    }
+                }
+            }
+            for (id, version, cancel) in &facts {
+                let id = format!("id-{id}");
+                let highest = facts
+                    .iter()
+                    .filter(|(x, _, _)| format!("id-{x}") == id)
+                    .map(|(_, v, _)| *v)
+                    .max()
+                    .expect("its own fact");
+                let deliverable = index.may_deliver(&id, *version) && !cancel;
+                prop_assert_eq!(deliverable, *version == highest && !cancel);
+            }
+        }
+    }
+}
