@@ -89,8 +89,10 @@ pub struct Config {
 
     /// Bytes of records this process holds at once: those waiting in the timer and those sent
     /// and not yet acknowledged. When it is full, reading stops until deliveries make room (e.g.
-    /// 64MiB, 512KiB, 1GiB).
-    #[arg(long, env = "SM_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_bytes)]
+    /// 32MiB, 512KiB, 1GiB). The default keeps the whole process under 100 MiB resident through
+    /// a 200,000-record past-due backlog and a 100,000 x 10 KiB burst (BENCHMARKS.md, 4b), and
+    /// still admits thousands of sends in flight: more than the broker takes in a second here.
+    #[arg(long, env = "SM_MEMORY_BUDGET", default_value = "32MiB", value_parser = parse_bytes)]
     pub memory_budget: u64,
 
     /// Sweep workers in this process.

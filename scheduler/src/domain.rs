@@ -411,6 +411,27 @@ impl Scheduled {
         }
     }
 
+    /// Builds an outgoing copy with `build` and moves the key and value into it instead of
+    /// copying them, so that a record on its way is held once, not twice;
+    /// [`Scheduled::restore_body`] brings them back when it must go elsewhere (the DLQ).
+    pub fn lend_body(&mut self, build: impl FnOnce(&Scheduled) -> Outgoing) -> Outgoing {
+        let (key, payload) = (self.key.take(), self.payload.take());
+        let mut out = build(self);
+        out.key = key;
+        out.payload = payload;
+        out
+    }
+
+    /// Takes the key and value back from `out` (see [`Scheduled::lend_body`]).
+    pub fn restore_body(&mut self, out: &mut Outgoing) {
+        if self.key.is_none() {
+            self.key = out.key.take();
+        }
+        if self.payload.is_none() {
+            self.payload = out.payload.take();
+        }
+    }
+
     /// The dead-lettered copy of an accepted record the target refused: `time` (as epoch
     /// milliseconds), `topic` and `id` (when the user gave one), so that it can be resubmitted as
     /// it is after a fix, then the user's other headers and the reason.
@@ -557,6 +578,23 @@ mod tests {
         assert_eq!(delivered.payload.as_deref(), Some(&b"v"[..]));
         let names: Vec<&str> = delivered.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["trace", "sm-id", "sm-due-ms", "sm-path"]);
+    }
+
+    #[test]
+    fn a_lent_body_travels_once_and_comes_back_for_the_dlq() {
+        let r = rec(&[
+            ("time", b"1700000000000"),
+            ("topic", b"orders"),
+            ("id", b"x"),
+        ]);
+        let original = Scheduled::from_ingest(&r, Zone::UTC, &internal()).unwrap();
+        let mut s = original.clone();
+        let mut out = s.lend_body(Scheduled::to_target);
+        assert_eq!(out, original.to_target(), "the copy sent is whole");
+        assert!(s.key.is_none() && s.payload.is_none(), "and held once");
+        s.restore_body(&mut out);
+        let why = Rejection::UnknownTopic("orders".into());
+        assert_eq!(s.to_dlq("DLQ", &why), original.to_dlq("DLQ", &why));
     }
 
     #[test]

@@ -314,12 +314,14 @@ impl Shared {
             if !lock(&self.tracker).is_current(&entry.ticket) {
                 continue;
             }
+            let mut scheduled = entry.scheduled;
+            let out = scheduled.lend_body(Scheduled::to_target);
             let send = Send {
-                out: entry.scheduled.to_target(),
+                out,
                 then: Then::Deliver {
-                    due_ms: entry.scheduled.due.as_millis(),
+                    due_ms: scheduled.due.as_millis(),
                 },
-                scheduled: Some(entry.scheduled),
+                scheduled: Some(scheduled),
                 ticket: entry.ticket,
                 sweep: None,
                 slice_write: None,

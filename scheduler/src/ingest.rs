@@ -151,7 +151,9 @@ impl Shared {
                 }
             }
             Route::Slice(id) => {
-                let out = s.to_slice(self.slice_topic(id));
+                let mut s = s;
+                let topic = self.slice_topic(id);
+                let out = s.lend_body(|s| s.to_slice(topic));
                 self.send(Send {
                     out,
                     then: Then::Slice { level: id.level },

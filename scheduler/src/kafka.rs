@@ -96,7 +96,13 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // engine routes records as fast as they come, so a backlog in the ingest topic only
         // inflated resident memory (from 15 MiB to over 200 MiB in the benchmark).
         .set("queued.min.messages", "10000")
-        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.max.messages.kbytes", "4096")
+        // A fetch response is held whole while its records are handed out: librdkafka asks for
+        // up to 1 MiB per partition and 50 MiB per response by default, which with 16 ingest
+        // partitions made fetch buffers the largest item of a backlog's peak heap (16 MiB of 74,
+        // by heaptrack). 4 MiB per response is still many batches per round trip.
+        .set("fetch.max.bytes", "4194304")
+        .set("fetch.message.max.bytes", "262144")
         .set("topic.metadata.refresh.interval.ms", "10000");
     if let Some(id) = &settings.config.instance_id {
         c.set("group.instance.id", id);
@@ -125,6 +131,8 @@ pub fn sweep_reader_config(settings: &Settings) -> ClientConfig {
         // budget, not librdkafka's queue, should hold what is waiting.
         .set("queued.max.messages.kbytes", "2048")
         .set("queued.min.messages", "2000")
+        .set("fetch.max.bytes", "2097152")
+        .set("fetch.message.max.bytes", "262144")
         .set("topic.metadata.refresh.interval.ms", "10000");
     merge(c, base_config(settings))
 }

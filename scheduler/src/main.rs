@@ -3,10 +3,16 @@
 use clap::Parser;
 use scheduler::{Config, Settings};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    scheduler::init_logging();
-    let settings = Settings::new(Config::parse())?;
-    scheduler::run(settings, scheduler::shutdown_signal()).await?;
-    Ok(())
+fn main() -> anyhow::Result<()> {
+    // Before any thread starts: the allocator's arenas are chosen per thread.
+    scheduler::tune_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            scheduler::init_logging();
+            let settings = Settings::new(Config::parse())?;
+            scheduler::run(settings, scheduler::shutdown_signal()).await?;
+            Ok(())
+        })
 }

@@ -111,7 +111,8 @@ pub enum Then {
 pub(crate) struct Send {
     pub(crate) out: Outgoing,
     pub(crate) then: Then,
-    /// The parsed record, to build a DLQ copy from if the destination refuses it for good.
+    /// The parsed record, to build a DLQ copy from if the destination refuses it for good; its
+    /// key and value travel in `out` meanwhile (lent, see `Scheduled::lend_body`).
     pub(crate) scheduled: Option<Scheduled>,
     pub(crate) ticket: Ticket,
     pub(crate) sweep: Option<Arc<ActiveSweep>>,
@@ -359,8 +360,11 @@ impl Shared {
                 tracing::warn!(topic = %t.send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
                 let mut send = t.send;
                 let dlq = &self.settings.internal.dlq;
-                send.out = match &send.scheduled {
-                    Some(s) => s.to_dlq(dlq, &why),
+                send.out = match send.scheduled.as_mut() {
+                    Some(s) => {
+                        s.restore_body(&mut send.out);
+                        s.to_dlq(dlq, &why)
+                    }
                     None => send.out,
                 };
                 send.then = Then::DeadLetter { reason: why.code() };

@@ -218,6 +218,7 @@ fn scheduled<'a>(
     target: &str,
     id: &'a str,
     due_ms: i64,
+    payload: &'a [u8],
 ) -> FutureRecord<'a, [u8], [u8]> {
     let time = due_ms.to_string();
     let headers = OwnedHeaders::new_with_capacity(3)
@@ -235,7 +236,7 @@ fn scheduled<'a>(
         });
     FutureRecord::to(ingest)
         .key(id.as_bytes())
-        .payload(PAYLOAD)
+        .payload(payload)
         .headers(headers)
 }
 
@@ -314,7 +315,19 @@ struct Produced {
 
 impl Produced {
     async fn send(&mut self, p: &FutureProducer, ingest: &str, target: &str, id: String, at: i64) {
-        let f = enqueue(p, scheduled(ingest, target, &id, at)).await;
+        self.send_with(p, ingest, target, id, at, PAYLOAD).await
+    }
+
+    async fn send_with(
+        &mut self,
+        p: &FutureProducer,
+        ingest: &str,
+        target: &str,
+        id: String,
+        at: i64,
+        payload: &[u8],
+    ) {
+        let f = enqueue(p, scheduled(ingest, target, &id, at, payload)).await;
         self.acks.push(id.clone(), f).await;
         self.due.insert(id, at);
     }
@@ -335,9 +348,20 @@ pub async fn produce_bulk(
     target: &str,
     records: impl IntoIterator<Item = (String, i64)>,
 ) -> HashMap<String, i64> {
+    produce_bulk_with(p, ingest, target, records, PAYLOAD).await
+}
+
+/// [`produce_bulk`] with values of the caller's choosing.
+pub async fn produce_bulk_with(
+    p: &FutureProducer,
+    ingest: &str,
+    target: &str,
+    records: impl IntoIterator<Item = (String, i64)>,
+    payload: &[u8],
+) -> HashMap<String, i64> {
     let mut produced = Produced::default();
     for (id, at) in records {
-        produced.send(p, ingest, target, id, at).await;
+        produced.send_with(p, ingest, target, id, at, payload).await;
     }
     produced.acknowledged().await
 }

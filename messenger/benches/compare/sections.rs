@@ -368,42 +368,133 @@ pub struct Burst {
 /// `n` records due in the same millisecond, produced ahead of time: how long until the last one
 /// is delivered, and how late the rest are.
 pub async fn burst(bins: &Binaries, n: usize) -> Burst {
-    let (broker, names) = set_up("bench-burst").await;
-    let bootstrap = broker.bootstrap();
-    let mut sched = Service::scheduler(
-        &bins.scheduler,
-        &scheduler_args(&broker, &names, &[]),
-        &log_name(&names, "burst"),
-    )
-    .await;
-    // Time to produce and file them all (2,000-4,000 per second here) before they fall due.
-    let at = now_ms() + 20_000 + n as i64 / 2;
-    let reading = start_reading(
-        &bootstrap,
-        &names.target,
-        TARGET_PARTITIONS,
-        (0..n).map(|i| format!("b-{i}")).collect(),
-        Duration::from_secs(900),
-    );
-    let p = bulk_producer(&bootstrap);
-    let due = produce_bulk(
-        &p,
-        &names.ingest,
-        &names.target,
-        (0..n).map(|i| (format!("b-{i}"), at)),
-    )
-    .await;
-    note(format!(
-        "burst: {n} produced, due in {:.1} s",
-        (at - now_ms()) as f64 / 1000.0
-    ));
-    let got = reading.await.expect("reader");
-    sched.stop().await;
-    let outcome = Outcome::of(&got, &due);
+    let (outcome, at, _) = one_instant(bins, "burst", n, PAYLOAD, 20_000).await;
     Burst {
         n,
         last_ms: outcome.last_ms - at,
         outcome,
+    }
+}
+
+/// `n` records with `payload` due in one instant, produced ahead of time (`lead_ms`, plus time
+/// to produce and file them) while the scheduler runs: what arrived, the instant, and the
+/// scheduler's peak resident memory.
+async fn one_instant(
+    bins: &Binaries,
+    name: &str,
+    n: usize,
+    payload: &[u8],
+    lead_ms: i64,
+) -> (Outcome, i64, f64) {
+    let (broker, names) = set_up(&format!("bench-{name}")).await;
+    let bootstrap = broker.bootstrap();
+    let mut sched = Service::scheduler(
+        &bins.scheduler,
+        &scheduler_args(&broker, &names, &[]),
+        &log_name(&names, name),
+    )
+    .await;
+    // Time to produce and file them all (2,000-4,000 per second here) before they fall due.
+    let at = now_ms() + lead_ms + n as i64 / 2;
+    let ids: Vec<String> = (0..n).map(|i| format!("{name}-{i}")).collect();
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        ids.clone(),
+        Duration::from_secs(900),
+    );
+    let p = bulk_producer(&bootstrap);
+    let due = produce_bulk_with(
+        &p,
+        &names.ingest,
+        &names.target,
+        ids.into_iter().map(|id| (id, at)),
+        payload,
+    )
+    .await;
+    note(format!(
+        "{name}: {n} x {} B produced, due in {:.1} s",
+        payload.len(),
+        (at - now_ms()) as f64 / 1000.0
+    ));
+    let got = reading.await.expect("reader");
+    let outcome = Outcome::of(&got, &due);
+    let (_, peak_mib) = sched.memory_mib();
+    sched.stop().await;
+    (outcome, at, peak_mib)
+}
+
+// ---- 4b. memory under load --------------------------------------------------------------------
+
+/// One load on the memory budget, and what it cost.
+pub struct Pressure {
+    pub n: usize,
+    pub bytes: usize,
+    pub outcome: Outcome,
+    /// Peak resident memory of the scheduler process over the whole run (VmHWM).
+    pub peak_mib: f64,
+    /// From the scheduler's start (backlog) or the due instant (burst) to the last delivery.
+    pub drain_s: f64,
+}
+
+/// A backlog after an outage: `n` records of `bytes` each, all already past due, produced while
+/// no scheduler runs; then the scheduler starts and delivers them. Peak resident memory with the
+/// default `--memory-budget`.
+pub async fn backlog(bins: &Binaries, n: usize, bytes: usize) -> Pressure {
+    let (broker, names) = set_up("bench-backlog").await;
+    let bootstrap = broker.bootstrap();
+    let args = scheduler_args(&broker, &names, &[]);
+    // Started once so that its topics exist as it creates them; stopped for the "outage".
+    Service::scheduler(&bins.scheduler, &args, &log_name(&names, "backlog-0"))
+        .await
+        .stop()
+        .await;
+    let payload = vec![b'x'; bytes];
+    let at = now_ms() - 1_000;
+    let p = bulk_producer(&bootstrap);
+    let due = produce_bulk_with(
+        &p,
+        &names.ingest,
+        &names.target,
+        (0..n).map(|i| (format!("p-{i}"), at)),
+        &payload,
+    )
+    .await;
+    note(format!("backlog: {n} x {bytes} B produced, past due"));
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        due.keys().cloned().collect(),
+        Duration::from_secs(900),
+    );
+    let started = now_ms();
+    let mut sched = Service::scheduler(&bins.scheduler, &args, &log_name(&names, "backlog")).await;
+    let got = reading.await.expect("reader");
+    let outcome = Outcome::of(&got, &due);
+    let (_, peak_mib) = sched.memory_mib();
+    sched.stop().await;
+    Pressure {
+        n,
+        bytes,
+        drain_s: (outcome.last_ms - started) as f64 / 1000.0,
+        outcome,
+        peak_mib,
+    }
+}
+
+/// `n` records of `bytes` each due in one instant, produced ahead of time while the scheduler
+/// runs: peak resident memory (filing them into slices, holding and delivering them) with the
+/// default `--memory-budget`.
+pub async fn large_burst(bins: &Binaries, n: usize, bytes: usize) -> Pressure {
+    let (outcome, at, peak_mib) = one_instant(bins, "lburst", n, &vec![b'x'; bytes], 30_000).await;
+    Pressure {
+        n,
+        bytes,
+        drain_s: (outcome.last_ms - at) as f64 / 1000.0,
+        outcome,
+        peak_mib,
     }
 }
 
