@@ -261,6 +261,9 @@ stack() {
   start_kafka
   start_mongo
   start_mysql
+  # The venv also holds the benchmark's ordinary client (confluent-kafka): install it even when
+  # another checkout's MongoDB server is used.
+  ensure_secantus
 }
 
 # A clean stop of the scheduler takes up to its SM_SHUTDOWN_TIMEOUT (20 s by default); the other
