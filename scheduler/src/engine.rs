@@ -90,6 +90,10 @@ pub(crate) struct Shared {
     pub(crate) lanes: Mutex<Lanes<Tracked>>,
     /// The order in which sends were handed over, for the lanes.
     pub(crate) send_seq: AtomicU64,
+    /// Sweep attempts to fail on purpose (test builds only), to drive the retry path without
+    /// a broker fault.
+    #[cfg(feature = "testkit")]
+    pub(crate) injected_sweep_failures: AtomicUsize,
     /// Sweeps failing and being retried now (the process is `degraded` while any are).
     pub(crate) sweeps_behind: AtomicUsize,
     pub(crate) status: watch::Sender<Status>,
@@ -189,6 +193,8 @@ impl Engine {
             fatal: Mutex::new(None),
             lanes: Mutex::default(),
             send_seq: AtomicU64::new(0),
+            #[cfg(feature = "testkit")]
+            injected_sweep_failures: AtomicUsize::new(0),
             sweeps_behind: AtomicUsize::new(0),
             status: watch::channel(Status::default()).0,
         });

@@ -94,6 +94,15 @@ impl Scheduler {
         })
     }
 
+    /// Makes the next `n` sweep attempts fail (test builds only), to drive the retry path.
+    #[cfg(feature = "testkit")]
+    pub fn fail_next_sweeps(&self, n: usize) {
+        self.engine
+            .shared
+            .injected_sweep_failures
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Waits for `shutdown` (or a fatal error), then stops cleanly.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::select! {

@@ -282,6 +282,18 @@ impl Shared {
         partitions: &[i32],
         reader: &StreamConsumer,
     ) -> Result<JobCounts, String> {
+        #[cfg(feature = "testkit")]
+        if self
+            .injected_sweep_failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err("injected sweep failure (testkit)".into());
+        }
         let top = job.level + 1 == self.ladder().levels();
         // Scheduled sweeps, and catch-ups of the top level (which also holds what lies beyond its
         // horizon, mixed with due windows), rewrite in-place records; other catch-ups stop at them.
