@@ -282,3 +282,127 @@ async fn a_record_the_dlq_refuses_halts_the_process_and_stays_uncommitted() {
     let rest = collect(&reader, Duration::from_secs(2), |_| false).await;
     assert!(rest.is_empty(), "the refused record was not delivered");
 }
+
+/// Slice records deleted before their sweep (as retention would: here by DeleteRecords) are
+/// counted as lost (`sm_slice_records_lost_total`) and reported, and the sweep carries on from
+/// what is left instead of resetting silently or stopping: every record either arrives (it was
+/// swept before the deletion) or is counted, none arrives early, and the process stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slice_records_deleted_before_their_sweep_are_counted_as_lost() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    let names = Names::new("lost");
+    create_topic(&names.target, 1).await;
+    let sched = start_in_process(&names).await;
+    let http = sched.http_addr.to_string();
+    let lost = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("sm_slice_records_lost_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let metrics = || async {
+        reqwest::get(format!("http://{http}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    };
+    let lost_before = lost(&metrics().await);
+
+    let n = 100;
+    let base = now_ms() + 5_000;
+    let records: Vec<(String, i64)> = (0..n)
+        .map(|i| (format!("l-{i}"), base + (i as i64 * 13) % 1_500))
+        .collect();
+    schedule_records(&names, &records).await;
+    let due: HashMap<String, i64> = records.into_iter().collect();
+
+    // Wait until the records sit in the slices, then delete everything there.
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("lost-admin"))
+        .create()
+        .expect("client");
+    let slices = |client: &BaseConsumer| -> Vec<(String, i32, i64, i64)> {
+        let md = client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        let mut out = Vec::new();
+        for t in md
+            .topics()
+            .iter()
+            .filter(|t| t.name().starts_with(&names.prefix))
+        {
+            for p in t.partitions() {
+                let (low, high) = client
+                    .fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))
+                    .expect("watermarks");
+                out.push((t.name().to_string(), p.id(), low, high));
+            }
+        }
+        out
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        let held = tokio::task::block_in_place(|| slices(&client));
+        let filed: i64 = held.iter().map(|(_, _, low, high)| high - low).sum();
+        if filed >= n as i64 {
+            break held;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {filed} filed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("admin");
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, low, high) in &held {
+        if high > low {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*high))
+                .expect("partition");
+        }
+    }
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("records deleted");
+
+    // Until every record has arrived or been counted lost.
+    let reader = reader(&names.target, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    let (arrived, counted) = loop {
+        got.extend(collect(&reader, Duration::from_millis(500), |_| false).await);
+        let arrived = by_id(&got).len();
+        let counted = lost(&metrics().await) - lost_before;
+        if arrived as f64 + counted >= n as f64 {
+            break (arrived, counted);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{arrived} arrived and {counted} counted lost, of {n}"
+        );
+    };
+    for r in &got {
+        let id = r.header("sm-id").unwrap();
+        assert!(r.timestamp_ms >= due[&id], "{id} early");
+    }
+    assert!(
+        counted > 0.0,
+        "the deletion was noticed ({arrived} arrived)"
+    );
+    let h: serde_json::Value = reqwest::get(format!("http://{http}/healthz"))
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("json");
+    assert_ne!(h["status"], "failed", "{h}");
+    sched.stop().await.expect("clean stop");
+}
