@@ -485,6 +485,24 @@ pub async fn collect(
     out
 }
 
+/// The sum over every label set of a counter or gauge on a process's `/metrics` page (0 when it
+/// is not there yet).
+pub async fn metric_sum(http: &str, name: &str) -> f64 {
+    let page = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Counts deliveries per `sm-id`.
 pub fn by_id(records: &[Received]) -> HashMap<String, Vec<&Received>> {
     let mut map: HashMap<String, Vec<&Received>> = HashMap::new();

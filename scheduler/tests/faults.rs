@@ -298,21 +298,8 @@ async fn slice_records_deleted_before_their_sweep_are_counted_as_lost() {
     create_topic(&names.target, 1).await;
     let sched = start_in_process(&names).await;
     let http = sched.http_addr.to_string();
-    let lost = |text: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with("sm_slice_records_lost_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let metrics = || async {
-        reqwest::get(format!("http://{http}/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text")
-    };
-    let lost_before = lost(&metrics().await);
+    const LOST: &str = "sm_slice_records_lost_total";
+    let lost_before = metric_sum(&http, LOST).await;
 
     let n = 100;
     let base = now_ms() + 5_000;
@@ -380,7 +367,7 @@ async fn slice_records_deleted_before_their_sweep_are_counted_as_lost() {
     let (arrived, counted) = loop {
         got.extend(collect(&reader, Duration::from_millis(500), |_| false).await);
         let arrived = by_id(&got).len();
-        let counted = lost(&metrics().await) - lost_before;
+        let counted = metric_sum(&http, LOST).await - lost_before;
         if arrived as f64 + counted >= n as f64 {
             break (arrived, counted);
         }

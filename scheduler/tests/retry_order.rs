@@ -19,19 +19,6 @@ fn header<'a>(key: &'a str, value: &'a str) -> rdkafka::message::Header<'a, &'a 
     }
 }
 
-async fn retries_counted(http: &str) -> f64 {
-    let text = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with("sm_send_retries_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_one_key_keep_their_order_when_their_delivery_is_retried() {
     let mut broker = Broker::start();
@@ -86,7 +73,7 @@ async fn records_of_one_key_keep_their_order_when_their_delivery_is_retried() {
     let got = collect(&reader, Duration::from_secs(90), |r| by_id(r).len() >= want).await;
     assert_eq!(by_id(&got).len(), want, "every record arrives");
     assert!(
-        retries_counted(&http).await > 0.0,
+        metric_sum(&http, "sm_send_retries_total").await > 0.0,
         "the scheduler itself retried sends (else this test did not test retries)"
     );
 

@@ -194,17 +194,7 @@ async fn a_failing_sweep_is_retried_until_it_succeeds_and_nothing_is_skipped() {
         let id = r.header("sm-id").unwrap();
         assert!(r.timestamp_ms >= due[&id], "{id} early");
     }
-    let metrics = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let failures: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("sm_sweep_failures_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let failures = metric_sum(&http, "sm_sweep_failures_total").await;
     assert!(failures >= 6.0, "{failures} failed attempts counted");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
