@@ -318,10 +318,7 @@ impl Shared {
             Outcome::Acknowledged => self.acknowledged(t.send),
             Outcome::Abandoned => {}
             Outcome::Failed(e) => {
-                if let Some(dead) = self.failed(t, e).await {
-                    let me = self.clone();
-                    self.acks.spawn(me.dispatch(dead));
-                }
+                self.failed(t, e).await;
             }
         }
     }
@@ -337,9 +334,9 @@ impl Shared {
 
     /// Does what [`fate`] says with a failed send: a retry joins its topic's lane (in its first
     /// send's order, so records of one key keep their order behind it), a refusal goes to the
-    /// DLQ (the DLQ copy is returned, to be dispatched), a missing slice topic is created again,
-    /// anything else halts the process.
-    async fn failed(self: &Arc<Self>, mut t: Tracked, err: KafkaError) -> Option<Tracked> {
+    /// DLQ (its copy is dispatched as a send of its own), a missing slice topic is created again,
+    /// anything else halts the process. True when the record went back into its lane.
+    async fn failed(self: &Arc<Self>, mut t: Tracked, err: KafkaError) -> bool {
         let to = t.send.then.destination();
         let mut fate = fate(&err, to, &t.send.out.topic);
         if fate == Fate::RetryFew {
@@ -369,14 +366,19 @@ impl Shared {
                 };
                 send.then = Then::DeadLetter { reason: why.code() };
                 send.slice_write = None;
-                return Some(Tracked {
+                let dead = Tracked {
                     send,
                     seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
                     unknown_attempts: 0,
-                });
+                };
+                self.acks.spawn(self.clone().dispatch(dead));
+                false
             }
             // The record stays uncommitted; the next owner (after a fix) sends it again.
-            Fate::Halt(reason) => self.fail(reason),
+            Fate::Halt(reason) => {
+                self.fail(reason);
+                false
+            }
             Fate::RecreateSlice => {
                 tracing::warn!(topic = %t.send.out.topic, "slice topic missing; creating it again");
                 let spec = self.slice_spec(&t.send.out.topic);
@@ -384,14 +386,15 @@ impl Shared {
                     tracing::warn!(error = %e, "could not create the slice topic");
                 }
                 self.hold(t);
+                true
             }
             Fate::Retry | Fate::RetryFew => {
                 tracing::warn!(topic = %t.send.out.topic, error = %err, "send failed; retrying");
                 metrics::counter!(m::SEND_RETRIES).increment(1);
                 self.hold(t);
+                true
             }
         }
-        None
     }
 
     /// Puts a failed send in its topic's retry lane, starting the lane's task if it was closed.
@@ -425,17 +428,8 @@ impl Shared {
                 match outcome(q).await {
                     Outcome::Acknowledged => self.acknowledged(t.send),
                     Outcome::Abandoned => return,
-                    Outcome::Failed(e) => {
-                        let retry = matches!(
-                            fate(&e, t.send.then.destination(), &t.send.out.topic),
-                            Fate::Retry | Fate::RetryFew | Fate::RecreateSlice
-                        );
-                        wait |= retry;
-                        if let Some(dead) = self.failed(t, e).await {
-                            let me = self.clone();
-                            self.acks.spawn(me.dispatch(dead));
-                        }
-                    }
+                    // Back in the lane: wait a backoff before the next round.
+                    Outcome::Failed(e) => wait |= self.failed(t, e).await,
                 }
             }
             if kafka::lock(&self.lanes).close_if_empty(&topic) {
