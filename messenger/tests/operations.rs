@@ -428,6 +428,20 @@ fn script_with(args: &[&str], stack: &Path, env: &[(&str, String)]) -> std::proc
         .unwrap()
 }
 
+/// `-s` with this stack directory succeeds, and `pid` (a process the script started) is gone.
+fn stop_and_check_gone(stack: &Path, env: &[(&str, String)], pid: u32) {
+    let out = script_with(&["-s"], stack, env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "-s stopped pid {pid}, which it started"
+    );
+}
+
 /// Two actions in one command line are refused with a message, never the last one silently.
 #[test]
 fn conflicting_options_are_refused() {
@@ -566,16 +580,7 @@ fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
         .unwrap();
     assert_eq!(session, broker, "the broker leads a session of its own");
 
-    let out = script_with(&["-s"], &stack, &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !Path::new(&format!("/proc/{broker}")).exists(),
-        "-s stopped the broker it started"
-    );
+    stop_and_check_gone(&stack, &env, broker);
     assert!(
         foreign.try_wait().unwrap().is_none(),
         "-s left the foreign process alone"
@@ -654,16 +659,7 @@ fn a_rebuilt_binary_is_restarted_by_app() {
         .unwrap();
     assert!(health.status.success(), "the new one answers");
 
-    let out = script_with(&["-s"], &stack, &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !Path::new(&format!("/proc/{second}")).exists(),
-        "-s stopped it"
-    );
+    stop_and_check_gone(&stack, &env, second);
     let _ = std::fs::remove_dir_all(&stack);
     let _ = std::fs::remove_dir_all(&bins);
 }

@@ -494,6 +494,11 @@ pub async fn metric_sum(http: &str, name: &str) -> f64 {
         .text()
         .await
         .expect("metrics text");
+    metric_in(&page, name)
+}
+
+/// The sum over every label set of `name` in a Prometheus text page (0 when absent).
+pub fn metric_in(page: &str, name: &str) -> f64 {
     page.lines()
         .filter(|l| {
             l.strip_prefix(name)
@@ -501,6 +506,16 @@ pub async fn metric_sum(http: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A process's `/healthz` answer.
+pub async fn healthz(http: &str) -> serde_json::Value {
+    reqwest::get(format!("http://{http}/healthz"))
+        .await
+        .expect("healthz answers")
+        .json()
+        .await
+        .expect("healthz is JSON")
 }
 
 /// Counts deliveries per `sm-id`.

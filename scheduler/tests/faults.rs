@@ -247,12 +247,7 @@ async fn a_record_the_dlq_refuses_halts_the_process_and_stays_uncommitted() {
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let health = loop {
-        let h: serde_json::Value = reqwest::get(format!("http://{http}/healthz"))
-            .await
-            .expect("healthz answers")
-            .json()
-            .await
-            .expect("healthz is JSON");
+        let h = healthz(&http).await;
         if h["status"] == "failed" || std::time::Instant::now() > deadline {
             break h;
         }
@@ -296,13 +291,24 @@ async fn slice_records_deleted_before_their_sweep_are_counted_as_lost() {
 
     let names = Names::new("lost");
     create_topic(&names.target, 1).await;
-    let sched = start_in_process(&names).await;
+    // A ladder whose first sweep of these records is at least 6 s away (level 2: 16 s windows,
+    // swept 8 s ahead), so the deletion below surely comes before it. With the fast test ladder
+    // some records were swept before the deletion and none counted: the test raced.
+    let ladder = [
+        "--smallest-slice",
+        "1s",
+        "--slice-ratio",
+        "4",
+        "--largest-slice",
+        "64s",
+    ];
+    let sched = start_in_process_with(&names, &ladder).await;
     let http = sched.http_addr.to_string();
     const LOST: &str = "sm_slice_records_lost_total";
     let lost_before = metric_sum(&http, LOST).await;
 
     let n = 100;
-    let base = now_ms() + 5_000;
+    let base = now_ms() + 30_000;
     let records: Vec<(String, i64)> = (0..n)
         .map(|i| (format!("l-{i}"), base + (i as i64 * 13) % 1_500))
         .collect();
@@ -384,12 +390,7 @@ async fn slice_records_deleted_before_their_sweep_are_counted_as_lost() {
         counted > 0.0,
         "the deletion was noticed ({arrived} arrived)"
     );
-    let h: serde_json::Value = reqwest::get(format!("http://{http}/healthz"))
-        .await
-        .expect("healthz")
-        .json()
-        .await
-        .expect("json");
+    let h = healthz(&http).await;
     assert_ne!(h["status"], "failed", "{h}");
     sched.stop().await.expect("clean stop");
 }

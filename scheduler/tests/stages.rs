@@ -9,15 +9,6 @@ use std::time::{Duration, Instant};
 
 use scheduler::testkit::*;
 
-async fn health(http: &str) -> serde_json::Value {
-    reqwest::get(format!("http://{http}/healthz"))
-        .await
-        .expect("healthz answers")
-        .json()
-        .await
-        .expect("healthz is JSON")
-}
-
 /// `/healthz` is called without pause while a second process joins and leaves the group four
 /// times (each time partitions are revoked from the first and assigned back). Before the stages,
 /// `health()` locked the tracker then the timer while the revoke path locked the timer then the
@@ -30,7 +21,7 @@ async fn health_answers_and_deliveries_go_on_through_repeated_rebalances() {
     let a = start_in_process(&names).await;
     let http = a.http_addr.to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while health(&http).await["assigned_partitions"] == 0 {
+    while healthz(&http).await["assigned_partitions"] == 0 {
         assert!(Instant::now() < deadline, "no partitions assigned");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -73,7 +64,7 @@ async fn health_answers_and_deliveries_go_on_through_repeated_rebalances() {
         // Wait (with a deadline) until the second process owns something: a revoke happened.
         let b_http = b.http_addr.to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while health(&b_http).await["assigned_partitions"] == 0 {
+        while healthz(&b_http).await["assigned_partitions"] == 0 {
             assert!(
                 Instant::now() < deadline,
                 "the second process never got partitions"
@@ -135,7 +126,7 @@ async fn a_burst_larger_than_the_memory_budget_is_delivered_within_it() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut seen = std::collections::HashSet::new();
     while seen.len() < ids.len() && Instant::now() < deadline {
-        let h = health(&http).await;
+        let h = healthz(&http).await;
         peak = peak.max(h["memory_used"].as_u64().expect("memory_used"));
         assert_eq!(h["memory_budget"], budget);
         let batch = collect(&reader, Duration::from_millis(50), |r| r.len() >= 500).await;
@@ -173,7 +164,7 @@ async fn a_failing_sweep_is_retried_until_it_succeeds_and_nothing_is_skipped() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut degraded = None;
     while degraded.is_none() && std::time::Instant::now() < deadline {
-        let h = health(&http).await;
+        let h = healthz(&http).await;
         if h["status"] == "degraded" {
             degraded = Some(h);
         }
@@ -198,7 +189,7 @@ async fn a_failing_sweep_is_retried_until_it_succeeds_and_nothing_is_skipped() {
     assert!(failures >= 6.0, "{failures} failed attempts counted");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let h = health(&http).await;
+        let h = healthz(&http).await;
         if h["status"] == "ok" {
             break;
         }

@@ -141,13 +141,7 @@ impl Service {
     /// The sum of every series of a counter or gauge in `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self.get("/metrics").await.unwrap_or_default();
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        scheduler::testkit::metric_in(&text, name)
     }
 
     pub fn pid(&self) -> u32 {
