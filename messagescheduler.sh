@@ -136,10 +136,16 @@ pid_ours() {
   [ "$(cmdline_of "$(cat "$STACK/pids/$name.pid")")" = "$(cat "$STACK/pids/$name.cmd" 2>/dev/null)" ]
 }
 
-# Who listens on a port: "pid N (command)", or "an unknown process".
+# The PID listening on a port, or nothing.
+port_pid() {
+  ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2
+}
+
+# Who listens on a port: "pid N (command)", or "an unknown process". The command is shortened
+# for messages only: decisions read the whole command line (port_free_for).
 port_holder() {
   local pid
-  pid="$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)"
+  pid="$(port_pid "$1")"
   if [ -n "$pid" ]; then
     echo "pid $pid ($(cmdline_of "$pid" | cut -c1-80))"
   else
@@ -211,7 +217,9 @@ port_free_for() {
   fi
   holder="$(port_holder "$port")"
   program="${STACK_PROGRAM[$name]:-}"
-  if [ -n "$program" ] && [[ "$holder" == *"$program"* ]]; then
+  # The whole command line: a long checkout path would push the program's name past the
+  # shortened form in $holder.
+  if [ -n "$program" ] && [[ "$(cmdline_of "$(port_pid "$port")")" == *"$program"* ]]; then
     log "$name: 127.0.0.1:$port is held by $holder, not started by this checkout; using it"
     return 1
   fi

@@ -428,6 +428,15 @@ fn script_with(args: &[&str], stack: &Path, env: &[(&str, String)]) -> std::proc
         .unwrap()
 }
 
+/// Waits (up to 20 s) until something listens on `port`; panics with `what` if nothing does.
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `-s` with this stack directory succeeds, and `pid` (a process the script started) is gone.
 fn stop_and_check_gone(stack: &Path, env: &[(&str, String)], pid: u32) {
     let out = script_with(&["-s"], stack, env);
@@ -541,14 +550,7 @@ fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
         &["-m", "http.server", &port, "--bind", "127.0.0.1"].map(String::from),
         "foreign-http.log",
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", foreign_port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the foreign server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(foreign_port, "the foreign server did not start");
     // The broker's port is free (the script starts a broker there); MongoDB's is the foreign one.
     let env = [
         ("SM_KAFKA_PORT", free_port().to_string()),
@@ -584,6 +586,70 @@ fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
     assert!(
         foreign.try_wait().unwrap().is_none(),
         "-s left the foreign process alone"
+    );
+    let _ = std::fs::remove_dir_all(&stack);
+}
+
+/// A MongoDB server started by another checkout of this project is used, however long that
+/// checkout's path: the script recognises the program from the whole command line, not from the
+/// shortened form it prints (a long CI path once hid `secantusd-py` and the server was refused).
+/// The stand-in is a listener whose script is named `secantusd-py`; the broker is the running
+/// stack's, reused the same way.
+#[test]
+fn a_stack_server_of_another_checkout_is_used_however_long_its_path() {
+    let stack = std::env::temp_dir().join(unique("stack"));
+    std::fs::create_dir_all(&stack).unwrap();
+    // The checkout's venv (the --test run installed it): the script finds its programs there
+    // rather than installing them again.
+    std::os::unix::fs::symlink(root().join(".stack/venv"), stack.join("venv")).unwrap();
+    let long = std::env::temp_dir()
+        .join(unique("another-checkout"))
+        .join("a".repeat(60))
+        .join(".stack/venv/bin");
+    std::fs::create_dir_all(&long).unwrap();
+    let program = long.join("secantusd-py");
+    std::fs::write(
+        &program,
+        "import socket, sys, time\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', int(sys.argv[1])))\n\
+         s.listen()\n\
+         while True:\n    time.sleep(60)\n",
+    )
+    .unwrap();
+    let mongo_port = free_port();
+    let port = mongo_port.to_string();
+    let mut stand_in = spawn_binary(
+        "python3",
+        &[program.display().to_string(), port.clone()],
+        "stand-in-mongo.log",
+    );
+    wait_for_port(mongo_port, "the stand-in did not start");
+    let env = [("SM_MONGO_PORT", port)];
+    let out = script_with(&["--stack"], &stack, &env);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "mongo: 127.0.0.1:{mongo_port} is held by pid {}",
+            stand_in.id()
+        )) && text.contains("using it"),
+        "{text}"
+    );
+    assert!(
+        !stack.join("pids/mongo.pid").exists(),
+        "no MongoDB was started"
+    );
+    assert!(
+        stand_in.try_wait().unwrap().is_none(),
+        "the other checkout's server was left running"
+    );
+    let out = script_with(&["-s"], &stack, &env);
+    assert!(out.status.success());
+    assert!(
+        stand_in.try_wait().unwrap().is_none(),
+        "-s left the other checkout's server alone"
     );
     let _ = std::fs::remove_dir_all(&stack);
 }
