@@ -15,7 +15,7 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::engine::{Shared, BROKER_TIMEOUT};
-use crate::kafka::lock;
+use crate::kafka::{lock, Fatal};
 use crate::metrics as m;
 use crate::offsets::CommitPoint;
 use crate::status::Status;
@@ -58,7 +58,11 @@ impl Shared {
         let timer = *self.timer_view.borrow();
         let behind = self.sweeps_behind.load(Ordering::SeqCst);
         let fatal = lock(&self.fatal).clone();
-        let (status, reason) = Status::health(fatal.as_deref(), self.intake.is_cancelled(), behind);
+        let (status, reason) = Status::health(
+            fatal.as_ref().map(Fatal::reason),
+            self.intake.is_cancelled(),
+            behind,
+        );
         metrics::gauge!(m::TIMER_PENDING).set(timer.pending as f64);
         metrics::gauge!(m::NEXT_DUE).set(timer.next_due.map_or(0.0, |d| d as f64 / 1000.0));
         metrics::gauge!(m::IN_FLIGHT).set(in_flight as f64);

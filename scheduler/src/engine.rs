@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::domain::{Origin, Scheduled};
 use crate::jobs::Board;
-use crate::kafka::{self, lock, EngineContext, TopicSpec};
+use crate::kafka::{self, lock, EngineContext, Fatal, TopicSpec};
 use crate::lanes::Lanes;
 use crate::metrics as m;
 use crate::offsets::{OffsetTracker, Ticket, Tp};
@@ -85,7 +85,7 @@ pub(crate) struct Shared {
     /// Stops taking work in (the consumer loop, planner, workers, control); a child of `token`.
     /// A clean stop cancels it first, so the timer can drain before the last commit.
     pub(crate) intake: CancellationToken,
-    pub(crate) fatal: Mutex<Option<String>>,
+    pub(crate) fatal: Mutex<Option<Fatal>>,
     /// Sends waiting for a retry, per topic, in their first order (see [`crate::lanes`]).
     pub(crate) lanes: Mutex<Lanes<Tracked>>,
     /// The order in which sends were handed over, for the lanes.
@@ -241,8 +241,8 @@ impl Engine {
     pub async fn failed(&self) -> String {
         self.shared.token.cancelled().await;
         lock(&self.shared.fatal)
-            .clone()
-            .unwrap_or_else(|| "stopped".into())
+            .as_ref()
+            .map_or_else(|| "stopped".into(), |f| f.reason().to_string())
     }
 
     /// Stops reading, lets the timer publish what it holds (records due within the hold horizon,
@@ -284,7 +284,8 @@ impl Engine {
         let _ = s.slice_producer.flush(Duration::from_secs(1));
         s.consumer.unsubscribe();
         match lock(&s.fatal).clone() {
-            Some(reason) => Err(Error::Fatal(reason)),
+            Some(Fatal::Fenced(reason)) => Err(Error::Fenced(reason)),
+            Some(Fatal::Other(reason)) => Err(Error::Fatal(reason)),
             None => Ok(()),
         }
     }
@@ -306,9 +307,9 @@ impl Shared {
     /// Stops the process: it takes no more work, `/healthz` answers `failed` with the reason,
     /// and `run` returns the error (the binary exits non-zero). What is unacknowledged stays
     /// uncommitted.
-    pub(crate) fn fail(&self, reason: String) {
-        tracing::error!(%reason, "fatal error, stopping");
-        lock(&self.fatal).get_or_insert(reason);
+    pub(crate) fn fail(&self, fatal: Fatal) {
+        tracing::error!(reason = fatal.reason(), "fatal error, stopping");
+        lock(&self.fatal).get_or_insert(fatal);
         self.publish_status();
         self.token.cancel();
     }

@@ -332,16 +332,40 @@ pub fn record<'a>(out: &'a Outgoing) -> FutureRecord<'a, [u8], [u8]> {
     r
 }
 
+/// Why the engine stopped by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fatal {
+    /// The group fenced this process's static member id (`FencedInstanceId`). librdkafka's
+    /// consumer cannot go on after it, but a new consumer with the same id takes the membership
+    /// back. Right after a broker restart librdkafka can fence itself this way (a request with
+    /// the old member id races its own rejoin; confluent-kafka-go#494), so [`crate::run`] starts
+    /// the engine again, once per [`crate::REJOIN_WINDOW`]; a second fence within it means
+    /// another process really uses the id.
+    Fenced(String),
+    /// Anything else: authorisation, an invalid configuration, a refused DLQ write.
+    Other(String),
+}
+
+impl Fatal {
+    pub fn reason(&self) -> &str {
+        match self {
+            Fatal::Fenced(r) | Fatal::Other(r) => r,
+        }
+    }
+}
+
 /// The reason to stop, when a consumer error is one the process cannot recover from by waiting:
 /// fencing (another member with our static id), authorisation, an invalid configuration, or
 /// librdkafka's own fatal error. Anything else (a broker restarting, a timeout) is retried.
-pub fn fatal_consumer_error(err: &KafkaError) -> Option<String> {
+pub fn fatal_consumer_error(err: &KafkaError) -> Option<Fatal> {
     use RDKafkaErrorCode as C;
     let code = err.rdkafka_error_code()?;
+    if code == C::FencedInstanceId {
+        return Some(Fatal::Fenced(format!("consumer error: {err}")));
+    }
     matches!(
         code,
         C::Fatal
-            | C::FencedInstanceId
             | C::GroupAuthorizationFailed
             | C::TopicAuthorizationFailed
             | C::ClusterAuthorizationFailed
@@ -351,7 +375,7 @@ pub fn fatal_consumer_error(err: &KafkaError) -> Option<String> {
             | C::InvalidSessionTimeout
             | C::UnsupportedVersion
     )
-    .then(|| format!("consumer error: {err}"))
+    .then(|| Fatal::Other(format!("consumer error: {err}")))
 }
 
 /// A change of this process's partitions, sent to the engine's control task.
@@ -440,7 +464,12 @@ mod tests {
             C::InvalidConfig,
         ] {
             let e = KafkaError::MessageConsumption(code);
-            assert!(fatal_consumer_error(&e).is_some(), "{code:?}");
+            let fatal = fatal_consumer_error(&e).expect("fatal");
+            assert_eq!(
+                matches!(fatal, Fatal::Fenced(_)),
+                code == C::FencedInstanceId,
+                "{code:?}: only fencing is recovered by a new consumer"
+            );
         }
         for code in [
             C::AllBrokersDown,

@@ -51,6 +51,9 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("fatal: {0}")]
     Fatal(String),
+    /// The consumer group fenced this process's static member id (see [`kafka::Fatal::Fenced`]).
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -147,12 +150,58 @@ pub fn init_logging() {
         .init();
 }
 
-/// Runs the scheduler with the system clock until `shutdown` resolves.
+/// How often a fenced engine may start again with new clients (see [`kafka::Fatal::Fenced`]).
+pub const REJOIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Whether a fenced engine may start again: once per [`REJOIN_WINDOW`]. A fence after a broker
+/// restart happens once; two processes that share an instance id fence each other again and
+/// again, and the second fence within the window stops this one with the reason.
+#[derive(Debug, Default)]
+struct RejoinBudget {
+    last: Option<std::time::Instant>,
+}
+
+impl RejoinBudget {
+    fn allow(&mut self, now: std::time::Instant) -> bool {
+        let allowed = self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= REJOIN_WINDOW);
+        if allowed {
+            self.last = Some(now);
+        }
+        allowed
+    }
+}
+
+/// Runs the scheduler with the system clock until `shutdown` resolves. A fenced static member
+/// starts again with new clients (the HTTP API too) within the [`RejoinBudget`]; every other
+/// fatal error returns.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
-    Scheduler::start(settings, Arc::new(SystemClock))
-        .await?
-        .run_until(shutdown)
-        .await
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut budget = RejoinBudget::default();
+    loop {
+        let scheduler = Scheduler::start(settings.clone(), Arc::new(SystemClock)).await?;
+        // Whether `shutdown` resolved: a future is not polled again after it completed.
+        let mut asked_to_stop = false;
+        let stopping = async {
+            shutdown.as_mut().await;
+            asked_to_stop = true;
+        };
+        let result = scheduler.run_until(stopping).await;
+        match result {
+            Err(Error::Fenced(reason))
+                if !asked_to_stop && budget.allow(std::time::Instant::now()) =>
+            {
+                tracing::warn!(
+                    %reason,
+                    "fenced: starting again with new clients (a second fence within {}s stops the process)",
+                    REJOIN_WINDOW.as_secs()
+                );
+                ::metrics::counter!(metrics::ENGINE_RESTARTS, "reason" => "fenced").increment(1);
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `kill` and container runtimes send).
@@ -174,5 +223,30 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_fenced_engine_starts_again_once_per_window() {
+        let mut budget = RejoinBudget::default();
+        let t0 = Instant::now();
+        assert!(
+            budget.allow(t0),
+            "the first fence (a broker restart) is recovered"
+        );
+        assert!(
+            !budget.allow(t0 + Duration::from_secs(10)),
+            "a second fence soon after is another process with the same id: stop"
+        );
+        assert!(
+            budget.allow(t0 + REJOIN_WINDOW + Duration::from_secs(1)),
+            "a window later, a fence is recovered again"
+        );
+        assert!(!budget.allow(t0 + REJOIN_WINDOW + Duration::from_secs(2)));
     }
 }

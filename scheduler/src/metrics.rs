@@ -51,6 +51,8 @@ pub const SWEEPS_BEHIND: &str = "sm_sweeps_behind";
 pub const SLICE_DATA_LOST: &str = "sm_slice_records_lost_total";
 /// Counter: errors reading a slice (among them offsets out of range).
 pub const SLICE_READ_ERRORS: &str = "sm_slice_read_errors_total";
+/// Counter: engine restarts with new Kafka clients inside the process, label `reason` (`fenced`).
+pub const ENGINE_RESTARTS: &str = "sm_engine_restarts_total";
 /// Gauge: bytes of the memory budget in use (records in the timer and sends in flight).
 pub const MEMORY_USED: &str = "sm_memory_used_bytes";
 

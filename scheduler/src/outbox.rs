@@ -376,7 +376,7 @@ impl Shared {
             }
             // The record stays uncommitted; the next owner (after a fix) sends it again.
             Fate::Halt(reason) => {
-                self.fail(reason);
+                self.fail(kafka::Fatal::Other(reason));
                 false
             }
             Fate::RecreateSlice => {

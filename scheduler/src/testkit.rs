@@ -488,13 +488,18 @@ pub async fn collect(
 /// The sum over every label set of a counter or gauge on a process's `/metrics` page (0 when it
 /// is not there yet).
 pub async fn metric_sum(http: &str, name: &str) -> f64 {
+    try_metric_sum(http, name).await.expect("metrics answer")
+}
+
+/// [`metric_sum`], or `None` while the process does not answer (it may be restarting).
+pub async fn try_metric_sum(http: &str, name: &str) -> Option<f64> {
     let page = reqwest::get(format!("http://{http}/metrics"))
         .await
-        .expect("metrics answer")
+        .ok()?
         .text()
         .await
-        .expect("metrics text");
-    metric_in(&page, name)
+        .ok()?;
+    Some(metric_in(&page, name))
 }
 
 /// The sum over every label set of `name` in a Prometheus text page (0 when absent).

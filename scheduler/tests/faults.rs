@@ -394,3 +394,127 @@ async fn slice_records_deleted_before_their_sweep_are_counted_as_lost() {
     assert_ne!(h["status"], "failed", "{h}");
     sched.stop().await.expect("clean stop");
 }
+
+/// A static member fenced by the group (here: another consumer joins with the same
+/// `group.instance.id`, as librdkafka itself can race after a broker restart) starts again with
+/// new clients and goes on delivering, counted in `sm_engine_restarts_total`; a second fence
+/// within the rejoin window is another process really using the id, and `run` returns the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_static_member_rejoins_once_then_stops_honestly() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::ClientConfig;
+
+    init_test_logging();
+    let names = Names::new("fenced");
+    create_topic(&names.target, 1).await;
+    let instance = format!("{}-member", names.group);
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let settings = names.settings_with(&[
+        "--instance-id",
+        &instance,
+        "--http-addr",
+        &http,
+        "--ingest-partitions",
+        "1",
+    ]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(scheduler::run(settings, async {
+        let _ = stopped.await;
+    }));
+    let p = producer();
+    let reader = reader(&names.target, 1);
+    let deliver = |id: &'static str| {
+        let (p, names) = (&p, &names);
+        async move {
+            let now = now_ms().to_string();
+            let headers = [
+                ("time", now.as_bytes()),
+                ("topic", names.target.as_bytes()),
+                ("id", id.as_bytes()),
+            ];
+            produce(p, &names.ingest, None, id.as_bytes(), &headers).await;
+        }
+    };
+    // A consumer of the same group and instance id: its join takes the membership over, and the
+    // scheduler's next heartbeat is answered FencedInstanceId.
+    let intrude = || -> BaseConsumer {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("group.id", &names.group)
+            .set("group.instance.id", &instance)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("intruder");
+        c.subscribe(&[&names.ingest]).expect("subscribe");
+        c
+    };
+    let fenced_count = || async { metric_sum(&http, "sm_engine_restarts_total").await };
+    let poll_until = |c: &BaseConsumer, what: &str, done: &mut dyn FnMut() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            let _ = c.poll(Duration::from_millis(100));
+        }
+    };
+
+    deliver("before").await;
+    let got = collect(&reader, Duration::from_secs(30), |r| !r.is_empty()).await;
+    assert_eq!(got.len(), 1, "delivered before the fence");
+
+    let intruder = intrude();
+    let restarted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (flag, http) = (restarted.clone(), http.clone());
+        tokio::spawn(async move {
+            loop {
+                if try_metric_sum(&http, "sm_engine_restarts_total")
+                    .await
+                    .is_some_and(|n| n >= 1.0)
+                {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    tokio::task::block_in_place(|| {
+        poll_until(
+            &intruder,
+            "the scheduler restarted after the fence",
+            &mut || restarted.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    });
+    drop(intruder);
+    assert!(
+        !running.is_finished(),
+        "the first fence does not stop the process"
+    );
+    assert_eq!(fenced_count().await, 1.0);
+
+    deliver("after").await;
+    let got = collect(&reader, Duration::from_secs(60), |r| {
+        r.iter().any(|r| r.id() == "after")
+    })
+    .await;
+    assert!(
+        got.iter().any(|r| r.id() == "after"),
+        "the restarted engine delivers"
+    );
+
+    // A second fence within the window: another process holds the id; stop with the reason.
+    let intruder = intrude();
+    tokio::task::block_in_place(|| {
+        poll_until(&intruder, "a second fence stops the process", &mut || {
+            running.is_finished()
+        })
+    });
+    let result = running.await.expect("run did not panic");
+    assert!(
+        matches!(&result, Err(scheduler::Error::Fenced(_))),
+        "{result:?}"
+    );
+    drop(stop);
+}
