@@ -76,18 +76,22 @@ impl Budget {
     }
 }
 
-/// What one record held costs in memory beyond its bytes: the parsed record's fields and
-/// ticket, the timer's entry, and while it is sent the send's task and librdkafka's message
-/// (heaptrack, 64 MiB budget, 60,000 × 1 KiB backlog: about 330 B per send's task). Rounded up
-/// to 1 KiB; the benchmark's memory-under-load rows check the sum.
-const PER_RECORD_OVERHEAD: usize = 1 << 10;
+/// What one record in flight costs in memory, beyond its bytes: the send's task (its future
+/// holds the retry machinery), bookkeeping, and librdkafka's message. Measured while filing a
+/// million records: with 1 KiB, 64 MiB admitted ~64,000 sends and the process grew to 186 MiB;
+/// with 2 KiB (~22,000 sends) still 181-186 MiB; each send in flight costs about 5 KiB more than
+/// its bytes. (One acknowledgement collector instead of a task per send would lower it.)
+///
+/// A record waiting in the timer costs far less, and counting it at this rate starves the timer
+/// at high rates; but 2× + 1 KiB, tried (with and without a separate limit on sends in flight),
+/// raised the resident set with 1M pending from 61 to 85-150 MiB, so this stays until the
+/// sends' own cost comes down (issue #12).
+const PER_RECORD_OVERHEAD: usize = 6 << 10;
 
 /// The memory a record of `bytes` (key, value and headers) occupies while the engine holds it:
-/// two copies (the engine's, lent to the send and taken back; librdkafka's while it is sent)
-/// plus [`PER_RECORD_OVERHEAD`]. Counted higher (three copies and 6 KiB) the budget admitted a
-/// fifth of the small records it had room for, and at 5,000 records/s the timer was starved.
+/// three copies (the parsed record, the outgoing copy, librdkafka's) plus [`PER_RECORD_OVERHEAD`].
 pub fn in_memory(bytes: usize) -> usize {
-    2 * bytes + PER_RECORD_OVERHEAD
+    3 * bytes + PER_RECORD_OVERHEAD
 }
 
 /// [`in_memory`] of a parsed record.
