@@ -197,6 +197,12 @@ pub enum Rejection {
     MissingId,
     #[error("the 'cancel' header must be exactly \"true\" (got {0:?})")]
     InvalidCancel(String),
+    /// Until cancels are honoured (issue #13), a cancel record is refused rather than delivered:
+    /// delivered, it would be a second copy of the message the user meant to cancel.
+    #[error(
+        "cancelling by id is not supported by this version: the cancel record was not delivered"
+    )]
+    CancelUnsupported,
 }
 
 impl Rejection {
@@ -215,6 +221,7 @@ impl Rejection {
             Rejection::RefusedByBroker(_) => "refused-by-broker",
             Rejection::MissingId => "missing-id",
             Rejection::InvalidCancel(_) => "invalid-cancel",
+            Rejection::CancelUnsupported => "cancel-unsupported",
         }
     }
 }
@@ -296,13 +303,34 @@ fn user_headers(rec: &Incoming) -> Result<Vec<Header>, Rejection> {
 }
 
 impl Scheduled {
-    /// Parses a record from the ingest topic: `time` and `topic` required, `id` optional.
+    /// Parses a record from the ingest topic: `time` and `topic` required, `id` optional. A
+    /// record with a `cancel` header is refused (see [`Rejection::CancelUnsupported`]), with the
+    /// reason the contract gives when it is malformed (`missing-id`, `invalid-cancel`).
     pub fn from_ingest(
         rec: &Incoming,
         default_zone: Zone,
         internal: &InternalTopics,
     ) -> Result<Scheduled, Rejection> {
         let user_headers = user_headers(rec)?;
+        let origin = Origin {
+            partition: rec.partition,
+            offset: rec.offset,
+        };
+        let (id, explicit_id) = match rec.last(header::ID).and_then(|h| h.value.as_deref()) {
+            None => (origin.encode(), false),
+            Some(raw) => match utf8(raw) {
+                Some(id) if !id.is_empty() && id.len() <= 256 => (id.to_string(), true),
+                _ => return Err(Rejection::InvalidId),
+            },
+        };
+        // A `cancel` header with a null value is a malformed cancel, not an absent one.
+        let cancel = rec
+            .last(crate::facts::CANCEL)
+            .map(|h| h.value.as_deref().unwrap_or_default());
+        match crate::facts::command(cancel, explicit_id)? {
+            crate::facts::Command::Schedule => {}
+            crate::facts::Command::Cancel => return Err(Rejection::CancelUnsupported),
+        }
         let time = rec
             .last(header::TIME)
             .and_then(|h| h.value.as_deref())
@@ -316,17 +344,6 @@ impl Scheduled {
             Rejection::InvalidTopic(String::from_utf8_lossy(topic).chars().take(300).collect())
         })?;
         let target = internal.target(topic.trim())?;
-        let origin = Origin {
-            partition: rec.partition,
-            offset: rec.offset,
-        };
-        let (id, explicit_id) = match rec.last(header::ID).and_then(|h| h.value.as_deref()) {
-            None => (origin.encode(), false),
-            Some(raw) => match utf8(raw) {
-                Some(id) if !id.is_empty() && id.len() <= 256 => (id.to_string(), true),
-                _ => return Err(Rejection::InvalidId),
-            },
-        };
         Ok(Scheduled {
             id,
             explicit_id,
@@ -518,6 +535,52 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_cancel_is_refused_never_delivered_and_a_malformed_one_says_why() {
+        let zone = Zone::UTC;
+        let parse = |headers: &[(&str, &[u8])]| {
+            Scheduled::from_ingest(&rec(headers), zone, &internal()).map_err(|e| e.code())
+        };
+        let time: &[u8] = b"2030-01-01T00:00:00Z";
+        // With time and topic, as a client sending the original back with one header added.
+        let cancel = [
+            ("time", time),
+            ("topic", b"t"),
+            ("id", b"order-1"),
+            ("cancel", b"true"),
+        ];
+        assert_eq!(parse(&cancel), Err("cancel-unsupported"));
+        assert_eq!(
+            parse(&[("id", b"order-1"), ("cancel", b"true")]),
+            Err("cancel-unsupported"),
+            "a cancel needs no time or topic"
+        );
+        assert_eq!(parse(&[("cancel", b"true")]), Err("missing-id"));
+        assert_eq!(
+            parse(&[
+                ("time", time),
+                ("topic", b"t"),
+                ("id", b"x"),
+                ("cancel", b"yes")
+            ]),
+            Err("invalid-cancel")
+        );
+        let mut null_cancel = rec(&[("time", time), ("topic", b"t"), ("id", b"x")]);
+        null_cancel.headers.push(RawHeader {
+            name: b"cancel".to_vec(),
+            value: None,
+        });
+        assert_eq!(
+            Scheduled::from_ingest(&null_cancel, zone, &internal()).map_err(|e| e.code()),
+            Err("invalid-cancel")
+        );
+        // A null value with time and topic is a scheduled tombstone, never a cancel.
+        let mut tombstone = rec(&[("time", time), ("topic", b"t"), ("id", b"x")]);
+        tombstone.payload = None;
+        let s = Scheduled::from_ingest(&tombstone, zone, &internal()).expect("a schedule");
+        assert_eq!(s.payload, None);
     }
 
     /// The record as a consumer would read back what `out` wrote.

@@ -233,6 +233,28 @@ async fn bad_records_are_dead_lettered_with_a_reason_and_do_not_block_good_ones(
             vec![("time", soon.as_bytes()), ("topic", b"__consumer_offsets")],
             b"v10",
         ),
+        // A cancel is never delivered as a message (cancelling by id is not built yet).
+        (
+            "cancel-unsupported",
+            vec![
+                ("time", soon.as_bytes()),
+                ("topic", target.as_bytes()),
+                ("id", b"order-1"),
+                ("cancel", b"true"),
+            ],
+            b"v13",
+        ),
+        ("missing-id", vec![("cancel", b"true")], b"v14"),
+        (
+            "invalid-cancel",
+            vec![
+                ("time", soon.as_bytes()),
+                ("topic", target.as_bytes()),
+                ("id", b"order-2"),
+                ("cancel", b"yes"),
+            ],
+            b"v15",
+        ),
     ];
     for (_, headers, value) in &cases {
         produce(&producer, &names.ingest, Some(b"k"), value, headers).await;
