@@ -144,13 +144,15 @@ async fn dashboards_name_only_exported_metrics_and_the_live_page_works() {
     );
 
     // The live page in headless Chromium, while a second run delivers.
+    // 10 s of producing: long enough that the page, once Chromium is up, sees figures move.
     let second = Experiment {
         count: 200,
-        rate: Some(40.0),
+        rate: Some(20.0),
         min_delay: Duration::from_secs(1),
         max_delay: Duration::from_secs(3),
         ..exp
     };
+    let per_path = second.count;
     let runner = {
         let m = m.clone();
         tokio::spawn(async move { m.run_experiment(&second, &Faults::default()).await })
@@ -161,6 +163,7 @@ async fn dashboards_name_only_exported_metrics_and_the_live_page_works() {
         .arg(web.join("live-page.mjs"))
         .arg(&messenger_url)
         .arg(&shot)
+        .arg(per_path.to_string())
         .current_dir(&web)
         .output()
         .await

@@ -1,8 +1,10 @@
 // Loads the messenger's live page in headless Chromium and checks that it shows both paths and
-// updates while messages arrive; saves a screenshot. Usage: node live-page.mjs URL SCREENSHOT
+// updates while messages arrive; saves a screenshot. Usage: node live-page.mjs URL SCREENSHOT COUNT
+// (COUNT: the messages each path delivers in the run being watched).
 import { chromium } from "playwright-core";
 
-const [url, screenshot] = process.argv.slice(2);
+const [url, screenshot, countArg] = process.argv.slice(2);
+const count = Number(countArg);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
@@ -21,14 +23,19 @@ try {
   await page.waitForFunction(() => document.querySelectorAll("#paths tbody tr").length === 2, null, { timeout: 20000 });
   const first = await received();
   if (!("kafka" in first) || !("mysql" in first)) await fail(`both paths should be shown, got ${JSON.stringify(first)}`);
-  // Wait until the figures move on both paths while messages arrive.
+  // Wait until the figures move while messages arrive, and reach the whole run on both paths.
+  // (A path may already be complete when the page first shows it: the Kafka path is fast, and
+  // Chromium can take seconds to start on a loaded machine.)
+  const moved = (l) => l.kafka > first.kafka || l.mysql > first.mysql;
+  const complete = (l) => l.kafka === count && l.mysql === count;
   let later = first;
-  const deadline = Date.now() + 30000;
-  while (Date.now() < deadline && !(later.kafka > first.kafka && later.mysql > first.mysql)) {
+  const deadline = Date.now() + 60000;
+  while (Date.now() < deadline && !(moved(later) && complete(later))) {
     await page.waitForTimeout(500);
     later = await received();
   }
-  if (!(later.kafka > first.kafka && later.mysql > first.mysql)) await fail(`no update: ${JSON.stringify(first)} then ${JSON.stringify(later)}`);
+  if (!moved(later)) await fail(`no update: ${JSON.stringify(first)} then ${JSON.stringify(later)}`);
+  if (!complete(later)) await fail(`not every message shown: ${JSON.stringify(later)}, expected ${count} per path`);
   const headers = await page.evaluate(() => [...document.querySelectorAll("#paths thead th")].map((th) => th.textContent));
   for (const h of ["missing", "early", "duplicates", "p99.9 ms"]) if (!headers.includes(h)) await fail(`no ${h} column: ${headers}`);
   if (await page.evaluate(() => document.getElementById("chart").dataset.scale) !== "log") await fail("the chart is not on a log scale");
