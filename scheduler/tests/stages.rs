@@ -157,20 +157,29 @@ async fn a_failing_sweep_is_retried_until_it_succeeds_and_nothing_is_skipped() {
     let records: Vec<(String, i64)> = (0..200)
         .map(|i| (format!("s-{i}"), base + (i * 37) % 5_000))
         .collect();
+    // Watch /healthz from before the failures: the sweeps that fail may be the start-up
+    // catch-up ones, retried and done while the records are still being produced.
+    let watching = {
+        let http = http.clone();
+        tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                let h = healthz(&http).await;
+                if h["status"] == "degraded" {
+                    return Some(h);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        })
+    };
     sched.fail_next_sweeps(6);
     schedule_records(&names, &records).await;
     let due: std::collections::HashMap<String, i64> = records.into_iter().collect();
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut degraded = None;
-    while degraded.is_none() && std::time::Instant::now() < deadline {
-        let h = healthz(&http).await;
-        if h["status"] == "degraded" {
-            degraded = Some(h);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let degraded = degraded.expect("degraded while a sweep is failing");
+    let degraded = watching
+        .await
+        .expect("the watcher ran")
+        .expect("degraded while a sweep is failing");
     assert!(degraded["sweeps_behind"].as_u64() >= Some(1), "{degraded}");
 
     let got = collect_all(
