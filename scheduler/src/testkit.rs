@@ -513,6 +513,19 @@ pub fn metric_in(page: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Polls `/healthz` every 20 ms until its `status` is `status`: that answer, or the last one
+/// seen when `within` passed first.
+pub async fn health_reaches(http: &str, status: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let h = healthz(http).await;
+        if h["status"] == status || Instant::now() >= deadline {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A process's `/healthz` answer.
 pub async fn healthz(http: &str) -> serde_json::Value {
     reqwest::get(format!("http://{http}/healthz"))

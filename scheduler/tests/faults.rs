@@ -245,14 +245,7 @@ async fn a_record_the_dlq_refuses_halts_the_process_and_stays_uncommitted() {
     )
     .await;
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let health = loop {
-        let h = healthz(&http).await;
-        if h["status"] == "failed" || std::time::Instant::now() > deadline {
-            break h;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let health = health_reaches(&http, "failed", Duration::from_secs(30)).await;
     assert_eq!(health["status"], "failed", "{health}");
     let reason = health["reason"].as_str().unwrap_or_default().to_string();
     assert!(reason.contains("DLQ"), "{reason}");

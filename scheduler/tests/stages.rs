@@ -161,25 +161,18 @@ async fn a_failing_sweep_is_retried_until_it_succeeds_and_nothing_is_skipped() {
     // catch-up ones, retried and done while the records are still being produced.
     let watching = {
         let http = http.clone();
-        tokio::spawn(async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while std::time::Instant::now() < deadline {
-                let h = healthz(&http).await;
-                if h["status"] == "degraded" {
-                    return Some(h);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            None
-        })
+        tokio::spawn(
+            async move { health_reaches(&http, "degraded", Duration::from_secs(30)).await },
+        )
     };
     sched.fail_next_sweeps(6);
     schedule_records(&names, &records).await;
     let due: std::collections::HashMap<String, i64> = records.into_iter().collect();
-    let degraded = watching
-        .await
-        .expect("the watcher ran")
-        .expect("degraded while a sweep is failing");
+    let degraded = watching.await.expect("the watcher ran");
+    assert_eq!(
+        degraded["status"], "degraded",
+        "degraded while a sweep is failing: {degraded}"
+    );
     assert!(degraded["sweeps_behind"].as_u64() >= Some(1), "{degraded}");
 
     let got = collect_all(
@@ -196,14 +189,7 @@ async fn a_failing_sweep_is_retried_until_it_succeeds_and_nothing_is_skipped() {
     }
     let failures = metric_sum(&http, "sm_sweep_failures_total").await;
     assert!(failures >= 6.0, "{failures} failed attempts counted");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let h = healthz(&http).await;
-        if h["status"] == "ok" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still {h}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let h = health_reaches(&http, "ok", Duration::from_secs(30)).await;
+    assert_eq!(h["status"], "ok", "still {h}");
     sched.stop().await.expect("clean stop");
 }
