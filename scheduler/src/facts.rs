@@ -69,8 +69,10 @@ pub fn command(cancel: Option<&[u8]>, has_id: bool) -> Result<Command, Rejection
     }
 }
 
-/// What is known about one version of an id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What is known about one version of an id; in the state topic, JSON such as
+/// `{"fact":"pending","due_ms":1764680000000,"target":"sms"}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "fact", rename_all = "lowercase")]
 pub enum Fact {
     /// Scheduled for `due_ms` to `target`.
     Pending { due_ms: i64, target: String },
@@ -78,6 +80,70 @@ pub enum Fact {
     Cancelled,
     /// Acknowledged by its target.
     Delivered,
+}
+
+impl Fact {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(value: &[u8]) -> Option<Fact> {
+        serde_json::from_slice(value).ok()
+    }
+
+    /// The status the API reports for an id whose newest fact is this one.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Fact::Pending { .. } => "pending",
+            Fact::Cancelled => "cancelled",
+            Fact::Delivered => "delivered",
+        }
+    }
+}
+
+/// The key of a fact in the state topic: `<version>/<id>`. Each (id, version) is one key, so
+/// compaction keeps a version's latest news (`Delivered` after `Pending`) and never merges two
+/// versions; the version comes first because it has no `/` and an id may.
+pub fn fact_key(id: &str, version: Version) -> String {
+    format!("{}/{id}", version.encode())
+}
+
+/// Reads a key written by [`fact_key`].
+pub fn parse_fact_key(key: &[u8]) -> Option<(String, Version)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (version, id) = key.split_once('/')?;
+    Some((id.to_string(), Version::decode(version)?))
+}
+
+/// The state partition of an id: Kafka's default partitioner (murmur2 of the id, positive,
+/// modulo the partitions), so that every fact of an id is in one partition, in a place any
+/// Kafka tool computes the same way.
+pub fn state_partition(id: &str, partitions: i32) -> i32 {
+    ((murmur2(id.as_bytes()) & 0x7fff_ffff) as i32) % partitions.max(1)
+}
+
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`).
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    if !tail.is_empty() {
+        for (i, b) in tail.iter().enumerate().rev() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
 }
 
 /// May a copy of `version` be delivered, given the versions known for its id?
@@ -188,6 +254,44 @@ mod tests {
             f.may_deliver("other", v(1, 0, 0)),
             "unknown ids are not held"
         );
+    }
+
+    #[test]
+    fn murmur2_matches_kafkas_and_keys_and_facts_round_trip() {
+        // Kafka's own test vectors (UtilsTest.testMurmur2).
+        for (input, expected) in [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            ("abc", 479470107),
+        ] {
+            assert_eq!(murmur2(input.as_bytes()) as i32, expected, "{input}");
+        }
+        for id in ["order-1", "a/b/c", "ünï"] {
+            let p = state_partition(id, 16);
+            assert!((0..16).contains(&p));
+            let key = fact_key(id, v(17, 2, 9));
+            assert_eq!(
+                parse_fact_key(key.as_bytes()),
+                Some((id.to_string(), v(17, 2, 9)))
+            );
+        }
+        for fact in [
+            Fact::Pending {
+                due_ms: 5,
+                target: "sms".into(),
+            },
+            Fact::Cancelled,
+            Fact::Delivered,
+        ] {
+            assert_eq!(Fact::decode(&fact.encode()), Some(fact));
+        }
+        assert_eq!(Fact::decode(b"{\"fact\":\"later\"}"), None);
     }
 
     /// One fact of a test: (id, version, cancel?).

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod engine;
 pub mod facts;
 mod http;
+pub mod index;
 mod ingest;
 pub mod jobs;
 pub mod kafka;

@@ -5,7 +5,7 @@
 //! DLQ) has acknowledged it; records held by the timer stay unfinished until published. A commit
 //! therefore never passes a record that a crash would lose.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 /// A topic partition.
 pub type Tp = (String, i32);
@@ -32,7 +32,9 @@ pub struct CommitPoint {
 #[derive(Debug)]
 struct PartitionState {
     generation: u64,
-    in_flight: BTreeSet<i64>,
+    /// Offsets begun and not finished, each with the acknowledgements it still waits for (two
+    /// for a record with an id: its fact in the state topic and its copy in its next place).
+    in_flight: BTreeMap<i64, u32>,
     /// One past the highest offset begun.
     next: Option<i64>,
     committed: Option<i64>,
@@ -40,7 +42,10 @@ struct PartitionState {
 
 impl PartitionState {
     fn commit_point(&self) -> Option<i64> {
-        self.in_flight.first().copied().or(self.next)
+        self.in_flight
+            .first_key_value()
+            .map(|(o, _)| *o)
+            .or(self.next)
     }
 }
 
@@ -59,7 +64,7 @@ impl OffsetTracker {
                 tp,
                 PartitionState {
                     generation: self.generations,
-                    in_flight: BTreeSet::new(),
+                    in_flight: BTreeMap::new(),
                     next: None,
                     committed: None,
                 },
@@ -98,7 +103,7 @@ impl OffsetTracker {
     /// Records that `offset` was read and is on its way; `None` when the partition is not ours.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
         let state = self.partitions.get_mut(&(topic.to_string(), partition))?;
-        state.in_flight.insert(offset);
+        *state.in_flight.entry(offset).or_insert(0) += 1;
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
         Some(Ticket {
             topic: topic.to_string(),
@@ -127,8 +132,22 @@ impl OffsetTracker {
     /// Records that the ticket's record reached its next place. Stale tickets are ignored.
     pub fn finish(&mut self, ticket: &Ticket) {
         if let Some(state) = self.current_mut(ticket) {
-            state.in_flight.remove(&ticket.offset);
+            if let Some(waiting) = state.in_flight.get_mut(&ticket.offset) {
+                *waiting -= 1;
+                if *waiting == 0 {
+                    state.in_flight.remove(&ticket.offset);
+                }
+            }
         }
+    }
+
+    /// Makes the ticket's record wait for one more acknowledgement (a second place it is
+    /// written to) before its offset may be committed; returns the ticket for that write, or
+    /// `None` when the ticket is stale.
+    pub fn also(&mut self, ticket: &Ticket) -> Option<Ticket> {
+        let state = self.current_mut(ticket)?;
+        *state.in_flight.get_mut(&ticket.offset)? += 1;
+        Some(ticket.clone())
     }
 
     /// Whether the ticket belongs to the partition's current assignment.
@@ -246,6 +265,27 @@ mod tests {
         t.finish(&a);
         assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 13)]);
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_record_written_to_two_places_waits_for_both_acknowledgements() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0)]);
+        let copy = t.begin("t", 0, 7).unwrap();
+        let fact = t.also(&copy).unwrap();
+        t.finish(&copy);
+        assert_eq!(
+            offsets(&t.commit_points()),
+            vec![(tp(0), 7)],
+            "the fact is not in yet"
+        );
+        t.finish(&fact);
+        assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 8)]);
+        assert_eq!(
+            t.also(&fact),
+            None,
+            "a finished record takes no more writes"
+        );
     }
 
     #[test]
