@@ -73,6 +73,7 @@ impl DbScheduler {
             internal: InternalTopics {
                 ingest: "SCHEDULED_MESSAGES".into(),
                 dlq: "SCHEDULED_MESSAGES.DLQ".into(),
+                state: "SCHEDULED_MESSAGES.STATE".into(),
                 slice_prefix: "__SM_SLICE".into(),
             },
         };

@@ -95,6 +95,22 @@ pub struct Config {
     #[arg(long, env = "SM_MEMORY_BUDGET", default_value = "32MiB", value_parser = parse_bytes)]
     pub memory_budget: u64,
 
+    /// A cancel or reschedule made durable at least this long before the record's due time is
+    /// honoured, whichever process delivers it: a record with an id is published only once this
+    /// process's index of ids is known to hold every fact written up to this long before its
+    /// due time (otherwise it waits: late, never wrong). Longer lets the index lag more before a
+    /// delivery waits; shorter lets a cancel come closer to the due time. For a cancel produced to
+    /// the ingest topic the bound also includes the ingest lag (`sm_ingest_lag` on /metrics).
+    #[arg(long, env = "SM_CANCEL_LEAD", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub cancel_lead: Duration,
+
+    /// Directory of this process's index of ids (a cache of the state topic, rebuilt from Kafka
+    /// when missing) [default: $XDG_STATE_HOME/messagescheduler/<group id>-<HTTP port>, or under
+    /// ~/.local/state, so that a restart finds it again and two processes on one machine, which
+    /// differ in their HTTP port, each have their own].
+    #[arg(long, env = "SM_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
     /// Sweep workers in this process.
     #[arg(long, env = "SM_WORKERS", default_value_t = 4)]
     pub workers: usize,
@@ -223,6 +239,7 @@ impl Settings {
                 .clone()
                 .unwrap_or_else(|| format!("{}.DLQ", config.ingest_topic)),
             ingest: config.ingest_topic.clone(),
+            state: format!("{}.STATE", config.ingest_topic),
             slice_prefix: config.slice_prefix.clone(),
         };
         if config.slice_prefix.len() > 200 {
@@ -259,6 +276,25 @@ impl Settings {
         })
     }
 
+    /// The directory of the index of ids for a process whose HTTP API listens on `http_port`.
+    pub fn state_dir(&self, http_port: u16) -> std::path::PathBuf {
+        if let Some(dir) = &self.config.state_dir {
+            return dir.clone();
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/state"))
+            })
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("messagescheduler")
+            .join(format!("{}-{http_port}", self.config.group_id))
+    }
+
+    pub fn cancel_lead_ms(&self) -> i64 {
+        millis(self.config.cancel_lead)
+    }
+
     /// Retention of the slice (and ingest) topics, in milliseconds.
     pub fn retention_ms(&self) -> i64 {
         millis(self.config.slice_retention)
@@ -280,6 +316,8 @@ impl Settings {
             instance_id: c.instance_id.clone(),
             ingest_topic: self.internal.ingest.clone(),
             dlq_topic: self.internal.dlq.clone(),
+            state_topic: self.internal.state.clone(),
+            cancel_lead_ms: millis(c.cancel_lead),
             slice_widths_ms: self.ladder.widths().to_vec(),
             slice_ratio: self.ladder.ratio(),
             slots_per_level: self.ladder.slots(),
@@ -344,6 +382,8 @@ pub struct ConfigView {
     pub instance_id: Option<String>,
     pub ingest_topic: String,
     pub dlq_topic: String,
+    pub state_topic: String,
+    pub cancel_lead_ms: i64,
     pub slice_widths_ms: Vec<i64>,
     pub slice_ratio: i64,
     pub slots_per_level: i64,

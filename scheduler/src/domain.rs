@@ -4,6 +4,7 @@
 //! Parsing happens once, here; everything downstream holds a [`Scheduled`] whose due time and
 //! target are already valid. Internal headers are rebuilt on every hop, never appended.
 
+use crate::facts::{Command, Version};
 use crate::time::{DueTime, TimeError, Zone};
 
 /// Header names. Everything starting with `sm-` is reserved for the scheduler.
@@ -29,6 +30,12 @@ pub mod header {
     pub const SM_ORIGIN: &str = "sm-origin";
     /// ...and how many slices the record had passed through. [`SM_COPY`] carries all three now.
     pub const SM_HOPS: &str = "sm-hops";
+    /// The version of a record with an id (`<timestamp ms>.<partition>.<offset>`, see
+    /// [`crate::facts::Version`]): on slice copies and delivered copies, so that (`sm-id`,
+    /// `sm-version`) names one version and an exact duplicate can be told from a newer one. A
+    /// header of its own, not a field of [`SM_COPY`], so that an instance of the previous release
+    /// still reads the slice copies of a rolling upgrade.
+    pub const SM_VERSION: &str = "sm-version";
     /// Everything a slice copy needs, in one header (see [`super::SliceCopy`]): the broker stores
     /// a row per header, so one compact header instead of six named ones (and the user's `time`,
     /// `topic` and `id`, which it replaces) cuts the cost of every slice write and read.
@@ -57,6 +64,9 @@ pub struct Incoming {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The record's timestamp (the producer's clock, or the broker's with `LogAppendTime`); 0
+    /// when it has none. It orders the versions of an id.
+    pub timestamp_ms: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<RawHeader>,
@@ -138,6 +148,8 @@ impl TargetTopic {
 pub struct InternalTopics {
     pub ingest: String,
     pub dlq: String,
+    /// The facts of ids (cancels, reschedules, deliveries): compacted, never a target.
+    pub state: String,
     pub slice_prefix: String,
 }
 
@@ -145,6 +157,7 @@ impl InternalTopics {
     pub fn contains(&self, topic: &str) -> bool {
         topic == self.ingest
             || topic == self.dlq
+            || topic == self.state
             || topic.starts_with(&self.slice_prefix)
             || topic.starts_with("__")
     }
@@ -197,12 +210,6 @@ pub enum Rejection {
     MissingId,
     #[error("the 'cancel' header must be exactly \"true\" (got {0:?})")]
     InvalidCancel(String),
-    /// Until cancels are honoured (issue #13), a cancel record is refused rather than delivered:
-    /// delivered, it would be a second copy of the message the user meant to cancel.
-    #[error(
-        "cancelling by id is not supported by this version: the cancel record was not delivered"
-    )]
-    CancelUnsupported,
 }
 
 impl Rejection {
@@ -221,7 +228,6 @@ impl Rejection {
             Rejection::RefusedByBroker(_) => "refused-by-broker",
             Rejection::MissingId => "missing-id",
             Rejection::InvalidCancel(_) => "invalid-cancel",
-            Rejection::CancelUnsupported => "cancel-unsupported",
         }
     }
 }
@@ -233,6 +239,9 @@ pub struct Scheduled {
     pub id: String,
     /// Whether `id` came from the user (a copy sent to the DLQ then carries it again).
     pub explicit_id: bool,
+    /// The version of a record with a user's id: only the newest version of an id is delivered.
+    /// `None` without an id (such records cannot be cancelled, and cost nothing).
+    pub version: Option<Version>,
     pub due: DueTime,
     pub target: TargetTopic,
     pub origin: Origin,
@@ -302,15 +311,25 @@ fn user_headers(rec: &Incoming) -> Result<Vec<Header>, Rejection> {
     Ok(out)
 }
 
-impl Scheduled {
-    /// Parses a record from the ingest topic: `time` and `topic` required, `id` optional. A
-    /// record with a `cancel` header is refused (see [`Rejection::CancelUnsupported`]), with the
-    /// reason the contract gives when it is malformed (`missing-id`, `invalid-cancel`).
-    pub fn from_ingest(
+/// What a valid record of the ingest topic asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// Deliver it at its time (with an id: the id's newest version).
+    Schedule(Scheduled),
+    /// Cancel every older version of `id`: the record's key, value, `time` and `topic` are
+    /// ignored, so a client may send the original back with one header added.
+    Cancel { id: String, version: Version },
+}
+
+impl Ingested {
+    /// Parses a record from the ingest topic: `id` and `cancel` first (a cancel needs neither
+    /// `time` nor `topic`; a malformed cancel says why: `missing-id`, `invalid-cancel`), then
+    /// `time` and `topic` for a schedule.
+    pub fn parse(
         rec: &Incoming,
         default_zone: Zone,
         internal: &InternalTopics,
-    ) -> Result<Scheduled, Rejection> {
+    ) -> Result<Ingested, Rejection> {
         let user_headers = user_headers(rec)?;
         let origin = Origin {
             partition: rec.partition,
@@ -323,13 +342,19 @@ impl Scheduled {
                 _ => return Err(Rejection::InvalidId),
             },
         };
+        let version = explicit_id.then_some(Version {
+            timestamp_ms: rec.timestamp_ms,
+            partition: origin.partition,
+            offset: origin.offset,
+        });
         // A `cancel` header with a null value is a malformed cancel, not an absent one.
         let cancel = rec
             .last(crate::facts::CANCEL)
             .map(|h| h.value.as_deref().unwrap_or_default());
-        match crate::facts::command(cancel, explicit_id)? {
-            crate::facts::Command::Schedule => {}
-            crate::facts::Command::Cancel => return Err(Rejection::CancelUnsupported),
+        if let (Command::Cancel, Some(version)) =
+            (crate::facts::command(cancel, explicit_id)?, version)
+        {
+            return Ok(Ingested::Cancel { id, version });
         }
         let time = rec
             .last(header::TIME)
@@ -344,9 +369,10 @@ impl Scheduled {
             Rejection::InvalidTopic(String::from_utf8_lossy(topic).chars().take(300).collect())
         })?;
         let target = internal.target(topic.trim())?;
-        Ok(Scheduled {
+        Ok(Ingested::Schedule(Scheduled {
             id,
             explicit_id,
+            version,
             due,
             target,
             origin,
@@ -354,9 +380,11 @@ impl Scheduled {
             key: rec.key.clone(),
             payload: rec.payload.clone(),
             user_headers,
-        })
+        }))
     }
+}
 
+impl Scheduled {
     /// Parses a record from a slice topic, written by [`Scheduled::to_slice`]: the compact
     /// `sm-copy` header, or the named headers an earlier version wrote (still read, so that
     /// records written before an upgrade are delivered after it).
@@ -384,9 +412,24 @@ impl Scheduled {
             ),
         };
         let due = DueTime::from_millis(due_ms).map_err(|_| corrupt("due time out of range"))?;
+        // Legacy copies always named the id; one equal to the origin was the default.
+        let explicit_id = id.is_some_and(|id| id != origin.encode());
+        // A copy of a record with an id written before versions existed is version 0 of its
+        // origin: any cancel or reschedule made since supersedes it.
+        let version = match rec.last(header::SM_VERSION) {
+            Some(_) => Some(
+                Version::decode(text(header::SM_VERSION)?)
+                    .ok_or_else(|| corrupt("bad sm-version"))?,
+            ),
+            None => explicit_id.then_some(Version {
+                timestamp_ms: 0,
+                partition: origin.partition,
+                offset: origin.offset,
+            }),
+        };
         Ok(Scheduled {
-            // Legacy copies always named the id; one equal to the origin was the default.
-            explicit_id: id.is_some_and(|id| id != origin.encode()),
+            explicit_id,
+            version,
             id: id.map_or_else(|| origin.encode(), str::to_string),
             due,
             target: internal.target(target)?,
@@ -400,9 +443,12 @@ impl Scheduled {
 
     /// The copy written into a slice topic: the user's other headers and one internal header.
     pub fn to_slice(&self, topic: String) -> Outgoing {
-        let mut headers = Vec::with_capacity(self.user_headers.len() + 1);
+        let mut headers = Vec::with_capacity(self.user_headers.len() + 2);
         headers.extend(self.user_headers.iter().cloned());
         headers.push(h(header::SM_COPY, SliceCopy::encode(self)));
+        if let Some(v) = self.version {
+            headers.push(h(header::SM_VERSION, v.encode()));
+        }
         Outgoing {
             topic,
             key: self.key.clone(),
@@ -413,11 +459,15 @@ impl Scheduled {
 
     /// The delivered copy: same key and value, the user's own headers (the scheduling headers
     /// `time`, `topic` and `id` removed, so the copy cannot be re-scheduled by accident), plus
-    /// `sm-id`, `sm-due-ms` and `sm-path=kafka` (the baseline writes `mysql`).
+    /// `sm-id`, `sm-due-ms` and `sm-path=kafka` (the baseline writes `mysql`), and `sm-version`
+    /// for a record with an id.
     pub fn to_target(&self) -> Outgoing {
-        let mut headers: Vec<Header> = Vec::with_capacity(self.user_headers.len() + 3);
+        let mut headers: Vec<Header> = Vec::with_capacity(self.user_headers.len() + 4);
         headers.extend(self.user_headers.iter().cloned());
         headers.push(h(header::SM_ID, self.id.clone()));
+        if let Some(v) = self.version {
+            headers.push(h(header::SM_VERSION, v.encode()));
+        }
         headers.push(h(header::SM_DUE_MS, self.due.as_millis().to_string()));
         headers.push(h(header::SM_PATH, "kafka".to_string()));
         Outgoing {
@@ -516,7 +566,20 @@ mod tests {
         InternalTopics {
             ingest: "SCHEDULED_MESSAGES".into(),
             dlq: "SCHEDULED_MESSAGES.DLQ".into(),
+            state: "SCHEDULED_MESSAGES.STATE".into(),
             slice_prefix: "__SM_SLICE".into(),
+        }
+    }
+
+    /// A schedule parsed from the ingest topic.
+    fn schedule(
+        rec: &Incoming,
+        zone: Zone,
+        internal: &InternalTopics,
+    ) -> Result<Scheduled, Rejection> {
+        match Ingested::parse(rec, zone, internal)? {
+            Ingested::Schedule(s) => Ok(s),
+            cancel => panic!("not a schedule: {cancel:?}"),
         }
     }
 
@@ -525,6 +588,7 @@ mod tests {
             topic: "SCHEDULED_MESSAGES".into(),
             partition: 3,
             offset: 17,
+            timestamp_ms: 1_700_000_000_000,
             key: Some(b"k".to_vec()),
             payload: Some(b"v".to_vec()),
             headers: headers
@@ -538,12 +602,21 @@ mod tests {
     }
 
     #[test]
-    fn a_cancel_is_refused_never_delivered_and_a_malformed_one_says_why() {
+    fn a_cancel_is_a_cancel_of_its_id_and_a_malformed_one_says_why() {
         let zone = Zone::UTC;
-        let parse = |headers: &[(&str, &[u8])]| {
-            Scheduled::from_ingest(&rec(headers), zone, &internal()).map_err(|e| e.code())
-        };
+        let parse = |r: &Incoming| Ingested::parse(r, zone, &internal()).map_err(|e| e.code());
         let time: &[u8] = b"2030-01-01T00:00:00Z";
+        let version = Version {
+            timestamp_ms: 1_700_000_000_000,
+            partition: 3,
+            offset: 17,
+        };
+        let cancel_of = |id: &str| {
+            Ok(Ingested::Cancel {
+                id: id.into(),
+                version,
+            })
+        };
         // With time and topic, as a client sending the original back with one header added.
         let cancel = [
             ("time", time),
@@ -551,20 +624,20 @@ mod tests {
             ("id", b"order-1"),
             ("cancel", b"true"),
         ];
-        assert_eq!(parse(&cancel), Err("cancel-unsupported"));
+        assert_eq!(parse(&rec(&cancel)), cancel_of("order-1"));
         assert_eq!(
-            parse(&[("id", b"order-1"), ("cancel", b"true")]),
-            Err("cancel-unsupported"),
+            parse(&rec(&[("id", b"order-1"), ("cancel", b"true")])),
+            cancel_of("order-1"),
             "a cancel needs no time or topic"
         );
-        assert_eq!(parse(&[("cancel", b"true")]), Err("missing-id"));
+        assert_eq!(parse(&rec(&[("cancel", b"true")])), Err("missing-id"));
         assert_eq!(
-            parse(&[
+            parse(&rec(&[
                 ("time", time),
                 ("topic", b"t"),
                 ("id", b"x"),
                 ("cancel", b"yes")
-            ]),
+            ])),
             Err("invalid-cancel")
         );
         let mut null_cancel = rec(&[("time", time), ("topic", b"t"), ("id", b"x")]);
@@ -572,15 +645,23 @@ mod tests {
             name: b"cancel".to_vec(),
             value: None,
         });
-        assert_eq!(
-            Scheduled::from_ingest(&null_cancel, zone, &internal()).map_err(|e| e.code()),
-            Err("invalid-cancel")
-        );
+        assert_eq!(parse(&null_cancel), Err("invalid-cancel"));
         // A null value with time and topic is a scheduled tombstone, never a cancel.
         let mut tombstone = rec(&[("time", time), ("topic", b"t"), ("id", b"x")]);
         tombstone.payload = None;
-        let s = Scheduled::from_ingest(&tombstone, zone, &internal()).expect("a schedule");
+        let s = schedule(&tombstone, zone, &internal()).expect("a schedule");
         assert_eq!(s.payload, None);
+        assert_eq!(s.version, Some(version));
+        // Its copies name the version, so that a duplicate can be told from a newer version.
+        let out = s.to_target();
+        assert_eq!(out.header("sm-version"), Some(version.encode().as_bytes()));
+        let slice =
+            Scheduled::from_slice(&read_back(&s.to_slice("__SM_SLICE_1".into())), &internal());
+        assert_eq!(slice.map(|c| c.version), Ok(Some(version)));
+        // Without an id: no version, no header, nothing to cancel.
+        let plain = schedule(&rec(&[("time", time), ("topic", b"t")]), zone, &internal()).unwrap();
+        assert_eq!(plain.version, None);
+        assert_eq!(plain.to_target().header("sm-version"), None);
     }
 
     /// The record as a consumer would read back what `out` wrote.
@@ -589,6 +670,7 @@ mod tests {
             topic: out.topic.clone(),
             partition: 0,
             offset: 0,
+            timestamp_ms: 0,
             key: out.key.clone(),
             payload: out.payload.clone(),
             headers: out
@@ -610,7 +692,7 @@ mod tests {
             ("topic", b"orders"),
             ("sm-hops", b"99"),
         ]);
-        let s = Scheduled::from_ingest(&r, Zone::UTC, &internal()).unwrap();
+        let s = schedule(&r, Zone::UTC, &internal()).unwrap();
         assert_eq!(s.id, "3-17");
         assert_eq!(s.target.as_str(), "orders");
         // Reserved headers from the user are dropped, not trusted.
@@ -650,7 +732,7 @@ mod tests {
             ("topic", b"orders"),
             ("id", b"x"),
         ]);
-        let original = Scheduled::from_ingest(&r, Zone::UTC, &internal()).unwrap();
+        let original = schedule(&r, Zone::UTC, &internal()).unwrap();
         let mut s = original.clone();
         let mut out = s.lend_body(Scheduled::to_target);
         assert_eq!(out, original.to_target(), "the copy sent is whole");
@@ -667,13 +749,13 @@ mod tests {
             ("topic", b"t"),
             ("id", b"order;42;x"),
         ]);
-        let s = Scheduled::from_ingest(&r, Zone::UTC, &internal()).unwrap();
+        let s = schedule(&r, Zone::UTC, &internal()).unwrap();
         assert!(s.explicit_id);
         let back = Scheduled::from_slice(&read_back(&s.to_slice("x".into())), &internal()).unwrap();
         assert_eq!((back.id.as_str(), back.explicit_id), ("order;42;x", true));
         // Refused by its target later: the DLQ copy can be produced again as it is.
         let dlq = back.to_dlq("DLQ", &Rejection::UnknownTopic("t".into()));
-        let again = Scheduled::from_ingest(&read_back(&dlq), Zone::UTC, &internal()).unwrap();
+        let again = schedule(&read_back(&dlq), Zone::UTC, &internal()).unwrap();
         assert_eq!((again.id, again.due, again.target), (s.id, s.due, s.target));
     }
 
@@ -713,12 +795,7 @@ mod tests {
             ("topic", b"t"),
             ("id", b"order-42"),
         ]);
-        assert_eq!(
-            Scheduled::from_ingest(&r, Zone::UTC, &internal())
-                .unwrap()
-                .id,
-            "order-42"
-        );
+        assert_eq!(schedule(&r, Zone::UTC, &internal()).unwrap().id, "order-42");
     }
 
     #[test]
@@ -757,7 +834,7 @@ mod tests {
             ),
         ];
         for (headers, code) in cases {
-            let err = Scheduled::from_ingest(&rec(headers), Zone::UTC, &internal()).unwrap_err();
+            let err = schedule(&rec(headers), Zone::UTC, &internal()).unwrap_err();
             assert_eq!(err.code(), code, "{headers:?}");
         }
         let mut bad_name = rec(&[("time", b"1700000000000"), ("topic", b"t")]);
@@ -765,7 +842,7 @@ mod tests {
             name: vec![0xff],
             value: None,
         });
-        let err = Scheduled::from_ingest(&bad_name, Zone::UTC, &internal()).unwrap_err();
+        let err = schedule(&bad_name, Zone::UTC, &internal()).unwrap_err();
         assert_eq!(err, Rejection::InvalidHeaderName);
         // The DLQ copy keeps everything, with the reason and the source.
         let dlq = dlq_original(&bad_name, "DLQ", &err);
@@ -793,7 +870,7 @@ mod tests {
             if with_time {
                 r.headers.push(RawHeader { name: b"time".to_vec(), value: Some(b"0".to_vec()) });
             }
-            match Scheduled::from_ingest(&r, Zone::UTC, &internal()) {
+            match schedule(&r, Zone::UTC, &internal()) {
                 Ok(s) => { let _ = s.to_target(); }
                 Err(e) => { let _ = dlq_original(&r, "DLQ", &e); }
             }

@@ -10,6 +10,10 @@
 //! - the outbox ([`crate::outbox`]) sends, within the memory budget, and decides each failure's fate.
 //! - the committer ([`crate::committer`]) commits, per partition, up to the lowest record not yet
 //!   acknowledged in its next place ([`OffsetTracker`]), and publishes the status snapshot.
+//! - the state reader ([`crate::state`]) keeps this process's index of ids fresh from the state
+//!   topic; the publisher asks it, just before a record with an id is sent, whether a newer
+//!   version (a cancel, a reschedule) is known, and holds the record while the index is not
+//!   fresh enough to say.
 //! - control ([`crate::planner`]) applies rebalance events (drop what a revoked partition handed over,
 //!   catch up newly assigned slices).
 
@@ -34,6 +38,7 @@ use crate::metrics as m;
 use crate::offsets::{OffsetTracker, Ticket, Tp};
 use crate::outbox::{Budget, Send, Then, Tracked};
 use crate::slice::{Ladder, SliceId};
+use crate::state::State;
 use crate::status::Status;
 use crate::sweep::{Cursor, SliceWrites};
 use crate::time::Clock;
@@ -97,17 +102,26 @@ pub(crate) struct Shared {
     /// Sweeps failing and being retried now (the process is `degraded` while any are).
     pub(crate) sweeps_behind: AtomicUsize,
     pub(crate) status: watch::Sender<Status>,
+    /// The index of ids and how fresh it is.
+    pub(crate) state: State,
 }
 
 /// A started engine; [`Engine::stop`] shuts it down cleanly.
 pub struct Engine {
     pub(crate) shared: Arc<Shared>,
     tasks: TaskTracker,
+    /// The state reader's thread: it ends soon after the engine's token is cancelled.
+    state_thread: std::thread::JoinHandle<()>,
 }
 
 impl Engine {
-    /// Creates the topics, connects, subscribes, and starts every task.
-    pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Engine, Error> {
+    /// Creates the topics, connects, subscribes, and starts every task; the index of ids lives
+    /// in `state_dir`.
+    pub async fn start(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        state_dir: &std::path::Path,
+    ) -> Result<Engine, Error> {
         let cfg = &settings.config;
         let retention = settings.retention_ms();
         let mut topics = vec![
@@ -120,6 +134,14 @@ impl Engine {
                 name: settings.internal.dlq.clone(),
                 partitions: cfg.ingest_partitions,
                 configs: vec![],
+            },
+            // Facts of ids: compacted (each key is one version of one id, written once, or
+            // twice: pending, then delivered), so it holds what is live however long it runs.
+            // Every process reads every partition: a few are enough.
+            TopicSpec {
+                name: settings.internal.state.clone(),
+                partitions: cfg.slice_partitions,
+                configs: vec![("cleanup.policy", "compact".to_string())],
             },
         ];
         let slices: HashMap<String, (usize, i64)> = settings
@@ -168,6 +190,8 @@ impl Engine {
             readers.push(crate::sweep::reader(&settings)?);
         }
 
+        let (state, state_reader) = crate::state::open(&settings, state_dir)?;
+
         let token = CancellationToken::new();
         let (timer_tx, timer_rx) = mpsc::channel(4096);
         let (view_tx, view_rx) = watch::channel(TimerView::default());
@@ -197,6 +221,7 @@ impl Engine {
             injected_sweep_failures: AtomicUsize::new(0),
             sweeps_behind: AtomicUsize::new(0),
             status: watch::channel(Status::default()).0,
+            state,
         });
 
         m::register_counters();
@@ -217,6 +242,7 @@ impl Engine {
         tasks.spawn(shared.clone().run_planner(jobs_tx.clone()));
         tasks.spawn(shared.clone().run_control(events_rx, jobs_tx));
         tasks.spawn(shared.clone().run_stats());
+        let state_thread = state_reader.spawn(&shared)?;
         for (n, reader) in readers.into_iter().enumerate() {
             let id = format!("{}-w{}", std::process::id(), n + 1);
             tasks.spawn(shared.clone().run_worker(id, jobs_rx.clone(), reader));
@@ -229,7 +255,11 @@ impl Engine {
             memory_budget = shared.settings.config.memory_budget,
             "scheduler started"
         );
-        Ok(Engine { shared, tasks })
+        Ok(Engine {
+            shared,
+            tasks,
+            state_thread,
+        })
     }
 
     /// The status snapshot, for the HTTP API: a receiver it reads without any engine lock.
@@ -272,6 +302,8 @@ impl Engine {
         }
         s.token.cancel();
         self.tasks.wait().await;
+        let state_thread = self.state_thread;
+        let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
         s.acks.close();
         if tokio::time::timeout_at(end, s.acks.wait()).await.is_err() {
             tracing::warn!(
@@ -315,12 +347,70 @@ impl Shared {
     }
 
     /// Hands each record the timer says is due to the outbox, in the timer's order, unless its
-    /// partition was revoked meanwhile (its new owner reads it again).
+    /// partition was revoked meanwhile (its new owner reads it again). A record with an id
+    /// whose due time the index of ids is not yet fresh enough to judge waits (late, never
+    /// wrong) in a queue of its own, in order, so records with ids keep the timer's order among
+    /// themselves; records without an id never wait.
     async fn run_publisher(self: Arc<Self>, mut due: mpsc::Receiver<TimerEntry>) {
-        while let Some(entry) = due.recv().await {
-            if !lock(&self.tracker).is_current(&entry.ticket) {
-                continue;
+        let mut fresh = self.state.fresh.clone();
+        let mut parked: std::collections::VecDeque<TimerEntry> = Default::default();
+        loop {
+            tokio::select! {
+                entry = due.recv() => {
+                    let Some(entry) = entry else { return };
+                    if !lock(&self.tracker).is_current(&entry.ticket) {
+                        continue;
+                    }
+                    let waits = entry.scheduled.version.is_some()
+                        && (!parked.is_empty() || !self.fresh_for(entry.scheduled.due.as_millis()));
+                    if waits {
+                        metrics::counter!(m::HELD_FOR_FRESHNESS).increment(1);
+                        parked.push_back(entry);
+                    } else {
+                        self.publish(entry).await;
+                    }
+                }
+                changed = fresh.changed(), if !parked.is_empty() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    while parked
+                        .front()
+                        .is_some_and(|e| self.fresh_for(e.scheduled.due.as_millis()))
+                    {
+                        if let Some(entry) = parked.pop_front() {
+                            if lock(&self.tracker).is_current(&entry.ticket) {
+                                self.publish(entry).await;
+                            }
+                        }
+                    }
+                }
             }
+        }
+    }
+
+    /// Sends a due record to its target, unless its id has a newer version (a cancel or a
+    /// reschedule): then it is done, and its offset may be committed.
+    async fn publish(self: &Arc<Self>, entry: TimerEntry) {
+        {
+            let s = &entry.scheduled;
+            if let Some(version) = s.version {
+                match self.state.index.facts(&s.id) {
+                    Ok(facts) if crate::facts::verdict(facts.iter().map(|(v, _)| *v), version) => {}
+                    Ok(facts) => {
+                        let cancelled = facts
+                            .iter()
+                            .any(|(v, f)| *v > version && *f == crate::facts::Fact::Cancelled);
+                        let reason = if cancelled { "cancelled" } else { "superseded" };
+                        metrics::counter!(m::WITHHELD, "reason" => reason).increment(1);
+                        lock(&self.tracker).finish(&entry.ticket);
+                        return;
+                    }
+                    Err(e) => return self.fail(Fatal::Other(e.to_string())),
+                }
+            }
+        }
+        {
             let mut scheduled = entry.scheduled;
             let out = scheduled.lend_body(Scheduled::to_target);
             let send = Send {

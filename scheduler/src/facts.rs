@@ -23,13 +23,17 @@ pub const CANCEL: &str = "cancel";
 pub struct Version {
     /// The record's timestamp (the producer's clock, or the broker's with `LogAppendTime`).
     pub timestamp_ms: i64,
-    /// The ingest partition; -1 for a cancel made over HTTP.
+    /// The ingest partition; [`Version::HTTP`] for a cancel made over HTTP.
     pub partition: i32,
     /// The offset in that partition; for an HTTP cancel, a random number.
     pub offset: i64,
 }
 
 impl Version {
+    /// The partition of an HTTP cancel's version: after every ingest partition, so that a cancel
+    /// made in the same millisecond as the record it cancels was produced still wins.
+    pub const HTTP: i32 = i32::MAX;
+
     /// `<timestamp ms>.<partition>.<offset>`, as in the `sm-version` header.
     pub fn encode(&self) -> String {
         format!("{}.{}.{}", self.timestamp_ms, self.partition, self.offset)
@@ -115,35 +119,42 @@ pub fn parse_fact_key(key: &[u8]) -> Option<(String, Version)> {
     Some((id.to_string(), Version::decode(version)?))
 }
 
-/// The state partition of an id: Kafka's default partitioner (murmur2 of the id, positive,
-/// modulo the partitions), so that every fact of an id is in one partition, in a place any
-/// Kafka tool computes the same way.
-pub fn state_partition(id: &str, partitions: i32) -> i32 {
-    ((murmur2(id.as_bytes()) & 0x7fff_ffff) as i32) % partitions.max(1)
+/// What the status API reports for an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdStatus {
+    /// `pending`, `delivered` or `cancelled`.
+    pub status: &'static str,
+    /// The newest version known.
+    pub version: Version,
+    /// The due time of a pending version.
+    pub due_ms: Option<i64>,
 }
 
-/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`).
-fn murmur2(data: &[u8]) -> u32 {
-    const M: u32 = 0x5bd1_e995;
-    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
-    let chunks = data.chunks_exact(4);
-    let tail = chunks.remainder();
-    for c in chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> 24;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M) ^ k;
-    }
-    if !tail.is_empty() {
-        for (i, b) in tail.iter().enumerate().rev() {
-            h ^= u32::from(*b) << (8 * i);
+/// The status of an id from its facts (any order): the newest fact's, except that a cancel that
+/// came after its version was delivered (closer to the due time than the cancel lead) reports
+/// `delivered`, because that is what happened.
+pub fn status(facts: &[(Version, Fact)]) -> Option<IdStatus> {
+    let mut facts: Vec<&(Version, Fact)> = facts.iter().collect();
+    facts.sort_by_key(|(v, _)| *v);
+    let (version, newest) = *facts.last()?;
+    let status = match newest {
+        Fact::Cancelled => {
+            let before = facts.iter().rev().find(|(_, f)| *f != Fact::Cancelled);
+            match before {
+                Some((_, Fact::Delivered)) => "delivered",
+                _ => "cancelled",
+            }
         }
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^ (h >> 15)
+        other => other.status(),
+    };
+    Some(IdStatus {
+        status,
+        version: *version,
+        due_ms: match newest {
+            Fact::Pending { due_ms, .. } => Some(*due_ms),
+            _ => None,
+        },
+    })
 }
 
 /// May a copy of `version` be delivered, given the versions known for its id?
@@ -225,10 +236,10 @@ mod tests {
         assert!(v(5, 0, 9) < v(5, 1, 0));
         assert!(v(5, 1, 3) < v(5, 1, 4));
         assert!(
-            v(5, -1, 7) < v(5, 0, 0),
-            "an HTTP cancel at the same ms sorts first"
+            v(5, 15, 9) < v(5, Version::HTTP, 0),
+            "an HTTP cancel sorts after every record of its millisecond"
         );
-        for x in [v(1_700_000_000_000, 3, 42), v(0, -1, i64::MAX)] {
+        for x in [v(1_700_000_000_000, 3, 42), v(0, Version::HTTP, i64::MAX)] {
             assert_eq!(Version::decode(&x.encode()), Some(x));
         }
         assert_eq!(Version::decode("1.2"), None);
@@ -257,24 +268,8 @@ mod tests {
     }
 
     #[test]
-    fn murmur2_matches_kafkas_and_keys_and_facts_round_trip() {
-        // Kafka's own test vectors (UtilsTest.testMurmur2).
-        for (input, expected) in [
-            ("21", -973932308),
-            ("foobar", -790332482),
-            ("a-little-bit-long-string", -985981536),
-            ("a-little-bit-longer-string", -1486304829),
-            (
-                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58897971,
-            ),
-            ("abc", 479470107),
-        ] {
-            assert_eq!(murmur2(input.as_bytes()) as i32, expected, "{input}");
-        }
+    fn keys_and_facts_round_trip() {
         for id in ["order-1", "a/b/c", "ünï"] {
-            let p = state_partition(id, 16);
-            assert!((0..16).contains(&p));
             let key = fact_key(id, v(17, 2, 9));
             assert_eq!(
                 parse_fact_key(key.as_bytes()),
@@ -292,6 +287,44 @@ mod tests {
             assert_eq!(Fact::decode(&fact.encode()), Some(fact));
         }
         assert_eq!(Fact::decode(b"{\"fact\":\"later\"}"), None);
+    }
+
+    #[test]
+    fn the_status_is_the_newest_facts_unless_a_late_cancel_met_a_delivery() {
+        let pending = Fact::Pending {
+            due_ms: 9,
+            target: "t".into(),
+        };
+        assert_eq!(status(&[]), None);
+        let s = status(&[(v(1, 0, 0), pending.clone())]).unwrap();
+        assert_eq!((s.status, s.due_ms), ("pending", Some(9)));
+        let s = status(&[
+            (v(2, Version::HTTP, 5), Fact::Cancelled),
+            (v(1, 0, 0), pending.clone()),
+        ]);
+        assert_eq!(
+            s.map(|s| (s.status, s.version)),
+            Some(("cancelled", v(2, Version::HTTP, 5)))
+        );
+        let late = status(&[
+            (v(1, 0, 0), Fact::Delivered),
+            (v(2, Version::HTTP, 5), Fact::Cancelled),
+        ]);
+        assert_eq!(
+            late.map(|s| s.status),
+            Some("delivered"),
+            "the cancel came too late"
+        );
+        let reused = status(&[
+            (v(1, 0, 0), Fact::Delivered),
+            (v(3, 0, 1), pending),
+            (v(4, Version::HTTP, 2), Fact::Cancelled),
+        ]);
+        assert_eq!(
+            reused.map(|s| s.status),
+            Some("cancelled"),
+            "the newer schedule was cancelled"
+        );
     }
 
     /// One fact of a test: (id, version, cancel?).

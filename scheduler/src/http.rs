@@ -1,9 +1,10 @@
 //! The HTTP API (axum): the job queue, the workers, the job log, the configuration, health and
-//! Prometheus metrics. Read-only: it shows this process's view; the state that matters is in Kafka.
+//! Prometheus metrics, which show this process's view; and the schedules by id
+//! (`GET`/`DELETE /api/schedules/{id}`), whose state is in Kafka.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -32,6 +33,10 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/api/wq", get(worker_queue))
         .route("/api/job_log", get(job_log))
         .route("/api/config", get(config))
+        .route(
+            "/api/schedules/{id}",
+            get(schedule_status).delete(cancel_schedule),
+        )
         .route("/config", get(config))
         .route("/healthz", get(health))
         .route("/metrics", get(prometheus))
@@ -63,6 +68,107 @@ async fn health(State(api): State<Api>) -> impl IntoResponse {
         Health::Failed | Health::Stopping => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, Json(status))
+}
+
+fn rfc3339(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// An id as the ingest topic accepts it: UTF-8 of 1 to 256 bytes.
+fn valid_id(id: &str) -> Result<(), (StatusCode, Json<serde_json::Value>)> {
+    if id.is_empty() || id.len() > 256 {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "an id is UTF-8 of 1 to 256 bytes" })),
+        ));
+    }
+    Ok(())
+}
+
+/// The status of a schedule by id, as this process's index knows it: `pending` (with `due`),
+/// `delivered`, `cancelled`, or `unknown` (404). `fresh_as_of` says up to when the index is
+/// known to hold every fact.
+async fn schedule_status(State(api): State<Api>, Path(id): Path<String>) -> impl IntoResponse {
+    if let Err(e) = valid_id(&id) {
+        return e;
+    }
+    let state = &api.shared.state;
+    let fresh = *state.fresh.borrow();
+    let facts = match state.index.facts(&id) {
+        Ok(facts) => facts,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "id": id, "error": e.to_string() })),
+            )
+        }
+    };
+    match crate::facts::status(&facts) {
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "id": id, "status": "unknown", "fresh_as_of": rfc3339(fresh) })),
+        ),
+        Some(s) => (
+            StatusCode::OK,
+            Json(json!({
+                "id": id,
+                "status": s.status,
+                "due": s.due_ms.and_then(rfc3339),
+                "version": s.version.encode(),
+                "fresh_as_of": rfc3339(fresh),
+            })),
+        ),
+    }
+}
+
+/// Cancels every version of `id` known or scheduled before now: writes a `cancelled` fact and
+/// answers once the broker acknowledged it, with the status before and the earliest due time
+/// from which the cancel is guaranteed (now + the cancel lead). An unknown id may be cancelled
+/// too: a schedule produced later (a newer version) wins again.
+async fn cancel_schedule(State(api): State<Api>, Path(id): Path<String>) -> impl IntoResponse {
+    if let Err(e) = valid_id(&id) {
+        return e;
+    }
+    let shared = &api.shared;
+    let before = shared
+        .state
+        .index
+        .facts(&id)
+        .ok()
+        .and_then(|f| crate::facts::status(&f))
+        .map_or("unknown", |s| s.status);
+    let now = shared.clock.now_ms();
+    let version = crate::facts::Version {
+        timestamp_ms: now,
+        partition: crate::facts::Version::HTTP,
+        offset: i64::from(rand::random::<u32>()),
+    };
+    let out = shared.fact_record(&id, version, &crate::facts::Fact::Cancelled);
+    let sent = shared
+        .producer
+        .send(
+            crate::kafka::record(&out),
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    if let Err((e, _)) = sent {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "id": id, "error": format!("the cancel was not acknowledged: {e}") })),
+        );
+    }
+    metrics::counter!(crate::metrics::CANCELS, "via" => "http").increment(1);
+    (
+        StatusCode::OK,
+        Json(json!({
+            "id": id,
+            "status": "cancelled",
+            "previous": before,
+            "version": version.encode(),
+            "honoured_if_due_after": rfc3339(now + shared.settings.cancel_lead_ms()),
+        })),
+    )
 }
 
 async fn prometheus(State(api): State<Api>) -> impl IntoResponse {

@@ -173,19 +173,38 @@ impl Index {
     pub fn latest(&self, id: &str) -> Result<Option<(Version, Fact)>, IndexError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(FACTS)?;
-        let lo = (id, i64::MIN, i32::MIN, i64::MIN);
-        let hi = (id, i64::MAX, i32::MAX, i64::MAX);
-        let Some(entry) = table.range(lo..=hi)?.next_back() else {
+        let Some(entry) = table.range(Self::range_of(id))?.next_back() else {
             return Ok(None);
         };
         let (k, v) = entry?;
-        let (_, timestamp_ms, partition, offset) = k.value();
-        let version = Version {
+        Ok(Fact::decode(v.value()).map(|f| (Self::version(k.value()), f)))
+    }
+
+    /// Every fact known for `id`, oldest version first (the status API's input).
+    pub fn facts(&self, id: &str) -> Result<Vec<(Version, Fact)>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FACTS)?;
+        let mut out = Vec::new();
+        for entry in table.range(Self::range_of(id))? {
+            let (k, v) = entry?;
+            if let Some(f) = Fact::decode(v.value()) {
+                out.push((Self::version(k.value()), f));
+            }
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn range_of(id: &str) -> std::ops::RangeInclusive<(&str, i64, i32, i64)> {
+        (id, i64::MIN, i32::MIN, i64::MIN)..=(id, i64::MAX, i32::MAX, i64::MAX)
+    }
+
+    fn version((_, timestamp_ms, partition, offset): (&str, i64, i32, i64)) -> Version {
+        Version {
             timestamp_ms,
             partition,
             offset,
-        };
-        Ok(Fact::decode(v.value()).map(|f| (version, f)))
+        }
     }
 
     /// May a copy of `version` of `id` be delivered: is no fact of a higher version known?
@@ -243,7 +262,7 @@ mod tests {
                     learnt(0, 1, "a", v(20, 2, 7), pending(200)),
                     learnt(1, 5, "b", v(15, 0, 3), pending(150)),
                     learnt(1, 6, "b", v(15, 0, 3), Fact::Delivered),
-                    learnt(2, 0, "c", v(30, -1, 9), Fact::Cancelled),
+                    learnt(2, 0, "c", v(30, Version::HTTP, 9), Fact::Cancelled),
                 ])
                 .unwrap();
             // A Pending read again (a re-read after a crash) does not undo Delivered.
@@ -264,6 +283,10 @@ mod tests {
             "unknown ids pass"
         );
         assert_eq!(index.latest("zz").unwrap(), None);
+        assert_eq!(
+            index.facts("a").unwrap(),
+            vec![(v(10, 1, 1), pending(100)), (v(20, 2, 7), pending(200))]
+        );
         assert_eq!(
             index.positions().unwrap(),
             HashMap::from([(0, 2), (1, 7), (2, 1)])

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::domain::{dlq_original, Incoming, Rejection, Scheduled};
+use crate::domain::{dlq_original, Incoming, Ingested, Rejection, Scheduled};
 use crate::engine::{Shared, TimerEntry};
+use crate::facts::{Fact, Version};
 use crate::kafka::{self, lock};
 use crate::metrics as m;
 use crate::offsets::Ticket;
@@ -53,12 +54,28 @@ impl Shared {
             return;
         };
         let internal = &self.settings.internal;
-        match Scheduled::from_ingest(&rec, self.settings.config.default_tz, internal) {
+        match Ingested::parse(&rec, self.settings.config.default_tz, internal) {
             Err(why) => {
                 tracing::warn!(source = %rec.source(), reason = why.code(), detail = %why, "dead-lettering");
                 self.dead_letter_original(&rec, &why, ticket, None).await;
             }
-            Ok(s) => {
+            Ok(Ingested::Cancel { id, version }) => {
+                metrics::counter!(m::CANCELS, "via" => "kafka").increment(1);
+                self.write_fact(&id, version, Fact::Cancelled, ticket).await;
+            }
+            Ok(Ingested::Schedule(s)) => {
+                if let Some(version) = s.version {
+                    // The id's newest version is this one: its fact supersedes older copies
+                    // wherever they are. The ingest offset waits for the fact and the copy.
+                    let pending = Fact::Pending {
+                        due_ms: s.due.as_millis(),
+                        target: s.target.as_str().to_string(),
+                    };
+                    let also = lock(&self.tracker).also(&ticket);
+                    if let Some(fact_ticket) = also {
+                        self.write_fact(&s.id, version, pending, fact_ticket).await;
+                    }
+                }
                 metrics::counter!(m::SCHEDULED).increment(1);
                 let now = self.clock.now_ms();
                 let due = s.due.as_millis();
@@ -92,6 +109,31 @@ impl Shared {
             Route::Slice(id) if id.level > 0 => Route::Slice(id),
             _ => Route::Timer,
         }
+    }
+
+    /// Writes a fact of an id to the state topic; `ticket` is finished once it is acknowledged.
+    pub(crate) async fn write_fact(
+        self: &Arc<Self>,
+        id: &str,
+        version: Version,
+        fact: Fact,
+        ticket: Ticket,
+    ) {
+        let out = self.fact_record(id, version, &fact);
+        let size = out.key.as_ref().map_or(0, Vec::len) + out.payload.as_ref().map_or(0, Vec::len);
+        let permit = self.budget.reserve(in_memory(size)).await;
+        self.send(Send {
+            out,
+            then: Then::Fact {
+                fact: fact.status(),
+            },
+            scheduled: None,
+            ticket,
+            sweep: None,
+            slice_write: None,
+            _permit: permit,
+        })
+        .await;
     }
 
     /// Sends the record as it was read to the DLQ with the reason.

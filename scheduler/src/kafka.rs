@@ -217,7 +217,7 @@ fn offsets_of(list: &TopicPartitionList) -> KafkaResult<HashMap<Tp, i64>> {
     Ok(out)
 }
 
-fn merge(mut defaults: ClientConfig, overrides: ClientConfig) -> ClientConfig {
+pub(crate) fn merge(mut defaults: ClientConfig, overrides: ClientConfig) -> ClientConfig {
     for (k, v) in overrides.config_map() {
         defaults.set(k, v);
     }
@@ -267,6 +267,7 @@ pub fn detach(msg: &BorrowedMessage<'_>) -> Incoming {
         topic: msg.topic().to_string(),
         partition: msg.partition(),
         offset: msg.offset(),
+        timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
         key: msg.key().map(<[u8]>::to_vec),
         payload: msg.payload().map(<[u8]>::to_vec),
         headers: raw_headers(msg),

@@ -22,6 +22,7 @@ pub mod offsets;
 pub mod outbox;
 mod planner;
 pub mod slice;
+mod state;
 pub mod status;
 mod sweep;
 #[cfg(feature = "testkit")]
@@ -73,7 +74,8 @@ impl Scheduler {
         let prometheus = metrics::install();
         let listener = tokio::net::TcpListener::bind(settings.config.http_addr).await?;
         let http_addr = listener.local_addr()?;
-        let engine = engine::Engine::start(settings, clock).await?;
+        let state_dir = settings.state_dir(http_addr.port());
+        let engine = engine::Engine::start(settings, clock, &state_dir).await?;
         let app = http::router(http::Api {
             shared: engine.shared.clone(),
             status: engine.status(),

@@ -55,6 +55,21 @@ pub const SLICE_READ_ERRORS: &str = "sm_slice_read_errors_total";
 pub const ENGINE_RESTARTS: &str = "sm_engine_restarts_total";
 /// Gauge: bytes of the memory budget in use (records in the timer and sends in flight).
 pub const MEMORY_USED: &str = "sm_memory_used_bytes";
+/// Counter: cancels accepted, label `via` (`kafka`, `http`).
+pub const CANCELS: &str = "sm_cancels_total";
+/// Counter: records of a version not delivered because a newer fact of their id is known, label
+/// `reason` (`cancelled`, `superseded`: rescheduled).
+pub const WITHHELD: &str = "sm_withheld_total";
+/// Counter: due records with an id that waited for the index of ids to be fresh enough.
+pub const HELD_FOR_FRESHNESS: &str = "sm_held_for_freshness_total";
+/// Counter: facts written to the state topic, label `fact`.
+pub const FACTS_WRITTEN: &str = "sm_state_facts_written_total";
+/// Counter: state records read into the index.
+pub const STATE_FACTS_READ: &str = "sm_state_facts_read_total";
+/// Counter: state records that are not facts (skipped).
+pub const STATE_MALFORMED: &str = "sm_state_malformed_total";
+/// Gauge: how far behind the clock the index of ids is proven complete (seconds).
+pub const STATE_LAG: &str = "sm_state_lag_seconds";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -71,8 +86,17 @@ pub fn register_counters() {
         STRAGGLERS,
         SLICE_DATA_LOST,
         SLICE_READ_ERRORS,
+        HELD_FOR_FRESHNESS,
+        STATE_FACTS_READ,
+        STATE_MALFORMED,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for via in ["kafka", "http"] {
+        metrics::counter!(CANCELS, "via" => via).increment(0);
+    }
+    for reason in ["cancelled", "superseded"] {
+        metrics::counter!(WITHHELD, "reason" => reason).increment(0);
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::domain::{Outgoing, Rejection, Scheduled};
 use crate::engine::Shared;
+use crate::facts::Fact;
 use crate::kafka::{self, TopicSpec};
 use crate::metrics as m;
 use crate::offsets::Ticket;
@@ -107,9 +108,19 @@ pub fn weight(s: &Scheduled) -> usize {
 /// What acknowledging a send means.
 #[derive(Debug, Clone, Copy)]
 pub enum Then {
-    Slice { level: usize },
-    Deliver { due_ms: i64 },
-    DeadLetter { reason: &'static str },
+    Slice {
+        level: usize,
+    },
+    Deliver {
+        due_ms: i64,
+    },
+    DeadLetter {
+        reason: &'static str,
+    },
+    /// A fact of an id in the state topic (`pending`, `cancelled`, `delivered`).
+    Fact {
+        fact: &'static str,
+    },
 }
 
 /// A record on its way, with what to do once it is acknowledged.
@@ -134,6 +145,7 @@ pub enum Destination {
     Target,
     Slice,
     DeadLetter,
+    State,
 }
 
 impl Then {
@@ -142,6 +154,7 @@ impl Then {
             Then::Slice { .. } => Destination::Slice,
             Then::Deliver { .. } => Destination::Target,
             Then::DeadLetter { .. } => Destination::DeadLetter,
+            Then::Fact { .. } => Destination::State,
         }
     }
 }
@@ -174,18 +187,21 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
     };
     let refused = || match to {
         Destination::DeadLetter => Fate::Halt(format!("the DLQ refused a record: {code}")),
+        Destination::State => Fate::Halt(format!("the state topic refused a fact: {code}")),
         _ => Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string())),
     };
     let ours_refused = || match to {
         Destination::Target => Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string())),
         Destination::Slice => Fate::Halt(format!("a slice topic refuses our writes: {code}")),
         Destination::DeadLetter => Fate::Halt(format!("the DLQ refuses our writes: {code}")),
+        Destination::State => Fate::Halt(format!("the state topic refuses our writes: {code}")),
     };
     match code {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => match to {
             Destination::Target => Fate::DeadLetter(Rejection::UnknownTopic(topic.to_string())),
             Destination::Slice => Fate::RecreateSlice,
             Destination::DeadLetter => Fate::Halt(format!("the DLQ topic is missing: {code}")),
+            Destination::State => Fate::Halt(format!("the state topic is missing: {code}")),
         },
         // The record itself is unacceptable, whoever sends it wherever.
         C::MessageSizeTooLarge
@@ -464,25 +480,57 @@ impl Shared {
         }
     }
 
-    fn acknowledged(&self, send: Send) {
+    fn acknowledged(self: &Arc<Self>, send: Send) {
         let placed = match send.then {
             Then::Slice { level } => {
                 metrics::counter!(m::SLICE_WRITES, "level" => level.to_string()).increment(1);
-                Placed::Slice
+                Some(Placed::Slice)
             }
             Then::Deliver { due_ms } => {
                 let late = (self.clock.now_ms() - due_ms).max(0) as f64 / 1000.0;
                 metrics::histogram!(m::LATENESS, "path" => "kafka").record(late);
                 metrics::counter!(m::DELIVERED, "path" => "kafka").increment(1);
-                Placed::Timer
+                if let Some((id, version)) = send
+                    .scheduled
+                    .as_ref()
+                    .and_then(|s| Some((&s.id, s.version?)))
+                {
+                    // Delivered: the status API says so once this fact is in. The record's
+                    // offset waits for it, so a crash before it delivers the record again
+                    // rather than leave its id pending for ever.
+                    let out = self.fact_record(id, version, &Fact::Delivered);
+                    let fact = Send {
+                        out,
+                        then: Then::Fact {
+                            fact: Fact::Delivered.status(),
+                        },
+                        scheduled: None,
+                        ticket: send.ticket,
+                        sweep: None,
+                        slice_write: None,
+                        _permit: send._permit,
+                    };
+                    let tracked = Tracked {
+                        send: fact,
+                        seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
+                        unknown_attempts: 0,
+                    };
+                    self.acks.spawn(self.clone().dispatch(tracked));
+                    return;
+                }
+                Some(Placed::Timer)
             }
             Then::DeadLetter { reason } => {
                 metrics::counter!(m::DEAD_LETTERED, "reason" => reason).increment(1);
-                Placed::DeadLetter
+                Some(Placed::DeadLetter)
+            }
+            Then::Fact { fact } => {
+                metrics::counter!(m::FACTS_WRITTEN, "fact" => fact).increment(1);
+                None
             }
         };
         kafka::lock(&self.tracker).finish(&send.ticket);
-        if let Some(sweep) = &send.sweep {
+        if let (Some(sweep), Some(placed)) = (&send.sweep, placed) {
             sweep.placed(placed);
         }
     }

@@ -88,6 +88,12 @@ impl Names {
             "2",
             "--workers",
             "4",
+            // The index of ids of a test's processes, beside each other, out of $HOME.
+            "--state-dir",
+            &std::env::temp_dir()
+                .join("sm-test-state")
+                .join(&self.group)
+                .to_string_lossy(),
             "-X",
             "session.timeout.ms=6000",
         ]

@@ -110,7 +110,7 @@ async fn thousands_of_records_cross_every_level_and_arrive_on_time_and_intact() 
         let names_: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names_,
-            ["trace", "sm-id", "sm-due-ms", "sm-path"],
+            ["trace", "sm-id", "sm-version", "sm-due-ms", "sm-path"],
             "{id}: user header kept, scheduling headers replaced"
         );
         assert_eq!(r.header("trace"), Some(id.clone()));
@@ -232,17 +232,6 @@ async fn bad_records_are_dead_lettered_with_a_reason_and_do_not_block_good_ones(
             "internal-topic",
             vec![("time", soon.as_bytes()), ("topic", b"__consumer_offsets")],
             b"v10",
-        ),
-        // A cancel is never delivered as a message (cancelling by id is not built yet).
-        (
-            "cancel-unsupported",
-            vec![
-                ("time", soon.as_bytes()),
-                ("topic", target.as_bytes()),
-                ("id", b"order-1"),
-                ("cancel", b"true"),
-            ],
-            b"v13",
         ),
         ("missing-id", vec![("cancel", b"true")], b"v14"),
         (

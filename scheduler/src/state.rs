@@ -1,0 +1,316 @@
+//! The state of ids (issue #13): facts in a compacted topic, read by every process into its own
+//! [`Index`], and how fresh that index is.
+//!
+//! A record with an `id` writes a fact (`Pending` at ingest, `Cancelled` for a cancel, `Delivered`
+//! once its target acknowledged it) to `<ingest>.STATE`, keyed by id and version. Every process
+//! reads every state partition itself (assigned, not through the group), so any process can
+//! judge any record. The publish gate ([`crate::engine`]) asks two things of it: is the index
+//! fresh enough for this due time ([`State::fresh`]), and is no newer version of the id known
+//! ([`Index::may_deliver`]).
+//!
+//! Freshness: every [`REFRESH`] the reader notes the time T, then asks the state partitions' end
+//! offsets; once it has applied every partition up to them, every fact acknowledged before T is
+//! in the index, and it publishes "fresh as of T".
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::domain::Outgoing;
+use crate::engine::{Shared, BROKER_TIMEOUT};
+use crate::facts::{fact_key, parse_fact_key, Fact, Version};
+use crate::index::{Index, Learnt};
+use crate::kafka::{self, Fatal};
+use crate::metrics as m;
+use crate::offsets::Tp;
+use crate::Settings;
+
+/// How often the reader asks the state partitions' end offsets: the freshness it can prove lags
+/// the clock by about this plus a round trip, well inside the default cancel lead (1 s).
+const REFRESH: Duration = Duration::from_millis(100);
+
+/// A lookup of end offsets that takes longer is tried again next round (and a stop waits for it
+/// at most this long).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Records applied to the index in one transaction at most.
+const BATCH: usize = 5_000;
+
+/// What the engine knows of the state of ids.
+pub(crate) struct State {
+    pub(crate) index: Arc<Index>,
+    /// Clock time (ms) as of which every acknowledged fact is in the index; `i64::MIN` until the
+    /// reader first caught up.
+    pub(crate) fresh: watch::Receiver<i64>,
+}
+
+/// The state topic's reader, before it runs.
+pub(crate) struct Reader {
+    consumer: BaseConsumer,
+    lookup: kafka::Lookup,
+    fresh: watch::Sender<i64>,
+}
+
+/// The state reader's consumer: outside the group (it reads every partition, assigned), nothing
+/// committed (its positions are stored in the index, with the facts).
+fn reader_config(settings: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("client.id", "sm-state")
+        .set(
+            "group.id",
+            format!("{}.state-readers", settings.config.group_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // As the ingest consumer: the local broker pays per waiting fetch; 250 ms keeps the
+        // index's lag far inside the cancel lead.
+        .set("fetch.wait.max.ms", "250")
+        .set("queued.max.messages.kbytes", "2048")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    kafka::merge(c, kafka::base_config(settings))
+}
+
+/// Opens the index and connects the reader.
+pub(crate) fn open(
+    settings: &Settings,
+    dir: &std::path::Path,
+) -> Result<(State, Reader), crate::Error> {
+    let index = Index::open(dir).map_err(|e| crate::Error::Fatal(e.to_string()))?;
+    tracing::info!(path = %index.path().display(), "state index open");
+    let (fresh_tx, fresh) = watch::channel(i64::MIN);
+    let reader = Reader {
+        consumer: reader_config(settings).create()?,
+        lookup: kafka::Lookup::new(settings)?,
+        fresh: fresh_tx,
+    };
+    Ok((
+        State {
+            index: Arc::new(index),
+            fresh,
+        },
+        reader,
+    ))
+}
+
+/// A state record as the index stores it; a record that is not a fact is skipped (and counted),
+/// its position still moves.
+fn learnt(msg: &impl Message) -> Learnt {
+    let fact = msg
+        .key()
+        .and_then(parse_fact_key)
+        .and_then(|(id, v)| Some((id, v, Fact::decode(msg.payload()?)?)));
+    if fact.is_none() {
+        metrics::counter!(m::STATE_MALFORMED).increment(1);
+    }
+    Learnt {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        fact,
+    }
+}
+
+/// The reader's progress between steps.
+struct Progress {
+    tps: Vec<Tp>,
+    /// The next offset to read, per partition, as applied to the index.
+    applied: HashMap<i32, i64>,
+    /// The end offsets to reach, and the clock time they were asked at.
+    goal: Option<(i64, HashMap<i32, i64>)>,
+    asked: Instant,
+    stuck_since: Instant,
+}
+
+impl Reader {
+    /// Reads the state topic into the index on a thread of its own until the engine stops or is
+    /// dropped: it holds the engine only for the length of a step, so an engine dropped without
+    /// a stop (a panicking test) ends it too. An index that cannot be written stops the process:
+    /// the gate could no longer prove anything.
+    pub(crate) fn spawn(
+        self,
+        shared: &Arc<Shared>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let weak = Arc::downgrade(shared);
+        std::thread::Builder::new()
+            .name("sm-state".into())
+            .spawn(move || {
+                let mut progress = match weak.upgrade().map(|s| self.start(&s)) {
+                    Some(Ok(p)) => p,
+                    Some(Err(reason)) => return fail(&weak, reason),
+                    None => return,
+                };
+                while let Some(shared) = weak.upgrade() {
+                    if shared.token.is_cancelled() {
+                        return;
+                    }
+                    if let Err(reason) = self.step(&shared, &mut progress) {
+                        return shared.fail(Fatal::Other(reason));
+                    }
+                }
+            })
+    }
+
+    /// Assigns every state partition from the positions the index stored.
+    fn start(&self, shared: &Shared) -> Result<Progress, String> {
+        let topic = &shared.settings.internal.state;
+        let partitions = self
+            .consumer
+            .fetch_metadata(Some(topic), BROKER_TIMEOUT)
+            .map_err(|e| format!("state topic metadata: {e}"))?
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len() as i32);
+        if partitions == 0 {
+            return Err(format!("the state topic {topic} has no partitions"));
+        }
+        let applied = shared.state.index.positions().map_err(|e| e.to_string())?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            let at = applied
+                .get(&p)
+                .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+            tpl.add_partition_offset(topic, p, at)
+                .map_err(|e| e.to_string())?;
+        }
+        self.consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        Ok(Progress {
+            tps: (0..partitions).map(|p| (topic.clone(), p)).collect(),
+            applied,
+            goal: None,
+            asked: Instant::now() - REFRESH,
+            stuck_since: Instant::now(),
+        })
+    }
+
+    /// One round: ask the end offsets if it is time, apply what arrived, publish freshness
+    /// once every partition reached its end.
+    fn step(&self, shared: &Shared, p: &mut Progress) -> Result<(), String> {
+        if p.goal.is_none() && p.asked.elapsed() >= REFRESH {
+            p.asked = Instant::now();
+            let t = shared.clock.now_ms();
+            match self.lookup.ends(&p.tps, LOOKUP_TIMEOUT) {
+                Ok(ends) => {
+                    p.goal = Some((t, ends.into_iter().map(|((_, q), o)| (q, o)).collect()));
+                    p.stuck_since = Instant::now();
+                }
+                Err(e) => tracing::warn!(error = %e, "state topic end offsets"),
+            }
+        }
+        let batch = self.poll_batch();
+        if !batch.is_empty() {
+            shared
+                .state
+                .index
+                .apply(&batch)
+                .map_err(|e| e.to_string())?;
+            metrics::counter!(m::STATE_FACTS_READ).increment(batch.len() as u64);
+            for l in &batch {
+                let next = p.applied.entry(l.partition).or_insert(0);
+                *next = (*next).max(l.offset + 1);
+            }
+        }
+        let Some((t, ends)) = &p.goal else {
+            return Ok(());
+        };
+        let behind: Vec<i32> = ends
+            .iter()
+            .filter(|(q, end)| p.applied.get(q).copied().unwrap_or(0) < **end)
+            .map(|(q, _)| *q)
+            .collect();
+        if behind.is_empty() {
+            let t = *t;
+            self.fresh.send_if_modified(|f| {
+                let moved = t > *f;
+                *f = (*f).max(t);
+                moved
+            });
+            metrics::gauge!(m::STATE_LAG).set((shared.clock.now_ms() - t).max(0) as f64 / 1000.0);
+            p.goal = None;
+        } else if batch.is_empty() && p.stuck_since.elapsed() > Duration::from_secs(2) {
+            // Nothing comes and a partition is still short of its end: its records before the
+            // end may be gone (deleted). Skip to the first offset that exists.
+            self.skip_deleted(shared, &behind, &mut p.applied)?;
+            p.stuck_since = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Up to [`BATCH`] records, waiting a little for the first.
+    fn poll_batch(&self) -> Vec<Learnt> {
+        let mut batch = Vec::new();
+        let mut wait = Duration::from_millis(20);
+        while batch.len() < BATCH {
+            match self.consumer.poll(wait) {
+                None => break,
+                Some(Ok(msg)) => batch.push(learnt(&msg)),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "state topic read");
+                    break;
+                }
+            }
+            wait = Duration::ZERO;
+        }
+        batch
+    }
+
+    /// Moves the partitions in `behind` whose earliest offset is past what was applied up to it.
+    fn skip_deleted(
+        &self,
+        shared: &Shared,
+        behind: &[i32],
+        applied: &mut HashMap<i32, i64>,
+    ) -> Result<(), String> {
+        let topic = &shared.settings.internal.state;
+        let tps: Vec<Tp> = behind.iter().map(|p| (topic.clone(), *p)).collect();
+        let Ok(marks) = self.lookup.watermarks(&tps, LOOKUP_TIMEOUT) else {
+            return Ok(());
+        };
+        let mut moved = HashMap::new();
+        for ((_, p), (low, _)) in marks {
+            if applied.get(&p).copied().unwrap_or(0) < low {
+                tracing::warn!(
+                    partition = p,
+                    from = low,
+                    "state records deleted before they were read"
+                );
+                applied.insert(p, low);
+                moved.insert(p, low);
+            }
+        }
+        shared
+            .state
+            .index
+            .advance(&moved)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn fail(weak: &std::sync::Weak<Shared>, reason: String) {
+    if let Some(shared) = weak.upgrade() {
+        shared.fail(Fatal::Other(reason));
+    }
+}
+
+impl Shared {
+    /// The record of a fact in the state topic.
+    pub(crate) fn fact_record(&self, id: &str, version: Version, fact: &Fact) -> Outgoing {
+        Outgoing {
+            topic: self.settings.internal.state.clone(),
+            key: Some(fact_key(id, version).into_bytes()),
+            payload: Some(fact.encode()),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Whether the index is fresh enough to judge a copy due at `due_ms`: it holds every fact
+    /// acknowledged up to the cancel lead before it.
+    pub(crate) fn fresh_for(&self, due_ms: i64) -> bool {
+        *self.state.fresh.borrow() >= due_ms - self.settings.cancel_lead_ms()
+    }
+}

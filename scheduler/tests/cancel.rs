@@ -1,0 +1,266 @@
+//! Cancel and reschedule by id (issue #13) against the real local broker, with two `scheduler`
+//! processes, one of them killed with SIGKILL and restarted between the changes and the due
+//! time: exactly the right versions arrive, at their times, and the status API agrees.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use scheduler::testkit::*;
+
+const IDS: usize = 1_000;
+const TARGET_PARTITIONS: i32 = 2;
+/// How much later a rescheduled id is due.
+const MOVED_MS: i64 = 3_000;
+
+/// A scheduler process on its own HTTP port and index (as two processes on one machine get by
+/// default), so that a restart on the same port reopens the index its predecessor left.
+fn spawn(names: &Names, log: &str, http: u16) -> ChildGuard {
+    let dir = std::env::temp_dir()
+        .join("sm-test-state")
+        .join(format!("{}-{http}", names.group));
+    spawn_binary(
+        env!("CARGO_BIN_EXE_scheduler"),
+        &names.args_with(&[
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--state-dir",
+            &dir.to_string_lossy(),
+        ]),
+        log,
+    )
+}
+
+/// What the test does to an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    CancelOverKafka,
+    CancelOverHttp,
+    Reschedule { new_key: bool },
+    Nothing,
+}
+
+fn change(i: usize) -> Change {
+    match i % 4 {
+        0 => Change::CancelOverKafka,
+        1 => Change::CancelOverHttp,
+        2 => Change::Reschedule {
+            new_key: i % 8 == 2,
+        },
+        _ => Change::Nothing,
+    }
+}
+
+async fn status(http: u16, id: &str) -> Option<String> {
+    let r = reqwest::get(format!("http://127.0.0.1:{http}/api/schedules/{id}"))
+        .await
+        .ok()?;
+    let body: serde_json::Value = r.json().await.ok()?;
+    body["status"].as_str().map(str::to_string)
+}
+
+/// Waits until a child process's `/healthz` answers `ok` (it may not listen yet).
+async fn answers_ok(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = match reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await {
+            Ok(r) => r.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if h.as_ref().is_some_and(|h| h["status"] == "ok") {
+            return;
+        }
+        assert!(Instant::now() < deadline, ":{port} is not ok: {h:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_and_reschedules_hold_across_a_sigkill_and_two_processes() {
+    let names = Names::new("cancel");
+    create_topic(&names.target, TARGET_PARTITIONS).await;
+    let (a_http, b_http) = (free_port(), free_port());
+    let mut a = spawn(&names, &format!("{}-a.log", names.group), a_http);
+    let mut b = spawn(&names, &format!("{}-b.log", names.group), b_http);
+    for port in [a_http, b_http] {
+        answers_ok(port).await;
+    }
+
+    let due = now_ms() + 15_000;
+    let ids: Vec<String> = (0..IDS).map(|i| format!("c-{i}")).collect();
+    schedule_records(
+        &names,
+        &ids.iter().map(|id| (id.clone(), due)).collect::<Vec<_>>(),
+    )
+    .await;
+
+    let p = producer();
+    let client = reqwest::Client::new();
+    let moved = (due + MOVED_MS).to_string();
+    for (i, id) in ids.iter().enumerate() {
+        match change(i) {
+            // Any key and value: only the id and the header count.
+            Change::CancelOverKafka => {
+                let headers = [("id", id.as_bytes()), ("cancel", &b"true"[..])];
+                produce(&p, &names.ingest, Some(b"someone-else"), b"", &headers).await;
+            }
+            Change::CancelOverHttp => {
+                let port = if i % 2 == 0 { a_http } else { b_http };
+                let r = client
+                    .delete(format!("http://127.0.0.1:{port}/api/schedules/{id}"))
+                    .send()
+                    .await
+                    .expect("DELETE answers");
+                assert!(r.status().is_success(), "DELETE {id}: {}", r.status());
+                let body: serde_json::Value = r.json().await.expect("json");
+                assert_eq!(body["status"], "cancelled");
+                let honoured = chrono::DateTime::parse_from_rfc3339(
+                    body["honoured_if_due_after"].as_str().expect("a time"),
+                )
+                .expect("RFC 3339");
+                assert!(
+                    honoured.timestamp_millis() < due,
+                    "the cancel is guaranteed for {id}: {body}"
+                );
+            }
+            Change::Reschedule { new_key } => {
+                let key = if new_key {
+                    format!("new-{id}")
+                } else {
+                    id.clone()
+                };
+                let headers = [
+                    ("time", moved.as_bytes()),
+                    ("topic", names.target.as_bytes()),
+                    ("id", id.as_bytes()),
+                ];
+                produce(&p, &names.ingest, Some(key.as_bytes()), b"v2", &headers).await;
+            }
+            Change::Nothing => {}
+        }
+    }
+    assert!(
+        now_ms() < due - 5_000,
+        "the changes took too long for the test to mean anything"
+    );
+
+    // A process dies with everything pending, and comes back on its own index.
+    kill9(&mut a);
+    let mut a = spawn(&names, &format!("{}-a2.log", names.group), a_http);
+
+    let delivered: Vec<&String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(change(*i), Change::Reschedule { .. } | Change::Nothing))
+        .map(|(_, id)| id)
+        .collect();
+    let reader = reader(&names.target, TARGET_PARTITIONS);
+    let got = collect_all(
+        &reader,
+        delivered.iter().copied(),
+        Vec::new(),
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_all_arrived(delivered.iter().copied(), &got);
+    // Every old version was judged: withheld, not merely late.
+    let withheld_all = (IDS / 4 * 3) as f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut withheld = 0.0;
+        for port in [a_http, b_http] {
+            let http = format!("127.0.0.1:{port}");
+            withheld += try_metric_sum(&http, "sm_withheld_total")
+                .await
+                .unwrap_or(0.0);
+        }
+        if withheld >= withheld_all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {withheld} of {withheld_all} old versions were withheld"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = [
+        got,
+        collect(&reader, Duration::from_millis(500), |_| false).await,
+    ]
+    .concat();
+
+    let index: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let mut versions: HashMap<String, String> = HashMap::new();
+    for r in &got {
+        let id = r.header("sm-id").expect("sm-id");
+        let i = index[id.as_str()];
+        let version = r
+            .header("sm-version")
+            .expect("a record with an id names its version");
+        if let Some(seen) = versions.insert(id.clone(), version.clone()) {
+            assert_eq!(seen, version, "{id}: two versions delivered");
+        }
+        match change(i) {
+            Change::CancelOverKafka | Change::CancelOverHttp => {
+                panic!("{id} was cancelled ({:?}) and delivered", change(i))
+            }
+            Change::Reschedule { new_key } => {
+                assert_eq!(
+                    r.value.as_deref(),
+                    Some(&b"v2"[..]),
+                    "{id}: the old version"
+                );
+                assert!(
+                    r.timestamp_ms >= due + MOVED_MS,
+                    "{id} delivered before its new time"
+                );
+                let key = if new_key {
+                    format!("new-{id}")
+                } else {
+                    id.clone()
+                };
+                assert_eq!(r.key.as_deref(), Some(key.as_bytes()));
+            }
+            Change::Nothing => {
+                assert_eq!(r.value.as_deref(), Some(id.as_bytes()));
+                assert!(r.timestamp_ms >= due, "{id} delivered early");
+            }
+        }
+    }
+    let duplicates = got.len() - versions.len();
+    eprintln!("{} delivered, {duplicates} duplicates", versions.len());
+
+    // Both processes' status APIs agree with what happened.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, id) in ids.iter().enumerate() {
+        let want = match change(i) {
+            Change::CancelOverKafka | Change::CancelOverHttp => "cancelled",
+            _ => "delivered",
+        };
+        for port in [a_http, b_http] {
+            loop {
+                let now = status(port, id).await;
+                if now.as_deref() == Some(want) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{id} ({:?}): status {now:?} at :{port}, want {want}",
+                    change(i)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let unknown = reqwest::get(format!(
+        "http://127.0.0.1:{a_http}/api/schedules/never-seen"
+    ))
+    .await
+    .expect("GET answers");
+    assert_eq!(unknown.status(), 404);
+    kill9(&mut a);
+    kill9(&mut b);
+}
