@@ -42,6 +42,7 @@ pub struct Status {
     pub pending: i64,
     pub delivered: i64,
     pub failed: i64,
+    pub cancelled: i64,
     pub oldest_undelivered_due: Option<String>,
 }
 
@@ -109,6 +110,40 @@ impl Store {
         q.push(" ON DUPLICATE KEY UPDATE id = id");
         q.build().execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Cancels pending rows. A row a poller has claimed is locked until its transaction ends:
+    /// the cancel waits for it, then finds it delivered and changes nothing. Returns the rows
+    /// cancelled.
+    pub async fn cancel(&self, ids: &[&str]) -> Result<u64, Error> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut q: QueryBuilder<MySql> = QueryBuilder::new(
+            "UPDATE scheduled_messages SET status = 'cancelled' WHERE status = 'pending' AND id IN ",
+        );
+        q.push_tuples(ids, |mut b, id| {
+            b.push_bind(*id);
+        });
+        Ok(q.build().execute(&self.pool).await?.rows_affected())
+    }
+
+    /// Reschedules a pending row: a new due time, key and value. False when the row is no
+    /// longer pending (delivered meanwhile) or unknown.
+    pub async fn reschedule(&self, m: &NewMessage) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE scheduled_messages SET topic = ?, msg_key = ?, msg_value = ?, headers = ?, \
+             due_at = ? WHERE id = ? AND status = 'pending'",
+        )
+        .bind(&m.topic)
+        .bind(m.key.as_deref())
+        .bind(m.value.as_deref())
+        .bind(encode_headers(&m.headers))
+        .bind(to_naive(m.due.as_millis()))
+        .bind(&m.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Opens a transaction and locks up to `limit` pending rows due at `now_ms`, in due order.
@@ -213,6 +248,7 @@ impl Store {
                CAST(COALESCE(SUM(status = 'pending'), 0) AS SIGNED) AS pending, \
                CAST(COALESCE(SUM(status = 'delivered'), 0) AS SIGNED) AS delivered, \
                CAST(COALESCE(SUM(status = 'failed'), 0) AS SIGNED) AS failed, \
+               CAST(COALESCE(SUM(status = 'cancelled'), 0) AS SIGNED) AS cancelled, \
                MIN(CASE WHEN status = 'pending' THEN due_at END) AS oldest \
              FROM scheduled_messages",
         )
@@ -223,6 +259,7 @@ impl Store {
             pending: row.try_get("pending")?,
             delivered: row.try_get("delivered")?,
             failed: row.try_get("failed")?,
+            cancelled: row.try_get("cancelled")?,
             oldest_undelivered_due: oldest
                 .map(|d| scheduler::time::format_millis(d.and_utc().timestamp_millis())),
         })

@@ -242,3 +242,55 @@ async fn bad_rows_are_marked_failed_and_never_stop_the_poller() {
     assert_eq!(api["pending"], 0);
     s.stop().await;
 }
+
+/// The baseline runs the same cancel and reschedule workload as the Kafka path: a cancelled row
+/// is never delivered, a rescheduled one only as its new version at its new time, and a change
+/// to a row already delivered changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_rows_are_never_delivered_and_rescheduled_ones_only_at_their_new_time() {
+    let mut t = Setup::new("dbs-cancel", 1, 90, 2_000, 1_000).await;
+    let cancelled: Vec<&str> = t.msgs[..30].iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(t.store.cancel(&cancelled).await.unwrap(), 30);
+    let moved_to = now_ms() + 4_000;
+    let mut moved = Vec::new();
+    for m in &t.msgs[30..60] {
+        let new = NewMessage {
+            value: Some(b"v2".to_vec()),
+            due: DueTime::from_millis(moved_to).unwrap(),
+            ..m.clone()
+        };
+        assert!(t.store.reschedule(&new).await.unwrap());
+        moved.push(new.id);
+    }
+    for id in &cancelled {
+        t.due.remove(*id);
+    }
+    for id in &moved {
+        t.due.insert(id.clone(), moved_to);
+    }
+    let s = t.start("100ms", 1000).await;
+    let got = t
+        .delivered(&reader(&t.topic, 1), Vec::new(), Duration::from_secs(30))
+        .await;
+    assert_eq!(got.len(), 60, "each row that was not cancelled, once");
+    for r in &got {
+        let id = r.header("sm-id").unwrap();
+        assert!(r.timestamp_ms >= t.due[&id], "{id} early");
+        if moved.contains(&id) {
+            assert_eq!(
+                r.value.as_deref(),
+                Some(&b"v2"[..]),
+                "{id}: the old version"
+            );
+        }
+    }
+    // Too late: delivered rows are neither cancelled nor moved.
+    assert_eq!(t.store.cancel(&[moved[0].as_str()]).await.unwrap(), 0);
+    assert!(!t.store.reschedule(&t.msgs[70]).await.unwrap());
+    let status = t.store.status().await.unwrap();
+    assert_eq!(
+        (status.pending, status.delivered, status.cancelled),
+        (0, 60, 30)
+    );
+    s.stop().await;
+}
