@@ -40,6 +40,17 @@ pub enum AuditOp {
         received_ms: i64,
         sender: String,
         sent_ok: bool,
+        /// The value's revision (2: a rescheduled message's new version).
+        revision: u32,
+    },
+    /// The workload cancelled or rescheduled the message after scheduling it.
+    Changed {
+        run_id: String,
+        id: String,
+        path: Path,
+        /// `cancelled` or `rescheduled`.
+        change: &'static str,
+        new_due_ms: Option<i64>,
     },
     /// Answers once every op sent before it is written.
     Flush(oneshot::Sender<()>),
@@ -84,15 +95,30 @@ impl AuditOp {
                 received_ms,
                 sender,
                 sent_ok,
+                revision,
             } => (
                 key(id, *path),
                 doc! {
                     "$inc": { "deliveries": 1_i64, "sent_ok": i64::from(*sent_ok) },
+                    "$addToSet": { "revisions": i64::from(*revision) },
                     "$min": { "received_at": DateTime::from_millis(*received_ms), "lateness_ms": received_ms - due_ms },
                     "$set": { "msg_id": id, "path": path.as_str(), "run_id": run_id, "due_at": DateTime::from_millis(*due_ms),
                               "sender": sender, "status": if *sent_ok { "sent" } else { "failed" } },
                 },
             ),
+            AuditOp::Changed {
+                run_id,
+                id,
+                path,
+                change,
+                new_due_ms,
+            } => {
+                let mut set = doc! { "msg_id": id, "path": path.as_str(), "run_id": run_id, "change": *change };
+                if let Some(due) = new_due_ms {
+                    set.insert("new_due_at", DateTime::from_millis(*due));
+                }
+                (key(id, *path), doc! { "$set": set })
+            }
             AuditOp::Flush(_) => return None,
         };
         Some(doc! { "q": { "_id": q }, "u": u, "upsert": true })
@@ -188,7 +214,7 @@ impl Audit {
             .messages
             .find(doc! { "run_id": run_id })
             .projection(
-                doc! { "path": 1, "deliveries": 1, "lateness_ms": 1, "status": 1, "sent_ok": 1 },
+                doc! { "path": 1, "deliveries": 1, "lateness_ms": 1, "status": 1, "sent_ok": 1, "change": 1, "revisions": 1 },
             )
             .await?;
         let mut rows = Vec::new();
@@ -204,6 +230,11 @@ impl Audit {
                 lateness_ms: int("lateness_ms"),
                 status: d.get_str("status").unwrap_or("pending").to_string(),
                 sent_ok: int("sent_ok").unwrap_or(0),
+                change: d.get_str("change").ok().map(String::from),
+                old_revision: d.get_array("revisions").is_ok_and(|r| {
+                    r.iter()
+                        .any(|v| v.as_i64().or_else(|| v.as_i32().map(i64::from)) == Some(1))
+                }),
             });
         }
         Ok(rows)

@@ -24,10 +24,10 @@ pub fn batches<T>(
 
 /// Runs `attempt` until it succeeds, waiting between tries from 100 ms doubling to 5 s, with
 /// jitter (the workspace's one retry schedule, [`scheduler::outbox::backoff`]).
-pub async fn retry_until_ok<F, Fut, E>(what: &str, attempt: F)
+pub async fn retry_until_ok<F, Fut, T, E>(what: &str, attempt: F)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
     let forever =

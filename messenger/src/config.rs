@@ -53,6 +53,14 @@ pub struct Connections {
     #[arg(long, env = "SM_EXP_PROCESSING_TIME", default_value = "50ms", value_parser = humantime::parse_duration)]
     pub processing_time: Duration,
     /// HTTP address of `messenger serve`.
+    /// The Kafka scheduler's HTTP API, for the workload's cancels over HTTP.
+    #[arg(
+        long,
+        env = "SM_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    pub scheduler_url: String,
+
     #[arg(long, env = "SM_MESSENGER_HTTP_ADDR", default_value = "127.0.0.1:5000")]
     pub http_addr: SocketAddr,
 }
@@ -88,6 +96,15 @@ pub struct Experiment {
     /// Also hand every message to the MySQL baseline.
     #[arg(long, env = "SM_EXP_MYSQL", default_value_t = true, action = clap::ArgAction::Set)]
     pub mysql: bool,
+    /// Share of the messages cancelled after they are scheduled (half over Kafka, half over the
+    /// scheduler's HTTP API; a row update in MySQL). Only messages due at least
+    /// `CHANGE_LEAD` after the change are changed: the window the scheduler guarantees.
+    #[arg(long, env = "SM_EXP_CANCEL_SHARE", default_value_t = 0.1)]
+    pub cancel_share: f64,
+    /// Share of the messages rescheduled to a new time and a new value (over Kafka; a row
+    /// update in MySQL), under the same rule.
+    #[arg(long, env = "SM_EXP_RESCHEDULE_SHARE", default_value_t = 0.1)]
+    pub reschedule_share: f64,
     /// How long after the last due time a message that has not arrived counts as missing.
     #[arg(long, env = "SM_EXP_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
@@ -106,6 +123,8 @@ impl Default for Experiment {
             kafka: true,
             mysql: true,
             grace: Duration::from_secs(30),
+            cancel_share: 0.1,
+            reschedule_share: 0.1,
         }
     }
 }
@@ -123,6 +142,8 @@ pub enum ExperimentError {
     NoPath,
     #[error("value-size must be at most 1,000,000")]
     TooLarge,
+    #[error("cancel-share and reschedule-share must be between 0 and 1, and add up to at most 1")]
+    BadShare,
 }
 
 impl Experiment {
@@ -143,6 +164,13 @@ impl Experiment {
         }
         if self.value_size > 1_000_000 {
             return Err(ExperimentError::TooLarge);
+        }
+        let share = |s: f64| (0.0..=1.0).contains(&s);
+        if !share(self.cancel_share)
+            || !share(self.reschedule_share)
+            || self.cancel_share + self.reschedule_share > 1.0
+        {
+            return Err(ExperimentError::BadShare);
         }
         Ok(())
     }
@@ -211,5 +239,8 @@ mod tests {
         let none: Experiment = serde_json::from_str(r#"{"kafka": false, "mysql": false}"#).unwrap();
         assert_eq!(none.validate(), Err(ExperimentError::NoPath));
         assert!(serde_json::from_str::<Experiment>(r#"{"min_delay": "soon"}"#).is_err());
+        let greedy: Experiment =
+            serde_json::from_str(r#"{"cancel_share": 0.7, "reschedule_share": 0.5}"#).unwrap();
+        assert_eq!(greedy.validate(), Err(ExperimentError::BadShare));
     }
 }

@@ -38,6 +38,10 @@ struct PathStats {
     /// Per message handled by a sender: whether any attempt succeeded.
     outcome: HashMap<String, bool>,
     attempts: u64,
+    /// Messages the workload cancelled: not expected; any arrival of one is counted apart.
+    cancelled: HashSet<String>,
+    cancelled_arrived: u64,
+    rescheduled: u64,
 }
 
 impl PathStats {
@@ -128,6 +132,10 @@ impl Live {
         let mut inner = self.lock();
         if let Some(run) = inner.runs.get_mut(run_id) {
             let p = run.paths.entry(path.as_str()).or_default();
+            if p.cancelled.contains(id) {
+                p.cancelled_arrived += 1;
+                return;
+            }
             p.arrivals += 1;
             if p.seen.insert(id.to_string()) {
                 p.lateness.record(lateness_ms);
@@ -145,6 +153,19 @@ impl Live {
             b.count += 1;
             b.sum_ms += lateness_ms;
             b.max_ms = b.max_ms.max(lateness_ms);
+        }
+    }
+
+    /// The workload cancelled or rescheduled `id` after scheduling it.
+    pub fn changed(&self, run_id: &str, id: &str, path: Path, change: crate::producer::Change) {
+        if let Some(run) = self.lock().runs.get_mut(run_id) {
+            let p = run.paths.entry(path.as_str()).or_default();
+            match change {
+                crate::producer::Change::Cancel => {
+                    p.cancelled.insert(id.to_string());
+                }
+                crate::producer::Change::Reschedule => p.rescheduled += 1,
+            }
         }
     }
 
@@ -180,7 +201,7 @@ impl Live {
             paths.iter().all(|p| {
                 run.paths
                     .get(p.as_str())
-                    .is_some_and(|s| s.seen.len() as u64 >= run.expected)
+                    .is_some_and(|s| (s.seen.len() + s.cancelled.len()) as u64 >= run.expected)
             })
         })
     }
@@ -203,6 +224,7 @@ impl Live {
         let inner = self.lock();
         let mut paths = serde_json::Map::new();
         let (mut sent, mut delivered, mut failed, mut attempts, mut handled) = (0, 0, 0, 0, 0);
+        let mut cancelled = 0;
         let mut finished = false;
         if let Some(run) = inner.latest.as_ref().and_then(|id| inner.runs.get(id)) {
             finished = run.finished;
@@ -211,10 +233,11 @@ impl Live {
                 let received = p.seen.len() as u64;
                 sent += p.sent;
                 delivered += received;
+                cancelled += p.cancelled.len() as u64;
                 failed += p.sms_failed();
                 attempts += p.attempts;
                 handled += p.outcome.len() as u64;
-                let left = p.sent.saturating_sub(received);
+                let left = p.sent.saturating_sub(received + p.cancelled.len() as u64);
                 paths.insert(
                     name.to_string(),
                     serde_json::json!({
@@ -225,6 +248,8 @@ impl Live {
                         "p50_ms": late.p50_ms, "p99_ms": late.p99_ms, "p999_ms": late.p999_ms,
                         "max_ms": late.max_ms,
                         "sms_failed": p.sms_failed(),
+                        "cancelled": p.cancelled.len(), "cancelled_arrived": p.cancelled_arrived,
+                        "rescheduled": p.rescheduled,
                         "distribution": run.finished.then(|| p.lateness.decades()),
                     }),
                 );
@@ -249,7 +274,8 @@ impl Live {
             "senders": inner.senders,
             "total": {
                 "sent": sent, "delivered": delivered, "failed": failed,
-                "pending": if finished { 0 } else { sent.saturating_sub(delivered) },
+                "pending": if finished { 0 } else { sent.saturating_sub(delivered + cancelled) },
+                "cancelled": cancelled,
                 "attempts": attempts, "reprocessed": attempts.saturating_sub(handled),
             },
             "paths": paths,

@@ -2,6 +2,11 @@
 //! (and, at the same moment, to the MySQL baseline), and records them in the audit. Sends are
 //! enqueued without waiting: acknowledgements are awaited concurrently, and a transient failure
 //! is retried with backoff, so a large run is never slowed to one round trip per message.
+//!
+//! A share of the messages is changed right after it is scheduled, on every path: cancelled
+//! (over Kafka or over the scheduler's HTTP API, alternately; a row update in MySQL) or
+//! rescheduled to a new time with a new revision of its value. The report then checks that no
+//! cancelled message and no old revision of a rescheduled one arrived.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +16,7 @@ use db_scheduler::{NewMessage, Store};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -25,6 +30,54 @@ use crate::live::Live;
 use crate::sms::{self, Scheduled};
 use crate::{metric, now_ms, Error, Path};
 use backon::Retryable;
+
+/// A message is changed only if it is due at least this long after the change: the scheduler
+/// guarantees a change durable `--cancel-lead` (1 s) before the due time, and a change sent over
+/// Kafka adds the ingest lag; 3 s leaves room for both on a loaded machine.
+pub const CHANGE_LEAD: Duration = Duration::from_secs(3);
+
+/// What the workload does to a message after scheduling it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Cancel,
+    Reschedule,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Cancel => "cancelled",
+            Change::Reschedule => "rescheduled",
+        }
+    }
+}
+
+/// The change for a message due at `due_ms`, produced at `now_ms`: drawn by the experiment's
+/// shares, for messages due far enough ahead.
+fn draw_change(rng: &mut StdRng, exp: &Experiment, now_ms: i64, due_ms: i64) -> Option<Change> {
+    if due_ms - now_ms < CHANGE_LEAD.as_millis() as i64 {
+        return None;
+    }
+    let u: f64 = rng.random();
+    if u < exp.cancel_share {
+        Some(Change::Cancel)
+    } else if u < exp.cancel_share + exp.reschedule_share {
+        Some(Change::Reschedule)
+    } else {
+        None
+    }
+}
+
+/// An operation of the MySQL path, applied in order: a change never overtakes its insert.
+enum MysqlOp {
+    Insert(NewMessage),
+    Cancel(String),
+    Reschedule(NewMessage),
+}
+
+/// A send (or an HTTP cancel) on its way: the message's id and how it ended.
+type Ack =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (String, Result<(), String>)> + Send>>;
 
 /// What producing a run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,43 +103,77 @@ pub(crate) struct Workload<'a> {
     pub progress: &'a AtomicU64,
 }
 
-/// Sends one record, retrying failures with backoff and jitter (5 tries in all).
+/// The retries of one send: 5 tries in all, with backoff and jitter.
+fn tries() -> backon::ExponentialBuilder {
+    scheduler::outbox::backoff_builder(Duration::from_millis(100), Duration::from_secs(5))
+        .with_max_times(4)
+}
+
+/// Sends one record (`cancel`: the cancel of its id instead), retrying failures.
 async fn send_with_retry(
     producer: FutureProducer,
     topic: String,
     m: Arc<Scheduled>,
-) -> Result<(), KafkaError> {
-    let tries =
-        scheduler::outbox::backoff_builder(Duration::from_millis(100), Duration::from_secs(5))
-            .with_max_times(4);
-    (|| send_once(&producer, &topic, &m))
-        .retry(tries)
+    cancel: bool,
+) -> Result<(), String> {
+    (|| send_once(&producer, &topic, &m, cancel))
+        .retry(tries())
         .notify(
             |e, retry_in| tracing::warn!(error = %e, id = %m.sms.id, ?retry_in, "produce failed"),
         )
         .await
+        .map_err(|e| e.to_string())
+}
+
+/// Cancels a message over the scheduler's HTTP API, retrying failures.
+async fn cancel_over_http(client: reqwest::Client, base: String, id: String) -> Result<(), String> {
+    let url = format!("{}/api/schedules/{id}", base.trim_end_matches('/'));
+    (|| async {
+        let r = client
+            .delete(&url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("DELETE {url}: {}", r.status()))
+        }
+    })
+    .retry(tries())
+    .notify(|e, retry_in| tracing::warn!(error = %e, ?retry_in, "cancel failed"))
+    .await
 }
 
 /// Sends one record and awaits its acknowledgement, waiting while the producer's queue is full.
+/// A cancel is the message's key and id with `cancel: true`: what an ordinary client sends.
 async fn send_once(
     producer: &FutureProducer,
     topic: &str,
     m: &Scheduled,
+    cancel: bool,
 ) -> Result<(), KafkaError> {
-    let value = m.value();
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: header::TIME,
-            value: Some(m.time_header.as_bytes()),
+    let value = if cancel { Vec::new() } else { m.value() };
+    let headers = OwnedHeaders::new().insert(Header {
+        key: header::ID,
+        value: Some(m.sms.id.as_bytes()),
+    });
+    let headers = if cancel {
+        headers.insert(Header {
+            key: scheduler::facts::CANCEL,
+            value: Some("true"),
         })
-        .insert(Header {
-            key: header::TOPIC,
-            value: Some(m.sms_topic.as_bytes()),
-        })
-        .insert(Header {
-            key: header::ID,
-            value: Some(m.sms.id.as_bytes()),
-        });
+    } else {
+        headers
+            .insert(Header {
+                key: header::TIME,
+                value: Some(m.time_header.as_bytes()),
+            })
+            .insert(Header {
+                key: header::TOPIC,
+                value: Some(m.sms_topic.as_bytes()),
+            })
+    };
     let mut record = FutureRecord::to(topic)
         .key(m.key())
         .payload(&value)
@@ -108,19 +195,35 @@ async fn send_once(
     }
 }
 
-/// Inserts the MySQL path's messages in batches (up to 500, or every 100 ms).
+/// Applies the MySQL path's operations in batches (up to 500, or every 100 ms): a batch's
+/// inserts, then its cancels and reschedules, so a change always follows its insert.
 fn spawn_mysql_writer(
     store: Store,
 ) -> (
-    mpsc::UnboundedSender<NewMessage>,
+    mpsc::UnboundedSender<MysqlOp>,
     tokio::task::JoinHandle<Result<(), Error>>,
 ) {
-    let (tx, rx) = mpsc::unbounded_channel::<NewMessage>();
+    let (tx, rx) = mpsc::unbounded_channel::<MysqlOp>();
     let task = tokio::spawn(async move {
         let batches = batches(rx, 500, Duration::from_millis(100));
         tokio::pin!(batches);
         while let Some(batch) = batches.next().await {
-            retry_until_ok("MySQL insert", || store.insert(&batch)).await;
+            let mut inserts = Vec::new();
+            let mut cancels = Vec::new();
+            let mut moves = Vec::new();
+            for op in batch {
+                match op {
+                    MysqlOp::Insert(m) => inserts.push(m),
+                    MysqlOp::Cancel(id) => cancels.push(id),
+                    MysqlOp::Reschedule(m) => moves.push(m),
+                }
+            }
+            retry_until_ok("MySQL insert", || store.insert(&inserts)).await;
+            let ids: Vec<&str> = cancels.iter().map(String::as_str).collect();
+            retry_until_ok("MySQL cancel", || store.cancel(&ids)).await;
+            for m in &moves {
+                retry_until_ok("MySQL reschedule", || store.reschedule(m)).await;
+            }
         }
         Ok(())
     });
@@ -148,6 +251,7 @@ impl Workload<'_> {
         } else {
             None
         };
+        let client = reqwest::Client::new();
         let mut pending = FuturesUnordered::new();
         let mut out = Produced::default();
         let start = tokio::time::Instant::now();
@@ -176,28 +280,70 @@ impl Workload<'_> {
                 self.live.sent(run_id, path);
                 metrics::counter!(metric::SENT, "path" => path.as_str()).increment(1);
             }
-            if exp.kafka && !faults.skip_kafka.contains(&n) {
-                let (producer, topic, m2) = (
-                    self.producer.clone(),
-                    self.conn.ingest_topic.clone(),
-                    m.clone(),
-                );
-                pending.push(async move {
-                    (
-                        m2.sms.id.clone(),
-                        send_with_retry(producer, topic, m2).await,
-                    )
-                });
+            let to_kafka = exp.kafka && !faults.skip_kafka.contains(&n);
+            if to_kafka {
+                pending.push(self.kafka_send(m.clone(), false));
             }
+            let row = |m: &Scheduled| NewMessage {
+                id: m.sms.id.clone(),
+                topic: self.conn.sms_topic.clone(),
+                key: Some(m.key().to_vec()),
+                value: Some(m.value()),
+                headers: Vec::new(),
+                due: m.due,
+            };
             if let Some((tx, _)) = &mysql {
-                let _ = tx.send(NewMessage {
-                    id: m.sms.id.clone(),
-                    topic: self.conn.sms_topic.clone(),
-                    key: Some(m.key().to_vec()),
-                    value: Some(m.value()),
-                    headers: Vec::new(),
-                    due: m.due,
-                });
+                let _ = tx.send(MysqlOp::Insert(row(&m)));
+            }
+            let change = draw_change(&mut rng, exp, now, m.due.as_millis());
+            if let Some(change) = change {
+                for path in exp.paths() {
+                    self.live.changed(run_id, &m.sms.id, path, change);
+                }
+            }
+            match change {
+                None => {}
+                Some(Change::Cancel) => {
+                    self.audit_change(run_id, exp, &m.sms.id, Change::Cancel, None);
+                    if to_kafka {
+                        let id = m.sms.id.clone();
+                        let ack: Ack = if n % 2 == 0 {
+                            self.kafka_send(m.clone(), true)
+                        } else {
+                            let (client, base) = (client.clone(), self.conn.scheduler_url.clone());
+                            Box::pin(async move {
+                                let id2 = id.clone();
+                                (id, cancel_over_http(client, base, id2).await)
+                            })
+                        };
+                        pending.push(ack);
+                    }
+                    if let Some((tx, _)) = &mysql {
+                        let _ = tx.send(MysqlOp::Cancel(m.sms.id.clone()));
+                    }
+                }
+                Some(Change::Reschedule) => {
+                    let earliest = min_ms.max(CHANGE_LEAD.as_millis() as i64);
+                    let delay = rng.random_range(earliest..=max_ms.max(earliest));
+                    let (time_header, due) = sms::format_time(now + delay, n as usize + 1);
+                    let mut sms = m.sms.clone();
+                    sms.revision = 2;
+                    let moved = Arc::new(Scheduled {
+                        sms,
+                        time_header,
+                        due,
+                        sms_topic: m.sms_topic.clone(),
+                    });
+                    out.last_due_ms = out.last_due_ms.max(due.as_millis());
+                    let new_due = Some(due.as_millis());
+                    self.audit_change(run_id, exp, &m.sms.id, Change::Reschedule, new_due);
+                    if to_kafka {
+                        pending.push(self.kafka_send(moved.clone(), false));
+                    }
+                    if let Some((tx, _)) = &mysql {
+                        let _ = tx.send(MysqlOp::Reschedule(row(&moved)));
+                    }
+                }
             }
             self.progress.fetch_add(1, Ordering::Relaxed);
             while pending.len() > 50_000 {
@@ -217,10 +363,39 @@ impl Workload<'_> {
         Ok(out)
     }
 
+    /// Sends a message (or, with `cancel`, the cancel of its id) to the scheduler's ingest topic.
+    fn kafka_send(&self, m: Arc<Scheduled>, cancel: bool) -> Ack {
+        let (producer, topic) = (self.producer.clone(), self.conn.ingest_topic.clone());
+        Box::pin(async move {
+            let id = m.sms.id.clone();
+            (id, send_with_retry(producer, topic, m, cancel).await)
+        })
+    }
+
+    /// Records a change of `id` in the audit, for every path of the run.
+    fn audit_change(
+        &self,
+        run_id: &str,
+        exp: &Experiment,
+        id: &str,
+        change: Change,
+        new_due_ms: Option<i64>,
+    ) {
+        for path in exp.paths() {
+            self.audit.send(AuditOp::Changed {
+                run_id: run_id.to_string(),
+                id: id.to_string(),
+                path,
+                change: change.as_str(),
+                new_due_ms,
+            });
+        }
+    }
+
     fn acknowledged(
         &self,
         run_id: &str,
-        (id, result): (String, Result<(), KafkaError>),
+        (id, result): (String, Result<(), String>),
         out: &mut Produced,
     ) {
         match result {
@@ -232,7 +407,7 @@ impl Workload<'_> {
                     run_id: run_id.to_string(),
                     id,
                     path: Path::Kafka,
-                    error: e.to_string(),
+                    error: e,
                 });
             }
         }

@@ -18,6 +18,10 @@ pub struct AuditRow {
     pub status: String,
     /// Send attempts that succeeded (a message is an SMS failed when it arrived and none did).
     pub sent_ok: i64,
+    /// `cancelled` or `rescheduled` when the workload changed the message.
+    pub change: Option<String>,
+    /// A copy of the first revision arrived (for a rescheduled message: the old version).
+    pub old_revision: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -30,6 +34,13 @@ pub struct PathReport {
     pub early: u64,
     pub not_produced: u64,
     pub sms_failed: u64,
+    /// Messages cancelled after scheduling (not counted in `sent`), and those that arrived
+    /// anyway (must be 0).
+    pub cancelled: u64,
+    pub cancelled_delivered: u64,
+    /// Messages rescheduled, and those of which the old version arrived (must be 0).
+    pub rescheduled: u64,
+    pub rescheduled_old_delivered: u64,
     pub lateness_p50_ms: Option<i64>,
     pub lateness_p99_ms: Option<i64>,
     pub lateness_p999_ms: Option<i64>,
@@ -60,6 +71,18 @@ impl Report {
                         p.not_produced += 1;
                         continue;
                     }
+                    match r.change.as_deref() {
+                        Some("cancelled") => {
+                            p.cancelled += 1;
+                            p.cancelled_delivered += u64::from(r.deliveries > 0);
+                            continue;
+                        }
+                        Some("rescheduled") => {
+                            p.rescheduled += 1;
+                            p.rescheduled_old_delivered += u64::from(r.old_revision);
+                        }
+                        _ => {}
+                    }
                     p.sent += 1;
                     if r.deliveries > 0 {
                         p.received += 1;
@@ -87,9 +110,15 @@ impl Report {
         }
     }
 
-    /// True when nothing was lost and nothing arrived early.
+    /// True when nothing was lost, nothing arrived early, and no cancelled message or old
+    /// version of a rescheduled one arrived.
     pub fn ok(&self) -> bool {
-        self.paths.iter().all(|p| p.missing == 0 && p.early == 0)
+        self.paths.iter().all(|p| {
+            p.missing == 0
+                && p.early == 0
+                && p.cancelled_delivered == 0
+                && p.rescheduled_old_delivered == 0
+        })
     }
 
     /// A table for the terminal.
@@ -98,7 +127,7 @@ impl Report {
         let mut out = format!("run {}\n", self.run_id);
         let _ = writeln!(
             out,
-            "{:<6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9}",
+            "{:<6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10}",
             "path",
             "sent",
             "received",
@@ -108,12 +137,14 @@ impl Report {
             "p50 ms",
             "p99 ms",
             "p99.9 ms",
-            "max ms"
+            "max ms",
+            "cancelled",
+            "moved"
         );
         for p in &self.paths {
             let _ = writeln!(
                 out,
-                "{:<6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9}",
+                "{:<6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10}",
                 p.path,
                 p.sent,
                 p.received,
@@ -123,13 +154,15 @@ impl Report {
                 ms(p.lateness_p50_ms),
                 ms(p.lateness_p99_ms),
                 ms(p.lateness_p999_ms),
-                ms(p.lateness_max_ms)
+                ms(p.lateness_max_ms),
+                format!("{} ({} arr.)", p.cancelled, p.cancelled_delivered),
+                format!("{} ({} old)", p.rescheduled, p.rescheduled_old_delivered)
             );
         }
         out.push_str(if self.ok() {
-            "OK: nothing lost, nothing early\n"
+            "OK: nothing lost, nothing early, no cancelled message or old version arrived\n"
         } else {
-            "FAILED: messages lost or early\n"
+            "FAILED: messages lost or early, or a cancelled message or an old version arrived\n"
         });
         out
     }
@@ -147,6 +180,8 @@ mod tests {
             status: status.into(),
             // One successful attempt per copy, unless the last attempt failed.
             sent_ok: if status == "failed" { 0 } else { deliveries },
+            change: None,
+            old_revision: false,
         }
     }
 
@@ -189,5 +224,36 @@ mod tests {
         assert_eq!(Report::from_rows("r", &[twice]).paths[0].sms_failed, 0);
         assert!(!r.ok());
         assert!(r.table().contains("FAILED"));
+    }
+
+    #[test]
+    fn cancelled_messages_are_not_expected_and_must_not_arrive_nor_old_versions() {
+        let changed = |deliveries, change: &str, old_revision| AuditRow {
+            change: Some(change.into()),
+            old_revision,
+            ..row("kafka", deliveries, Some(1), "sent")
+        };
+        let good = [
+            changed(0, "cancelled", false),
+            changed(1, "rescheduled", false),
+            row("kafka", 1, Some(2), "sent"),
+        ];
+        let r = Report::from_rows("r", &good);
+        let k = &r.paths[0];
+        assert_eq!(
+            (k.sent, k.missing, k.cancelled, k.rescheduled),
+            (2, 0, 1, 1),
+            "a cancelled message is neither sent nor missing"
+        );
+        assert!(r.ok(), "{}", r.table());
+        for bad in [
+            changed(1, "cancelled", false),
+            changed(1, "rescheduled", true),
+        ] {
+            let r = Report::from_rows("r", &[bad]);
+            assert!(!r.ok(), "{}", r.table());
+            let k = &r.paths[0];
+            assert_eq!(k.cancelled_delivered + k.rescheduled_old_delivered, 1);
+        }
     }
 }

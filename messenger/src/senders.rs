@@ -28,6 +28,8 @@ struct Arrival {
     path: Path,
     due_ms: i64,
     received_ms: i64,
+    /// The SMS's `revision` (1 when absent).
+    revision: u32,
 }
 
 fn arrival(msg: &rdkafka::message::BorrowedMessage<'_>, received_ms: i64) -> Option<Arrival> {
@@ -42,7 +44,13 @@ fn arrival(msg: &rdkafka::message::BorrowedMessage<'_>, received_ms: i64) -> Opt
     };
     let id = get(header::SM_ID)?;
     let run_id = id.rsplit_once('-')?.0.to_string();
+    let revision = msg
+        .payload()
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+        .and_then(|v| v["revision"].as_u64())
+        .map_or(1, |r| r as u32);
     Some(Arrival {
+        revision,
         path: get(header::SM_PATH)?.parse().ok()?,
         due_ms: get(header::SM_DUE_MS)?.parse().ok()?,
         run_id,
@@ -203,6 +211,7 @@ impl Sender {
                 received_ms: a.received_ms,
                 sender,
                 sent_ok: ok,
+                revision: a.revision,
             });
             live.sends.end();
         }

@@ -17,6 +17,9 @@ pub struct Sms {
     pub to: String,
     pub body: String,
     pub created_at: String,
+    /// 1 for the message as first scheduled, 2 for its rescheduled version: a sender that reads
+    /// 1 of a rescheduled message got the old version.
+    pub revision: u32,
 }
 
 /// One message of a run: the SMS, its `time` header, and the due time that header means.
@@ -102,6 +105,7 @@ pub fn message(
         to: phone(rng),
         body: Alphanumeric.sample_string(rng, body_len),
         created_at: scheduler::time::format_millis(now_ms),
+        revision: 1,
     };
     Scheduled {
         sms,
@@ -152,7 +156,7 @@ mod tests {
         let due = m.due.as_millis();
         assert!((1_001_000..=1_002_000).contains(&due));
         let v: serde_json::Value = serde_json::from_slice(&m.value()).unwrap();
-        for k in ["id", "from", "to", "body", "created_at"] {
+        for k in ["id", "from", "to", "body", "created_at", "revision"] {
             assert!(v.get(k).is_some());
         }
         assert_eq!(m.key(), m.sms.to.as_bytes());

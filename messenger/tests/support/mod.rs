@@ -43,6 +43,7 @@ pub async fn start_stack(name: &str, senders: usize, success_rate: f64) -> Stack
         senders,
         success_rate,
         processing_time: Duration::from_millis(20),
+        scheduler_url: format!("http://{}", scheduler.http_addr),
         http_addr: "127.0.0.1:0".parse().expect("an address"),
     };
     Stack {
