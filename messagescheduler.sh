@@ -416,10 +416,10 @@ local_services() {
   build_release
   restart_rebuilt
   load_experiment_env
-  SM_HTTP_ADDR="127.0.0.1:$SCHEDULER_PORT" start scheduler "$SCHEDULER_PORT" "$STACK/run" "$BIN_DIR/scheduler"
+  SM_HTTP_ADDR="127.0.0.1:$SCHEDULER_PORT" SM_STATE_DIR="${SM_STATE_DIR:-$STACK/scheduler-state}" start scheduler "$SCHEDULER_PORT" "$STACK/run" "$BIN_DIR/scheduler"
   [ "$what" = app ] && return 0
   start db-scheduler 8001 "$STACK/run" "$BIN_DIR/db-scheduler"
-  start messenger 5000 "$STACK/run" "$BIN_DIR/messenger" serve
+  SM_SCHEDULER_URL="http://127.0.0.1:$SCHEDULER_PORT" start messenger 5000 "$STACK/run" "$BIN_DIR/messenger" serve
   if [ "$WITH_GRAFANA" -eq 1 ]; then
     start_prometheus
     log "Grafana is not installable here: its dashboards are in compose/grafana (with Docker: --grafana)"
@@ -467,12 +467,13 @@ progress_frame() {
   jq -r '"run \(.run_id // "-")",
     (.total | "sent \(.sent)  delivered \(.delivered)  pending \(.pending)  SMS failed \(.failed)  attempts \(.attempts // 0) (re-processed \(.reprocessed // 0))")' <<<"$m"
   {
-    printf 'path\tsent\treceived\tpending\tmissing\tdup\tearly\tp50 ms\tp99 ms\tp99.9 ms\tmax ms\n'
+    printf 'path\tsent\treceived\tpending\tmissing\tdup\tearly\tp50 ms\tp99 ms\tp99.9 ms\tmax ms\tcancelled\tcanc. arr.\tmoved\n'
     jq -r '.paths | to_entries | sort_by(.key)[] | .value as $p
       | [.key, $p.sent, $p.received, $p.pending, $p.missing, $p.duplicates, ($p.early // 0),
-         $p.p50_ms, $p.p99_ms, $p.p999_ms, $p.max_ms]
+         $p.p50_ms, $p.p99_ms, $p.p999_ms, $p.max_ms,
+         ($p.cancelled // 0), ($p.cancelled_arrived // 0), ($p.rescheduled // 0)]
       | map(if . == null then "-" else tostring end) | @tsv' <<<"$m"
-  } | awk -F'\t' '{ printf "%-6s %8s %9s %8s %8s %5s %6s %8s %8s %9s %8s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 }'
+  } | awk -F'\t' '{ printf "%-6s %8s %9s %8s %8s %5s %6s %8s %8s %9s %8s %9s %10s %6s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 }'
 }
 
 progress() {

@@ -231,17 +231,19 @@ impl Live {
             for (name, p) in &run.paths {
                 let late = p.lateness.summary();
                 let received = p.seen.len() as u64;
-                sent += p.sent;
+                // As in the report: a cancelled message is not expected, so it is not "sent".
+                let expected = p.sent.saturating_sub(p.cancelled.len() as u64);
+                sent += expected;
                 delivered += received;
                 cancelled += p.cancelled.len() as u64;
                 failed += p.sms_failed();
                 attempts += p.attempts;
                 handled += p.outcome.len() as u64;
-                let left = p.sent.saturating_sub(received + p.cancelled.len() as u64);
+                let left = expected.saturating_sub(received);
                 paths.insert(
                     name.to_string(),
                     serde_json::json!({
-                        "sent": p.sent, "received": received, "duplicates": p.arrivals - received,
+                        "sent": expected, "received": received, "duplicates": p.arrivals - received,
                         "pending": if run.finished { 0 } else { left },
                         "missing": run.finished.then_some(left),
                         "early": late.early,
@@ -274,7 +276,7 @@ impl Live {
             "senders": inner.senders,
             "total": {
                 "sent": sent, "delivered": delivered, "failed": failed,
-                "pending": if finished { 0 } else { sent.saturating_sub(delivered + cancelled) },
+                "pending": if finished { 0 } else { sent.saturating_sub(delivered) },
                 "cancelled": cancelled,
                 "attempts": attempts, "reprocessed": attempts.saturating_sub(handled),
             },

@@ -69,6 +69,10 @@ async fn cancelled_and_rescheduled_messages_are_honoured_and_audited_on_both_pat
         );
         assert_eq!((p.missing, p.early), (0, 0), "{p:?}");
         assert_eq!(mon["paths"][&p.path]["cancelled"], p.cancelled, "{mon}");
+        assert_eq!(
+            mon["paths"][&p.path]["sent"], p.sent,
+            "one definition of sent: {mon}"
+        );
         assert_eq!(mon["paths"][&p.path]["cancelled_arrived"], 0, "{mon}");
     }
     assert!(report.ok());

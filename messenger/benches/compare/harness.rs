@@ -213,6 +213,7 @@ fn scheduled<'a>(
     id: &'a str,
     due_ms: i64,
     payload: &'a [u8],
+    with_id: bool,
 ) -> FutureRecord<'a, [u8], [u8]> {
     let time = due_ms.to_string();
     let headers = OwnedHeaders::new_with_capacity(3)
@@ -223,11 +224,17 @@ fn scheduled<'a>(
         .insert(Header {
             key: "topic",
             value: Some(target.as_bytes()),
-        })
-        .insert(Header {
+        });
+    // The key names the record for the readers either way; an `id` header makes it a record
+    // that can be cancelled, and costs its facts (issue #13).
+    let headers = if with_id {
+        headers.insert(Header {
             key: "id",
             value: Some(id.as_bytes()),
-        });
+        })
+    } else {
+        headers
+    };
     FutureRecord::to(ingest)
         .key(id.as_bytes())
         .payload(payload)
@@ -305,6 +312,8 @@ impl Acks {
 struct Produced {
     acks: Acks,
     due: HashMap<String, i64>,
+    /// Whether the records carry an `id` header.
+    with_id: bool,
 }
 
 impl Produced {
@@ -321,7 +330,7 @@ impl Produced {
         at: i64,
         payload: &[u8],
     ) {
-        let f = enqueue(p, scheduled(ingest, target, &id, at, payload)).await;
+        let f = enqueue(p, scheduled(ingest, target, &id, at, payload, self.with_id)).await;
         self.acks.push(id.clone(), f).await;
         self.due.insert(id, at);
     }
@@ -343,6 +352,23 @@ pub async fn produce_bulk(
     records: impl IntoIterator<Item = (String, i64)>,
 ) -> HashMap<String, i64> {
     produce_bulk_with(p, ingest, target, records, PAYLOAD).await
+}
+
+/// [`produce_bulk`], each record with an `id` header (its key): records that can be cancelled.
+pub async fn produce_bulk_ids(
+    p: &FutureProducer,
+    ingest: &str,
+    target: &str,
+    records: impl IntoIterator<Item = (String, i64)>,
+) -> HashMap<String, i64> {
+    let mut produced = Produced {
+        with_id: true,
+        ..Produced::default()
+    };
+    for (id, at) in records {
+        produced.send(p, ingest, target, id, at).await;
+    }
+    produced.acknowledged().await
 }
 
 /// [`produce_bulk`] with values of the caller's choosing.
@@ -402,7 +428,25 @@ pub fn start_reading(
     deadline: Duration,
 ) -> tokio::task::JoinHandle<Vec<Received>> {
     let consumer = reader_on(bootstrap, topic, partitions);
-    tokio::spawn(async move { collect_all(&consumer, ids.iter(), Vec::new(), deadline).await })
+    tokio::spawn(async move {
+        let mut waiting: std::collections::HashSet<String> = ids.into_iter().collect();
+        let mut seen = 0;
+        let got = collect(&consumer, deadline, |r| {
+            for x in &r[seen..] {
+                waiting.remove(&key_of(x));
+            }
+            seen = r.len();
+            waiting.is_empty()
+        })
+        .await;
+        let tail = collect(&consumer, Duration::from_millis(1_500), |_| false).await;
+        got.into_iter().chain(tail).collect()
+    })
+}
+
+/// A benchmark record's name: its key (records with and without an `id` header alike).
+pub fn key_of(r: &Received) -> String {
+    String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned()
 }
 
 /// Percentiles of a set of lateness values, in ms.
@@ -445,13 +489,12 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// `got` measured against `due` (id -> due ms); a record is matched by its `sm-id` header,
-    /// or by its key when it carries none (the relay).
+    /// `got` measured against `due` (id -> due ms); a record is matched by its key.
     pub fn of(got: &[Received], due: &HashMap<String, i64>) -> Outcome {
         let mut seen: HashMap<String, usize> = HashMap::with_capacity(due.len());
         let (mut arrival, mut publish, mut early) = (Vec::new(), Vec::new(), 0);
         for r in got {
-            let id = r.id();
+            let id = key_of(r);
             let Some(&d) = due.get(&id) else { continue };
             *seen.entry(id).or_default() += 1;
             arrival.push(r.received_ms - d);

@@ -43,25 +43,31 @@ pub struct Throughput {
     pub relay: f64,
     pub scheduler: f64,
     pub scheduler_outcome: Outcome,
+    /// The same run on a broker of its own, every record with an `id` (its facts written and
+    /// checked at publish).
+    pub with_ids: f64,
+    pub with_ids_outcome: Outcome,
 }
 
-/// `n` records, already due, wait in the ingest topic; the scheduler's delivery rate (first to
-/// last arrival at the target) beside a plain consume-and-produce relay of the same records
-/// through the same broker, with the scheduler's producer settings.
-pub async fn throughput(bins: &Binaries, n: usize) -> Throughput {
-    let (broker, names) = set_up("bench-tp").await;
+/// `n` records, already due, wait in a fresh broker's ingest topic (with `id` headers or not);
+/// a scheduler starts and delivers them: its delivery rate, measured at a reader.
+async fn deliver_due(
+    bins: &Binaries,
+    name: &str,
+    n: usize,
+    with_ids: bool,
+) -> (Broker, Names, HashMap<String, i64>, Outcome) {
+    let (broker, names) = set_up(name).await;
     let bootstrap = broker.bootstrap();
     create_topic_on(&bootstrap, &names.ingest, 16, &[]).await;
     let now = now_ms();
     let p = bulk_producer(&bootstrap);
-    let due = produce_bulk(
-        &p,
-        &names.ingest,
-        &names.target,
-        (0..n).map(|i| (format!("t-{i}"), now)),
-    )
-    .await;
-
+    let records = (0..n).map(|i| (format!("t-{i}"), now));
+    let due = if with_ids {
+        produce_bulk_ids(&p, &names.ingest, &names.target, records).await
+    } else {
+        produce_bulk(&p, &names.ingest, &names.target, records).await
+    };
     let reading = start_reading(
         &bootstrap,
         &names.target,
@@ -76,8 +82,17 @@ pub async fn throughput(bins: &Binaries, n: usize) -> Throughput {
     )
     .await;
     let got = reading.await.expect("reader");
-    let scheduler_outcome = Outcome::of(&got, &due);
+    let outcome = Outcome::of(&got, &due);
     sched.stop().await;
+    (broker, names, due, outcome)
+}
+
+/// `n` records, already due, wait in the ingest topic; the scheduler's delivery rate (first to
+/// last arrival at the target) beside a plain consume-and-produce relay of the same records
+/// through the same broker, with the scheduler's producer settings.
+pub async fn throughput(bins: &Binaries, n: usize) -> Throughput {
+    let (broker, names, due, scheduler_outcome) = deliver_due(bins, "bench-tp", n, false).await;
+    let bootstrap = broker.bootstrap();
 
     // The relay: the same records, read from the ingest topic and produced (key, value, headers)
     // to another topic; its rate is measured the same way, at a reader of that topic.
@@ -93,10 +108,14 @@ pub async fn throughput(bins: &Binaries, n: usize) -> Throughput {
     relay(&bootstrap, &names.ingest, &relay_target, due.len()).await;
     let got = reading.await.expect("reader");
     let relay_outcome = Outcome::of(&got, &due);
+    drop(broker);
+    let (_broker, _, _, with_ids_outcome) = deliver_due(bins, "bench-tp-ids", n, true).await;
     Throughput {
         relay: relay_outcome.rate(),
         scheduler: scheduler_outcome.rate(),
         scheduler_outcome,
+        with_ids: with_ids_outcome.rate(),
+        with_ids_outcome,
     }
 }
 
@@ -286,14 +305,22 @@ pub struct Memory {
     pub peak_mib: f64,
     pub produce_s: f64,
     pub placed_s: f64,
+    /// With ids: seconds to rebuild the index of ids from the state topic, and resident MiB
+    /// after it.
+    pub rebuild: Option<(f64, f64)>,
 }
 
 /// Resident memory of an idle scheduler, then with `pending` records due between one and two
 /// hours later: all of them written to slices, none held in memory.
-pub async fn memory(bins: &Binaries, pending: usize) -> Memory {
-    let (broker, names) = set_up("bench-mem").await;
+pub async fn memory(bins: &Binaries, pending: usize, with_ids: bool) -> Memory {
+    let (broker, names) = set_up(if with_ids {
+        "bench-mem-ids"
+    } else {
+        "bench-mem"
+    })
+    .await;
     let bootstrap = broker.bootstrap();
-    let sched = Service::scheduler(
+    let mut sched = Service::scheduler(
         &bins.scheduler,
         &scheduler_args(&broker, &names, &[]),
         &log_name(&names, "mem"),
@@ -311,7 +338,11 @@ pub async fn memory(bins: &Binaries, pending: usize) -> Memory {
         tokio::spawn(async move {
             let records = (0..pending)
                 .map(move |i| (format!("m-{i}"), base + (i as i64 * hour) / pending as i64));
-            produce_bulk(&p, &ingest, &target, records).await.len()
+            if with_ids {
+                produce_bulk_ids(&p, &ingest, &target, records).await.len()
+            } else {
+                produce_bulk(&p, &ingest, &target, records).await.len()
+            }
         })
     };
     let mut produced: Option<(usize, f64)> = None;
@@ -346,6 +377,11 @@ pub async fn memory(bins: &Binaries, pending: usize) -> Memory {
     // Settled: nothing more to do until the first falls due in an hour.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (pending_mib, hwm) = sched.memory_mib();
+    let rebuild = if with_ids {
+        Some(rebuild_index(bins, &broker, &names, &mut sched).await)
+    } else {
+        None
+    };
     Memory {
         pending,
         idle_mib,
@@ -353,7 +389,51 @@ pub async fn memory(bins: &Binaries, pending: usize) -> Memory {
         peak_mib: peak.max(hwm),
         produce_s,
         placed_s,
+        rebuild,
     }
+}
+
+/// Stops the scheduler, deletes its index of ids, and starts it again: the seconds until the
+/// rebuilt index is fresh (every fact in the state topic read), and the resident MiB then.
+async fn rebuild_index(
+    bins: &Binaries,
+    broker: &Broker,
+    names: &Names,
+    sched: &mut Service,
+) -> (f64, f64) {
+    sched.stop().await;
+    let dir = std::env::temp_dir()
+        .join("sm-test-state")
+        .join(&names.group);
+    let _ = std::fs::remove_dir_all(&dir);
+    let started = std::time::Instant::now();
+    let again = Service::start(
+        &bins.scheduler,
+        &scheduler_args(broker, names, &[]),
+        &log_name(names, "mem-rebuild"),
+    )
+    .await;
+    loop {
+        let fresh = again
+            .get("/api/schedules/no-such-id")
+            .await
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|b| b["fresh_as_of"].is_string());
+        if fresh {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1_800),
+            "the index was not rebuilt in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rebuild_s = started.elapsed().as_secs_f64();
+    note(format!("index rebuilt in {rebuild_s:.1} s"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (mib, _) = again.memory_mib();
+    *sched = again;
+    (rebuild_s, mib)
 }
 
 // ---- 4. burst ----------------------------------------------------------------------------------
