@@ -242,6 +242,7 @@ impl Engine {
         tasks.spawn(shared.clone().run_planner(jobs_tx.clone()));
         tasks.spawn(shared.clone().run_control(events_rx, jobs_tx));
         tasks.spawn(shared.clone().run_stats());
+        tasks.spawn(shared.clone().run_janitor());
         let state_thread = state_reader.spawn(&shared)?;
         for (n, reader) in readers.into_iter().enumerate() {
             let id = format!("{}-w{}", std::process::id(), n + 1);

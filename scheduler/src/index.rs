@@ -13,7 +13,8 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::facts::{Fact, Version};
 
-/// (id, timestamp ms, partition, offset) -> the fact, encoded.
+/// (id, timestamp ms, partition, offset) -> when the fact was written (8 bytes, little-endian
+/// epoch ms), then the fact, encoded.
 const FACTS: TableDefinition<(&str, i64, i32, i64), &[u8]> = TableDefinition::new("facts");
 /// State partition -> the next offset to read.
 const POSITIONS: TableDefinition<i32, i64> = TableDefinition::new("positions");
@@ -48,14 +49,43 @@ from_redb!(
     redb::CommitError
 );
 
-/// One record read from the state topic: its position, and the fact it holds (`None` for a
-/// record that is not a fact: skipped, but its position still moves).
+/// What a record of the state topic holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A fact of a version of an id, and when it was written (the record's timestamp).
+    Fact {
+        id: String,
+        version: Version,
+        fact: Fact,
+        written_ms: i64,
+    },
+    /// The janitor removed this version's fact.
+    Tombstone { id: String, version: Version },
+    /// Not a fact (skipped; its position still moves).
+    Skip,
+}
+
+/// One record read from the state topic: its position and what it holds.
 #[derive(Debug, Clone)]
 pub struct Learnt {
     pub partition: i32,
     pub offset: i64,
-    pub fact: Option<(String, Version, Fact)>,
+    pub entry: Entry,
 }
+
+/// A stored value: when the fact was written, then the fact.
+fn encode_value(written_ms: i64, fact: &Fact) -> Vec<u8> {
+    let mut v = written_ms.to_le_bytes().to_vec();
+    v.extend(fact.encode());
+    v
+}
+
+fn decode_value(v: &[u8]) -> Option<(i64, Fact)> {
+    let (ts, fact) = v.split_first_chunk::<8>()?;
+    Some((i64::from_le_bytes(*ts), Fact::decode(fact)?))
+}
+
+type FactKey<'a> = (&'a str, i64, i32, i64);
 
 /// The index, open on one file.
 pub struct Index {
@@ -119,15 +149,26 @@ impl Index {
             let mut facts = txn.open_table(FACTS)?;
             let mut positions = txn.open_table(POSITIONS)?;
             for l in batch {
-                if let Some((id, v, fact)) = &l.fact {
-                    let key = (id.as_str(), v.timestamp_ms, v.partition, v.offset);
-                    // Delivered is news about a Pending of the same version: never undo it.
-                    let delivered = facts
-                        .get(key)?
-                        .is_some_and(|old| Fact::decode(old.value()) == Some(Fact::Delivered));
-                    if !(delivered && matches!(fact, Fact::Pending { .. })) {
-                        facts.insert(key, fact.encode().as_slice())?;
+                match &l.entry {
+                    Entry::Fact {
+                        id,
+                        version: v,
+                        fact,
+                        written_ms,
+                    } => {
+                        let key = (id.as_str(), v.timestamp_ms, v.partition, v.offset);
+                        // Delivered is news about a Pending of the same version: never undo it.
+                        let delivered = facts.get(key)?.is_some_and(|old| {
+                            decode_value(old.value()).is_some_and(|(_, f)| f == Fact::Delivered)
+                        });
+                        if !(delivered && matches!(fact, Fact::Pending { .. })) {
+                            facts.insert(key, encode_value(*written_ms, fact).as_slice())?;
+                        }
                     }
+                    Entry::Tombstone { id, version: v } => {
+                        facts.remove((id.as_str(), v.timestamp_ms, v.partition, v.offset))?;
+                    }
+                    Entry::Skip => {}
                 }
                 let next = positions.get(l.partition)?.map(|g| g.value());
                 if next.is_none_or(|n| n <= l.offset) {
@@ -177,7 +218,7 @@ impl Index {
             return Ok(None);
         };
         let (k, v) = entry?;
-        Ok(Fact::decode(v.value()).map(|f| (Self::version(k.value()), f)))
+        Ok(decode_value(v.value()).map(|(_, f)| (Self::version(k.value()), f)))
     }
 
     /// Every fact known for `id`, oldest version first (the status API's input).
@@ -187,10 +228,53 @@ impl Index {
         let mut out = Vec::new();
         for entry in table.range(Self::range_of(id))? {
             let (k, v) = entry?;
-            if let Some(f) = Fact::decode(v.value()) {
+            if let Some((_, f)) = decode_value(v.value()) {
                 out.push((Self::version(k.value()), f));
             }
         }
+        Ok(out)
+    }
+
+    /// The facts of ids that no copy can need any more: every fact of the id was written, and
+    /// every pending version of it fell due, more than `keep_ms` before `now_ms` (a copy lives in
+    /// Kafka at most the slice retention). All of an id's facts go together, so a verdict never
+    /// changes for a copy that might still exist. At most about `limit`, whole ids only.
+    pub fn expired(
+        &self,
+        now_ms: i64,
+        keep_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, Version)>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FACTS)?;
+        let mut out = Vec::new();
+        let mut group: Vec<(String, Version)> = Vec::new();
+        let mut horizon = i64::MIN;
+        let flush = |out: &mut Vec<_>, group: &mut Vec<(String, Version)>, horizon: i64| {
+            if horizon.saturating_add(keep_ms) < now_ms {
+                out.append(group);
+            }
+            group.clear();
+        };
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let key: FactKey<'_> = k.value();
+            if group.first().is_some_and(|(id, _)| id != key.0) {
+                flush(&mut out, &mut group, horizon);
+                horizon = i64::MIN;
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            let (written, fact) = decode_value(v.value()).unwrap_or((i64::MAX, Fact::Cancelled));
+            let due = match fact {
+                Fact::Pending { due_ms, .. } => due_ms,
+                _ => i64::MIN,
+            };
+            horizon = horizon.max(written).max(due);
+            group.push((key.0.to_string(), Self::version(key)));
+        }
+        flush(&mut out, &mut group, horizon);
         Ok(out)
     }
 
@@ -243,7 +327,12 @@ mod tests {
         Learnt {
             partition,
             offset,
-            fact: Some((id.into(), version, fact)),
+            entry: Entry::Fact {
+                id: id.into(),
+                version,
+                fact,
+                written_ms: version.timestamp_ms,
+            },
         }
     }
 
@@ -309,6 +398,62 @@ mod tests {
         drop(second);
         assert!(!own.exists(), "the temporary index is removed");
         drop(first);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_id_expires_whole_once_its_last_write_and_due_are_older_than_the_keep() {
+        let d = dir("expire");
+        let index = Index::open(&d).unwrap();
+        let pending = |due_ms| Fact::Pending {
+            due_ms,
+            target: "t".into(),
+        };
+        index
+            .apply(&[
+                // Delivered long ago, rescheduled from a version due later: kept for that one.
+                learnt(0, 0, "a", v(10, 0, 1), pending(5_000)),
+                learnt(0, 1, "a", v(20, 0, 2), Fact::Delivered),
+                // Cancelled, all old: goes.
+                learnt(0, 2, "b", v(10, 0, 3), pending(100)),
+                learnt(0, 3, "b", v(30, Version::HTTP, 4), Fact::Cancelled),
+                // Written recently: stays.
+                learnt(0, 4, "c", v(900, 0, 5), Fact::Delivered),
+            ])
+            .unwrap();
+        let keep = 100;
+        let gone = index.expired(1_000, keep, 10).unwrap();
+        assert_eq!(
+            gone,
+            vec![
+                ("b".to_string(), v(10, 0, 3)),
+                ("b".to_string(), v(30, Version::HTTP, 4))
+            ]
+        );
+        assert_eq!(
+            index.expired(5_101, keep, 10).unwrap().len(),
+            5,
+            "all of a, b and c"
+        );
+        assert_eq!(
+            index.expired(5_101, keep, 1).unwrap().len(),
+            2,
+            "whole ids only"
+        );
+        let tombstones: Vec<Learnt> = gone
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, version))| Learnt {
+                partition: 0,
+                offset: 5 + i as i64,
+                entry: Entry::Tombstone { id, version },
+            })
+            .collect();
+        index.apply(&tombstones).unwrap();
+        assert_eq!(index.facts("b").unwrap(), vec![]);
+        assert!(index.may_deliver("b", v(10, 0, 3)).unwrap(), "forgotten");
+        assert_eq!(index.facts("a").unwrap().len(), 2);
+        drop(index);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

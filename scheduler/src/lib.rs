@@ -109,6 +109,13 @@ impl Scheduler {
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Runs one round of the janitor of ids as if the clock said `now_ms` (test builds only):
+    /// the number of facts removed.
+    #[cfg(feature = "testkit")]
+    pub async fn janitor_round(&self, now_ms: i64) -> usize {
+        self.engine.shared.janitor_round(now_ms).await
+    }
+
     /// Waits for `shutdown` (or a fatal error), then stops cleanly.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::select! {

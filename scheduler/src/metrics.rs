@@ -66,6 +66,8 @@ pub const HELD_FOR_FRESHNESS: &str = "sm_held_for_freshness_total";
 pub const FACTS_WRITTEN: &str = "sm_state_facts_written_total";
 /// Counter: state records read into the index.
 pub const STATE_FACTS_READ: &str = "sm_state_facts_read_total";
+/// Counter: facts of ids the janitor removed (tombstoned) from the state topic.
+pub const FACTS_REMOVED: &str = "sm_state_facts_removed_total";
 /// Counter: state records that are not facts (skipped).
 pub const STATE_MALFORMED: &str = "sm_state_malformed_total";
 /// Gauge: how far behind the clock the index of ids is proven complete (seconds).
@@ -89,6 +91,7 @@ pub fn register_counters() {
         HELD_FOR_FRESHNESS,
         STATE_FACTS_READ,
         STATE_MALFORMED,
+        FACTS_REMOVED,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -21,10 +21,12 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use futures::StreamExt;
+
 use crate::domain::Outgoing;
 use crate::engine::{Shared, BROKER_TIMEOUT};
 use crate::facts::{fact_key, parse_fact_key, Fact, Version};
-use crate::index::{Index, Learnt};
+use crate::index::{Entry, Index, Learnt};
 use crate::kafka::{self, Fatal};
 use crate::metrics as m;
 use crate::offsets::Tp;
@@ -102,17 +104,26 @@ pub(crate) fn open(
 /// A state record as the index stores it; a record that is not a fact is skipped (and counted),
 /// its position still moves.
 fn learnt(msg: &impl Message) -> Learnt {
-    let fact = msg
-        .key()
-        .and_then(parse_fact_key)
-        .and_then(|(id, v)| Some((id, v, Fact::decode(msg.payload()?)?)));
-    if fact.is_none() {
+    let entry = match (msg.key().and_then(parse_fact_key), msg.payload()) {
+        (Some((id, version)), None) => Entry::Tombstone { id, version },
+        (Some((id, version)), Some(value)) => match Fact::decode(value) {
+            Some(fact) => Entry::Fact {
+                id,
+                version,
+                fact,
+                written_ms: msg.timestamp().to_millis().unwrap_or(0),
+            },
+            None => Entry::Skip,
+        },
+        (None, _) => Entry::Skip,
+    };
+    if entry == Entry::Skip {
         metrics::counter!(m::STATE_MALFORMED).increment(1);
     }
     Learnt {
         partition: msg.partition(),
         offset: msg.offset(),
-        fact,
+        entry,
     }
 }
 
@@ -297,8 +308,79 @@ fn fail(weak: &std::sync::Weak<Shared>, reason: String) {
     }
 }
 
+/// How often the janitor looks for facts no copy can need any more.
+const JANITOR_EVERY: Duration = Duration::from_secs(600);
+
+/// Tombstones written per janitor round at most (whole ids), so a round stays short.
+const JANITOR_BATCH: usize = 100_000;
+
 impl Shared {
-    /// The record of a fact in the state topic.
+    /// The janitor: in the process that owns ingest partition 0 (one per group at a time; a
+    /// second one during a rebalance only writes the same tombstones twice), every
+    /// [`JANITOR_EVERY`] it removes the facts of ids whose every fact was written, and every
+    /// pending version fell due, more than the slice retention ago: no copy of any of their
+    /// versions can still be in Kafka. Without it the state topic and every index would keep a
+    /// record per version of every id for ever.
+    pub(crate) async fn run_janitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(JANITOR_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.intake.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let ingest = &self.settings.internal.ingest;
+            if kafka::lock(&self.tracker).owns(ingest, 0) {
+                self.janitor_round(self.clock.now_ms()).await;
+            }
+        }
+    }
+
+    /// One round of the janitor as of `now_ms`: the number of facts removed.
+    pub(crate) async fn janitor_round(&self, now_ms: i64) -> usize {
+        let index = self.state.index.clone();
+        let keep = self.settings.retention_ms();
+        let expired =
+            tokio::task::spawn_blocking(move || index.expired(now_ms, keep, JANITOR_BATCH)).await;
+        let expired = match expired {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                self.fail(Fatal::Other(e.to_string()));
+                return 0;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "janitor scan");
+                return 0;
+            }
+        };
+        let topic = self.settings.internal.state.clone();
+        let tombstones = expired.into_iter().map(move |(id, version)| {
+            let producer = self.producer.clone();
+            let out = Outgoing {
+                topic: topic.clone(),
+                key: Some(fact_key(&id, version).into_bytes()),
+                payload: None,
+                headers: Vec::new(),
+            };
+            async move {
+                producer
+                    .send(kafka::record(&out), Duration::from_secs(30))
+                    .await
+                    .is_ok()
+            }
+        });
+        let removed = futures::stream::iter(tombstones)
+            .buffer_unordered(1_000)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await;
+        metrics::counter!(m::FACTS_REMOVED).increment(removed as u64);
+        if removed > 0 {
+            tracing::info!(removed, "janitor: facts no copy can need were removed");
+        }
+        removed
+    }
+
     pub(crate) fn fact_record(&self, id: &str, version: Version, fact: &Fact) -> Outgoing {
         Outgoing {
             topic: self.settings.internal.state.clone(),

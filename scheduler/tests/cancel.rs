@@ -264,3 +264,69 @@ async fn cancels_and_reschedules_hold_across_a_sigkill_and_two_processes() {
     kill9(&mut a);
     kill9(&mut b);
 }
+
+/// The janitor forgets an id only once no copy of any of its versions can still be in Kafka
+/// (every fact written, and every pending version due, more than the slice retention ago), and
+/// the status API then says `unknown`; an id still pending stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_forgets_ids_only_after_every_copy_is_gone() {
+    let names = Names::new("janitor");
+    create_topic(&names.target, 1).await;
+    let sched = start_in_process(&names).await;
+    let http = sched.http_addr;
+    let now = now_ms();
+    let month = 30 * 86_400_000;
+    schedule_records(
+        &names,
+        &[
+            ("done-1".to_string(), now),
+            ("done-2".to_string(), now),
+            ("later".to_string(), now + month),
+        ],
+    )
+    .await;
+    let status = |id: &'static str| async move {
+        let r = reqwest::get(format!("http://{http}/api/schedules/{id}"))
+            .await
+            .ok()?;
+        let body: serde_json::Value = r.json().await.ok()?;
+        body["status"].as_str().map(str::to_string)
+    };
+    let wait_for = |want: [(&'static str, &'static str); 3]| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (id, s) in want {
+            loop {
+                let now = status(id).await;
+                if now.as_deref() == Some(s) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{id}: {now:?}, want {s}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for([
+        ("done-1", "delivered"),
+        ("done-2", "delivered"),
+        ("later", "pending"),
+    ])
+    .await;
+    let retention = names.settings().retention_ms();
+    assert_eq!(
+        sched.janitor_round(now + retention - 60_000).await,
+        0,
+        "a copy may still be in Kafka"
+    );
+    assert_eq!(
+        sched.janitor_round(now + retention + 60_000).await,
+        2,
+        "the two delivered ids, one fact each (delivered replaced pending)"
+    );
+    wait_for([
+        ("done-1", "unknown"),
+        ("done-2", "unknown"),
+        ("later", "pending"),
+    ])
+    .await;
+    sched.stop().await.expect("clean stop");
+}
