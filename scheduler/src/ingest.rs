@@ -175,6 +175,9 @@ impl Shared {
         };
         match route {
             Route::Timer => {
+                if s.version.is_some() {
+                    self.id_due_at(s.due.as_millis());
+                }
                 let headroom = s.due.as_millis() - self.clock.now_ms();
                 metrics::histogram!(m::TIMER_HEADROOM).record(headroom.max(0) as f64 / 1000.0);
                 if headroom < 0 && s.hops > 0 {

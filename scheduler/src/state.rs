@@ -8,7 +8,8 @@
 //! fresh enough for this due time ([`State::fresh`]), and is no newer version of the id known
 //! ([`Index::may_deliver`]).
 //!
-//! Freshness: every [`REFRESH`] the reader notes the time T, then asks the state partitions' end
+//! Freshness: every [`REFRESH`] while a record with an id waits in the timer (every
+//! [`IDLE_REFRESH`] otherwise) the reader notes the time T, then asks the state partitions' end
 //! offsets; once it has applied every partition up to them, every fact acknowledged before T is
 //! in the index, and it publishes "fresh as of T".
 
@@ -32,9 +33,14 @@ use crate::metrics as m;
 use crate::offsets::Tp;
 use crate::Settings;
 
-/// How often the reader asks the state partitions' end offsets: the freshness it can prove lags
-/// the clock by about this plus a round trip, well inside the default cancel lead (1 s).
+/// How often the reader asks the state partitions' end offsets while a record with an id is
+/// due soon: the freshness it can prove lags the clock by about this plus a round trip, well
+/// inside the default cancel lead (1 s).
 const REFRESH: Duration = Duration::from_millis(100);
+
+/// How often otherwise: the broker pays for every request, and records without ids (or none at
+/// all) should cost it nothing the scheduler did not cost before ids.
+const IDLE_REFRESH: Duration = Duration::from_secs(1);
 
 /// A lookup of end offsets that takes longer is tried again next round (and a stop waits for it
 /// at most this long).
@@ -49,12 +55,14 @@ pub(crate) struct State {
     /// Clock time (ms) as of which every acknowledged fact is in the index; `i64::MIN` until the
     /// reader first caught up.
     pub(crate) fresh: watch::Receiver<i64>,
+    /// Clock time (ms) until which a record with an id waits in the timer: the reader proves
+    /// freshness every [`REFRESH`] until then, every [`IDLE_REFRESH`] after.
+    pub(crate) busy_until: std::sync::atomic::AtomicI64,
 }
 
 /// The state topic's reader, before it runs.
 pub(crate) struct Reader {
     consumer: BaseConsumer,
-    lookup: kafka::Lookup,
     fresh: watch::Sender<i64>,
 }
 
@@ -74,7 +82,12 @@ fn reader_config(settings: &Settings) -> ClientConfig {
         // As the ingest consumer: the local broker pays per waiting fetch; 250 ms keeps the
         // index's lag far inside the cancel lead.
         .set("fetch.wait.max.ms", "250")
+        // Facts are small: small prefetch and fetch buffers keep a rebuild of a million ids
+        // from holding tens of MiB of responses.
         .set("queued.max.messages.kbytes", "2048")
+        .set("queued.min.messages", "10000")
+        .set("fetch.max.bytes", "2097152")
+        .set("fetch.message.max.bytes", "262144")
         .set("topic.metadata.refresh.interval.ms", "10000");
     kafka::merge(c, kafka::base_config(settings))
 }
@@ -89,13 +102,13 @@ pub(crate) fn open(
     let (fresh_tx, fresh) = watch::channel(i64::MIN);
     let reader = Reader {
         consumer: reader_config(settings).create()?,
-        lookup: kafka::Lookup::new(settings)?,
         fresh: fresh_tx,
     };
     Ok((
         State {
             index: Arc::new(index),
             fresh,
+            busy_until: std::sync::atomic::AtomicI64::new(i64::MIN),
         },
         reader,
     ))
@@ -194,7 +207,7 @@ impl Reader {
             tps: (0..partitions).map(|p| (topic.clone(), p)).collect(),
             applied,
             goal: None,
-            asked: Instant::now() - REFRESH,
+            asked: Instant::now() - IDLE_REFRESH,
             stuck_since: Instant::now(),
         })
     }
@@ -202,10 +215,18 @@ impl Reader {
     /// One round: ask the end offsets if it is time, apply what arrived, publish freshness
     /// once every partition reached its end.
     fn step(&self, shared: &Shared, p: &mut Progress) -> Result<(), String> {
-        if p.goal.is_none() && p.asked.elapsed() >= REFRESH {
+        let busy = shared.clock.now_ms()
+            <= shared
+                .state
+                .busy_until
+                .load(std::sync::atomic::Ordering::Relaxed);
+        let every = if busy { REFRESH } else { IDLE_REFRESH };
+        if p.goal.is_none() && p.asked.elapsed() >= every {
             p.asked = Instant::now();
             let t = shared.clock.now_ms();
-            match self.lookup.ends(&p.tps, LOOKUP_TIMEOUT) {
+            // The engine's lookup client (a librdkafka client costs memory and connections):
+            // its requests never queue in front of any consumer's fetches.
+            match shared.lookup.ends(&p.tps, LOOKUP_TIMEOUT) {
                 Ok(ends) => {
                     p.goal = Some((t, ends.into_iter().map(|((_, q), o)| (q, o)).collect()));
                     p.stuck_since = Instant::now();
@@ -279,7 +300,7 @@ impl Reader {
     ) -> Result<(), String> {
         let topic = &shared.settings.internal.state;
         let tps: Vec<Tp> = behind.iter().map(|p| (topic.clone(), *p)).collect();
-        let Ok(marks) = self.lookup.watermarks(&tps, LOOKUP_TIMEOUT) else {
+        let Ok(marks) = shared.lookup.watermarks(&tps, LOOKUP_TIMEOUT) else {
             return Ok(());
         };
         let mut moved = HashMap::new();
@@ -388,6 +409,15 @@ impl Shared {
             payload: Some(fact.encode()),
             headers: Vec::new(),
         }
+    }
+
+    /// A record with an id due at `due_ms` entered the timer: the reader proves freshness often
+    /// until it is published.
+    pub(crate) fn id_due_at(&self, due_ms: i64) {
+        let until = due_ms.saturating_add(self.settings.cancel_lead_ms() + 1_000);
+        self.state
+            .busy_until
+            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the index is fresh enough to judge a copy due at `due_ms`: it holds every fact
