@@ -149,6 +149,12 @@ struct Progress {
     goal: Option<(i64, HashMap<i32, i64>)>,
     asked: Instant,
     stuck_since: Instant,
+    /// The assignment, to pause and resume.
+    assignment: TopicPartitionList,
+    /// Whether the partitions are fetched now: only while a record with an id is due soon or
+    /// the last end offsets showed facts not read yet. A paused reader costs the broker no
+    /// fetches at all, only the end-offset request every [`IDLE_REFRESH`].
+    reading: bool,
 }
 
 impl Reader {
@@ -204,6 +210,8 @@ impl Reader {
         }
         self.consumer.assign(&tpl).map_err(|e| e.to_string())?;
         Ok(Progress {
+            assignment: tpl,
+            reading: true,
             tps: (0..partitions).map(|p| (topic.clone(), p)).collect(),
             applied,
             goal: None,
@@ -233,6 +241,20 @@ impl Reader {
                 }
                 Err(e) => tracing::warn!(error = %e, "state topic end offsets"),
             }
+        }
+        let unread = p.goal.as_ref().is_some_and(|(_, ends)| {
+            ends.iter()
+                .any(|(q, end)| p.applied.get(q).copied().unwrap_or(0) < *end)
+        });
+        let want = busy || unread;
+        if want != p.reading {
+            let switched = if want {
+                self.consumer.resume(&p.assignment)
+            } else {
+                self.consumer.pause(&p.assignment)
+            };
+            switched.map_err(|e| format!("state reader pause/resume: {e}"))?;
+            p.reading = want;
         }
         let batch = self.poll_batch();
         if !batch.is_empty() {
