@@ -186,19 +186,36 @@ impl Reader {
             })
     }
 
+    /// The state topic's partition count. A topic created a moment ago may not be in every
+    /// broker's metadata yet: asked again with backoff for up to [`BROKER_TIMEOUT`] × 3.
+    fn partitions(&self, topic: &str, shared: &Shared) -> Result<i32, String> {
+        let until = Instant::now() + BROKER_TIMEOUT * 3;
+        let mut delays = crate::outbox::backoff(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            let found = self
+                .consumer
+                .fetch_metadata(Some(topic), BROKER_TIMEOUT)
+                .map(|m| {
+                    m.topics()
+                        .first()
+                        .map_or(0, |t| t.partitions().len() as i32)
+                });
+            match found {
+                Ok(n) if n > 0 => return Ok(n),
+                _ if Instant::now() >= until || shared.token.is_cancelled() => {
+                    return Err(format!(
+                        "the state topic {topic} has no partitions in the metadata: {found:?}"
+                    ))
+                }
+                _ => std::thread::sleep(delays.next().unwrap_or(Duration::from_secs(2))),
+            }
+        }
+    }
+
     /// Assigns every state partition from the positions the index stored.
     fn start(&self, shared: &Shared) -> Result<Progress, String> {
         let topic = &shared.settings.internal.state;
-        let partitions = self
-            .consumer
-            .fetch_metadata(Some(topic), BROKER_TIMEOUT)
-            .map_err(|e| format!("state topic metadata: {e}"))?
-            .topics()
-            .first()
-            .map_or(0, |t| t.partitions().len() as i32);
-        if partitions == 0 {
-            return Err(format!("the state topic {topic} has no partitions"));
-        }
+        let partitions = self.partitions(topic, shared)?;
         let applied = shared.state.index.positions().map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
@@ -215,7 +232,9 @@ impl Reader {
             tps: (0..partitions).map(|p| (topic.clone(), p)).collect(),
             applied,
             goal: None,
-            asked: Instant::now() - IDLE_REFRESH,
+            asked: Instant::now()
+                .checked_sub(IDLE_REFRESH)
+                .unwrap_or_else(Instant::now),
             stuck_since: Instant::now(),
         })
     }

@@ -361,14 +361,7 @@ pub async fn produce_bulk_ids(
     target: &str,
     records: impl IntoIterator<Item = (String, i64)>,
 ) -> HashMap<String, i64> {
-    let mut produced = Produced {
-        with_id: true,
-        ..Produced::default()
-    };
-    for (id, at) in records {
-        produced.send(p, ingest, target, id, at).await;
-    }
-    produced.acknowledged().await
+    produce_records(p, ingest, target, records, PAYLOAD, true).await
 }
 
 /// [`produce_bulk`] with values of the caller's choosing.
@@ -379,7 +372,23 @@ pub async fn produce_bulk_with(
     records: impl IntoIterator<Item = (String, i64)>,
     payload: &[u8],
 ) -> HashMap<String, i64> {
-    let mut produced = Produced::default();
+    produce_records(p, ingest, target, records, payload, false).await
+}
+
+/// The one bulk loop: every record enqueued as fast as the producer takes it, then every
+/// acknowledgement awaited; returns id -> due of the records the broker took.
+async fn produce_records(
+    p: &FutureProducer,
+    ingest: &str,
+    target: &str,
+    records: impl IntoIterator<Item = (String, i64)>,
+    payload: &[u8],
+    with_id: bool,
+) -> HashMap<String, i64> {
+    let mut produced = Produced {
+        with_id,
+        ..Produced::default()
+    };
     for (id, at) in records {
         produced.send_with(p, ingest, target, id, at, payload).await;
     }
