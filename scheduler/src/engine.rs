@@ -396,13 +396,9 @@ impl Shared {
         {
             let s = &entry.scheduled;
             if let Some(version) = s.version {
-                match self.state.index.facts(&s.id) {
-                    Ok(facts) if crate::facts::verdict(facts.iter().map(|(v, _)| *v), version) => {}
-                    Ok(facts) => {
-                        let cancelled = facts
-                            .iter()
-                            .any(|(v, f)| *v > version && *f == crate::facts::Fact::Cancelled);
-                        let reason = if cancelled { "cancelled" } else { "superseded" };
+                match self.state.index.withheld(&s.id, version) {
+                    Ok(None) => {}
+                    Ok(Some(reason)) => {
                         metrics::counter!(m::WITHHELD, "reason" => reason).increment(1);
                         lock(&self.tracker).finish(&entry.ticket);
                         return;

@@ -162,6 +162,18 @@ pub fn verdict(known: impl IntoIterator<Item = Version>, version: Version) -> bo
     known.into_iter().all(|k| k <= version)
 }
 
+/// Why a copy of `version` is not delivered, given the facts known for its id: `cancelled` when
+/// a newer cancel is known, `superseded` when only a newer schedule is; `None` when it may be.
+pub fn withheld(facts: &[(Version, Fact)], version: Version) -> Option<&'static str> {
+    if verdict(facts.iter().map(|(v, _)| *v), version) {
+        return None;
+    }
+    let cancelled = facts
+        .iter()
+        .any(|(v, f)| *v > version && *f == Fact::Cancelled);
+    Some(if cancelled { "cancelled" } else { "superseded" })
+}
+
 /// The facts of ids, as an index holds them: the model the on-disk index follows.
 #[derive(Debug, Default, Clone)]
 pub struct Facts {
@@ -261,6 +273,16 @@ mod tests {
         f.learn("x", v(30, 0, 2), Fact::Cancelled);
         assert!(!f.may_deliver("x", v(20, 1, 5)), "cancelled");
         assert_eq!(f.latest("x"), Some((v(30, 0, 2), &Fact::Cancelled)));
+        let known = [
+            (v(10, 0, 1), pending(100)),
+            (v(20, 1, 5), pending(200)),
+            (v(30, 0, 2), Fact::Cancelled),
+        ];
+        assert_eq!(withheld(&known[..2], v(10, 0, 1)), Some("superseded"));
+        assert_eq!(withheld(&known[..2], v(20, 1, 5)), None);
+        assert_eq!(withheld(&known, v(20, 1, 5)), Some("cancelled"));
+        assert_eq!(withheld(&known, v(10, 0, 1)), Some("cancelled"));
+        assert_eq!(withheld(&[], v(1, 0, 0)), None, "unknown ids are not held");
         assert!(
             f.may_deliver("other", v(1, 0, 0)),
             "unknown ids are not held"

@@ -210,17 +210,6 @@ impl Index {
         Ok(out)
     }
 
-    /// The newest fact known for `id`.
-    pub fn latest(&self, id: &str) -> Result<Option<(Version, Fact)>, IndexError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(FACTS)?;
-        let Some(entry) = table.range(Self::range_of(id))?.next_back() else {
-            return Ok(None);
-        };
-        let (k, v) = entry?;
-        Ok(decode_value(v.value()).map(|(_, f)| (Self::version(k.value()), f)))
-    }
-
     /// Every fact known for `id`, oldest version first (the status API's input).
     pub fn facts(&self, id: &str) -> Result<Vec<(Version, Fact)>, IndexError> {
         let txn = self.db.begin_read()?;
@@ -291,9 +280,10 @@ impl Index {
         }
     }
 
-    /// May a copy of `version` of `id` be delivered: is no fact of a higher version known?
-    pub fn may_deliver(&self, id: &str, version: Version) -> Result<bool, IndexError> {
-        Ok(self.latest(id)?.is_none_or(|(newest, _)| newest <= version))
+    /// Why a copy of `version` of `id` is not delivered ([`crate::facts::withheld`]); `None`
+    /// when no fact of a higher version is known.
+    pub fn withheld(&self, id: &str, version: Version) -> Result<Option<&'static str>, IndexError> {
+        Ok(crate::facts::withheld(&self.facts(id)?, version))
     }
 }
 
@@ -360,18 +350,22 @@ mod tests {
                 .unwrap();
         }
         let index = Index::open(&d).unwrap();
-        assert!(!index.may_deliver("a", v(10, 1, 1)).unwrap(), "rescheduled");
-        assert!(index.may_deliver("a", v(20, 2, 7)).unwrap());
         assert_eq!(
-            index.latest("b").unwrap(),
-            Some((v(15, 0, 3), Fact::Delivered))
+            index.withheld("a", v(10, 1, 1)).unwrap(),
+            Some("superseded")
         );
-        assert!(!index.may_deliver("c", v(29, 0, 0)).unwrap(), "cancelled");
-        assert!(
-            index.may_deliver("zz", v(1, 0, 0)).unwrap(),
+        assert_eq!(index.withheld("a", v(20, 2, 7)).unwrap(), None);
+        assert_eq!(
+            index.facts("b").unwrap(),
+            vec![(v(15, 0, 3), Fact::Delivered)]
+        );
+        assert_eq!(index.withheld("c", v(29, 0, 0)).unwrap(), Some("cancelled"));
+        assert_eq!(
+            index.withheld("zz", v(1, 0, 0)).unwrap(),
+            None,
             "unknown ids pass"
         );
-        assert_eq!(index.latest("zz").unwrap(), None);
+        assert_eq!(index.facts("zz").unwrap(), vec![]);
         assert_eq!(
             index.facts("a").unwrap(),
             vec![(v(10, 1, 1), pending(100)), (v(20, 2, 7), pending(200))]
@@ -451,7 +445,7 @@ mod tests {
             .collect();
         index.apply(&tombstones).unwrap();
         assert_eq!(index.facts("b").unwrap(), vec![]);
-        assert!(index.may_deliver("b", v(10, 0, 3)).unwrap(), "forgotten");
+        assert_eq!(index.withheld("b", v(10, 0, 3)).unwrap(), None, "forgotten");
         assert_eq!(index.facts("a").unwrap().len(), 2);
         drop(index);
         let _ = std::fs::remove_dir_all(&d);

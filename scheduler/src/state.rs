@@ -6,7 +6,7 @@
 //! reads every state partition itself (assigned, not through the group), so any process can
 //! judge any record. The publish gate ([`crate::engine`]) asks two things of it: is the index
 //! fresh enough for this due time ([`State::fresh`]), and is no newer version of the id known
-//! ([`Index::may_deliver`]).
+//! ([`Index::withheld`]).
 //!
 //! Freshness: every [`REFRESH`] while a record with an id waits in the timer (every
 //! [`IDLE_REFRESH`] otherwise) the reader notes the time T, then asks the state partitions' end
