@@ -36,7 +36,7 @@ use crate::kafka::{self, lock, EngineContext, Fatal, TopicSpec};
 use crate::lanes::Lanes;
 use crate::metrics as m;
 use crate::offsets::{OffsetTracker, Ticket, Tp};
-use crate::outbox::{Budget, Send, Then, Tracked};
+use crate::outbox::{Budget, InFlight, Send, Then, Tracked};
 use crate::slice::{Ladder, SliceId};
 use crate::state::State;
 use crate::status::Status;
@@ -84,7 +84,10 @@ pub(crate) struct Shared {
     pub(crate) cursors: Mutex<HashMap<Tp, Arc<tokio::sync::Mutex<Cursor>>>>,
     /// slice topic -> (level, slot)
     pub(crate) slices: HashMap<String, (usize, i64)>,
+    /// The tasks settling failed sends, and the retry lanes: rare, and each may wait.
     pub(crate) acks: TaskTracker,
+    /// Sends the producer took, to the acknowledgement collector ([`Shared::collect`]).
+    pub(crate) in_flight: mpsc::UnboundedSender<InFlight>,
     /// Stops everything: the timer, the committer, send retries.
     pub(crate) token: CancellationToken,
     /// Stops taking work in (the consumer loop, planner, workers, control); a child of `token`.
@@ -104,12 +107,15 @@ pub(crate) struct Shared {
     pub(crate) status: watch::Sender<Status>,
     /// The index of ids and how fresh it is.
     pub(crate) state: State,
+    pub(crate) per_record: m::PerRecord,
 }
 
 /// A started engine; [`Engine::stop`] shuts it down cleanly.
 pub struct Engine {
     pub(crate) shared: Arc<Shared>,
     tasks: TaskTracker,
+    /// The acknowledgement collector: it outlives the other tasks, to settle what they sent.
+    collector: tokio::task::JoinHandle<()>,
     /// The state reader's thread: it ends soon after the engine's token is cancelled.
     state_thread: std::thread::JoinHandle<()>,
 }
@@ -196,6 +202,8 @@ impl Engine {
         let (timer_tx, timer_rx) = mpsc::channel(4096);
         let (view_tx, view_rx) = watch::channel(TimerView::default());
         let budget = Budget::new(settings.config.memory_budget);
+        let levels = settings.ladder.levels();
+        let (in_flight, in_flight_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             settings,
             clock,
@@ -212,6 +220,7 @@ impl Engine {
             cursors: Mutex::new(HashMap::new()),
             slices,
             acks: TaskTracker::new(),
+            in_flight,
             intake: token.child_token(),
             token,
             fatal: Mutex::new(None),
@@ -222,12 +231,14 @@ impl Engine {
             sweeps_behind: AtomicUsize::new(0),
             status: watch::channel(Status::default()).0,
             state,
+            per_record: m::PerRecord::new(levels),
         });
 
         m::register_counters();
         let tasks = TaskTracker::new();
         let (jobs_tx, jobs_rx) = mpsc::channel::<u64>(1024);
         let jobs_rx = Arc::new(tokio::sync::Mutex::new(jobs_rx));
+        let collector = tokio::spawn(shared.clone().collect(in_flight_rx));
         tasks.spawn(shared.clone().consume());
         let (due_tx, due_rx) = mpsc::channel(1024);
         tasks.spawn(timer::run(
@@ -259,6 +270,7 @@ impl Engine {
         Ok(Engine {
             shared,
             tasks,
+            collector,
             state_thread,
         })
     }
@@ -305,8 +317,11 @@ impl Engine {
         self.tasks.wait().await;
         let state_thread = self.state_thread;
         let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
+        let mut collector = self.collector;
+        let settled = tokio::time::timeout_at(end, &mut collector).await.is_ok();
+        collector.abort();
         s.acks.close();
-        if tokio::time::timeout_at(end, s.acks.wait()).await.is_err() {
+        if !settled || tokio::time::timeout_at(end, s.acks.wait()).await.is_err() {
             tracing::warn!(
                 ?timeout,
                 "sends still unacknowledged at the shutdown timeout; they stay uncommitted"

@@ -76,11 +76,11 @@ impl Shared {
                         self.write_fact(&s.id, version, pending, fact_ticket).await;
                     }
                 }
-                metrics::counter!(m::SCHEDULED).increment(1);
+                self.per_record.scheduled.increment(1);
                 let now = self.clock.now_ms();
                 let due = s.due.as_millis();
                 if due <= now {
-                    metrics::counter!(m::PAST_DUE).increment(1);
+                    self.per_record.past_due.increment(1);
                 }
                 let mut route = self.next_place(due, now);
                 let mut permit = None;
@@ -179,9 +179,11 @@ impl Shared {
                     self.id_due_at(s.due.as_millis());
                 }
                 let headroom = s.due.as_millis() - self.clock.now_ms();
-                metrics::histogram!(m::TIMER_HEADROOM).record(headroom.max(0) as f64 / 1000.0);
+                self.per_record
+                    .timer_headroom
+                    .record(headroom.max(0) as f64 / 1000.0);
                 if headroom < 0 && s.hops > 0 {
-                    metrics::counter!(m::TIMER_LATE).increment(1);
+                    self.per_record.timer_late.increment(1);
                 }
                 let entry = TimerEntry {
                     scheduled: s,

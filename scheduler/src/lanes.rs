@@ -75,6 +75,11 @@ impl<T> Lanes<T> {
         }
     }
 
+    /// True when no lane is open: every send goes straight to the producer.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
     /// Records held in all lanes.
     pub fn held(&self) -> usize {
         self.open.values().map(BTreeMap::len).sum()

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::domain::{Outgoing, Rejection, Scheduled};
 use crate::engine::Shared;
@@ -77,11 +77,12 @@ impl Budget {
     }
 }
 
-/// What one record in flight costs in memory, beyond its bytes: the send's task (its future
-/// holds the retry machinery), bookkeeping, and librdkafka's message. Measured while filing a
-/// million records: with 1 KiB, 64 MiB admitted ~64,000 sends and the process grew to 186 MiB;
-/// with 2 KiB (~22,000 sends) still 181-186 MiB; each send in flight costs about 5 KiB more than
-/// its bytes. (One acknowledgement collector instead of a task per send would lower it.)
+/// What one record in flight costs in memory, beyond its bytes: bookkeeping, the collector's
+/// entry, and librdkafka's message. Measured while filing a million records, when each send was
+/// a task of its own: with 1 KiB, 64 MiB admitted ~64,000 sends and the process grew to 186 MiB;
+/// with 2 KiB (~22,000 sends) still 181-186 MiB; each send in flight cost about 5 KiB more than
+/// its bytes. Kept with the one acknowledgement collector: about 5,000 sends in flight within the
+/// default budget are more than the broker's acknowledgement delay needs.
 ///
 /// A record waiting in the timer costs far less, and counting it at this rate starves the timer
 /// at high rates; but 2× + 1 KiB, tried (with and without a separate limit on sends in flight),
@@ -304,11 +305,17 @@ async fn outcome(queued: Result<DeliveryFuture, KafkaError>) -> Outcome {
     }
 }
 
+/// A send the producer has taken, waiting for the broker's answer in [`Shared::collect`].
+pub(crate) struct InFlight {
+    tracked: Tracked,
+    delivery: DeliveryFuture,
+}
+
 impl Shared {
-    /// Enqueues the record now (so records leave in the order they are handed over) and awaits
-    /// the broker's acknowledgement in a task of its own, so sends never wait on each other.
-    /// While its topic has an open retry lane ([`crate::lanes`]), the record joins the lane
-    /// instead, behind the records that failed before it.
+    /// Enqueues the record now (so records leave in the order they are handed over); the one
+    /// acknowledgement collector ([`Shared::collect`]) awaits the broker's answer, so sends never
+    /// wait on each other. While its topic has an open retry lane ([`crate::lanes`]), the record
+    /// joins the lane instead, behind the records that failed before it.
     pub(crate) async fn send(self: &Arc<Self>, send: Send) {
         let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
         let tracked = Tracked {
@@ -316,30 +323,98 @@ impl Shared {
             seq,
             unknown_attempts: 0,
         };
-        self.clone().dispatch(tracked).await;
+        self.dispatch(tracked).await;
     }
 
-    /// Sends a record at once, unless its topic's lane is open (then it joins the lane). Boxed,
-    /// with its type spelled out: a send's completion may dispatch another (its DLQ copy).
-    fn dispatch(self: Arc<Self>, t: Tracked) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            let topic = t.send.out.topic.clone();
-            let Some(t) = kafka::lock(&self.lanes).divert(&topic, t.seq, t) else {
-                return;
-            };
-            let queued = enqueue(self.producer_for(t.send.then), &t.send.out).await;
-            let me = self.clone();
-            self.acks.spawn(async move { me.complete(t, queued).await });
-        })
+    /// Sends a record at once, unless its topic's lane is open (then it joins the lane).
+    async fn dispatch(self: &Arc<Self>, t: Tracked) {
+        let Some(t) = self.divert(t) else { return };
+        match enqueue(self.producer_for(t.send.then), &t.send.out).await {
+            Ok(delivery) => self.await_ack(t, delivery),
+            Err(e) => self.settle(t, Outcome::Failed(e)),
+        }
     }
 
-    /// Awaits a send's acknowledgement and does what its outcome says.
-    async fn complete(self: Arc<Self>, t: Tracked, queued: Result<DeliveryFuture, KafkaError>) {
-        match outcome(queued).await {
+    /// [`Shared::dispatch`] for a send made while settling another (a DLQ copy, a delivered
+    /// fact), which must not wait: at once when the producer's queue has room, else from a task
+    /// that waits for it.
+    fn follow_up(self: &Arc<Self>, t: Tracked) {
+        let Some(t) = self.divert(t) else { return };
+        match self
+            .producer_for(t.send.then)
+            .send_result(kafka::record(&t.send.out))
+        {
+            Ok(delivery) => self.await_ack(t, delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                let me = self.clone();
+                self.acks.spawn(async move { me.dispatch(t).await });
+            }
+            Err((e, _)) => self.settle(t, Outcome::Failed(e)),
+        }
+    }
+
+    /// The send back, unless its topic has an open retry lane, which takes it.
+    fn divert(&self, t: Tracked) -> Option<Tracked> {
+        let mut lanes = kafka::lock(&self.lanes);
+        if lanes.is_empty() {
+            return Some(t);
+        }
+        let topic = t.send.out.topic.clone();
+        lanes.divert(&topic, t.seq, t)
+    }
+
+    /// Hands a send the producer took to the collector. Should the collector be gone (the
+    /// engine stopped), the record stays uncommitted and its next owner sends it again.
+    fn await_ack(&self, tracked: Tracked, delivery: DeliveryFuture) {
+        let _ = self.in_flight.send(InFlight { tracked, delivery });
+    }
+
+    /// Does what a send's outcome says. An acknowledgement is handled here, at once; a failure
+    /// (rare, and it may wait: a backoff, creating a topic) in a task of its own.
+    fn settle(self: &Arc<Self>, t: Tracked, outcome: Outcome) {
+        match outcome {
             Outcome::Acknowledged => self.acknowledged(t.send),
             Outcome::Abandoned => {}
             Outcome::Failed(e) => {
-                self.failed(t, e).await;
+                let me = self.clone();
+                self.acks.spawn(async move {
+                    me.failed(t, e).await;
+                });
+            }
+        }
+    }
+
+    /// The one acknowledgement collector: awaits every send in flight together and settles
+    /// each as its answer comes. One task for all sends (424 bytes held per send), where a task
+    /// per send held the whole failure path in its future and cost a trip through the runtime's
+    /// queue.
+    /// Ends once the engine has stopped and nothing is left in flight: no send waiting here,
+    /// none queued to it, no failure or retry lane still working.
+    pub(crate) async fn collect(self: Arc<Self>, mut queued: mpsc::UnboundedReceiver<InFlight>) {
+        let mut waiting = FuturesUnordered::new();
+        // Looks for the end every 20 ms: the engine's stop is a state, not an event this loop
+        // could miss (a `select!` evaluates a branch's condition only when it starts waiting).
+        let mut check = tokio::time::interval(Duration::from_millis(20));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                Some((t, outcome)) = waiting.next(), if !waiting.is_empty() => {
+                    self.settle(t, outcome);
+                }
+                next = queued.recv() => match next {
+                    Some(InFlight { tracked, delivery }) => {
+                        waiting.push(async move { (tracked, outcome(Ok(delivery)).await) });
+                    }
+                    None if waiting.is_empty() => return,
+                    None => {}
+                },
+                _ = check.tick() => {
+                    let idle = waiting.is_empty() && queued.is_empty() && self.acks.is_empty();
+                    if idle && self.token.is_cancelled() {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -392,7 +467,7 @@ impl Shared {
                     seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
                     unknown_attempts: 0,
                 };
-                self.acks.spawn(self.clone().dispatch(dead));
+                self.follow_up(dead);
                 false
             }
             // The record stays uncommitted; the next owner (after a fix) sends it again.
@@ -483,13 +558,13 @@ impl Shared {
     fn acknowledged(self: &Arc<Self>, send: Send) {
         let placed = match send.then {
             Then::Slice { level } => {
-                metrics::counter!(m::SLICE_WRITES, "level" => level.to_string()).increment(1);
+                self.per_record.slice_write(level);
                 Some(Placed::Slice)
             }
             Then::Deliver { due_ms } => {
                 let late = (self.clock.now_ms() - due_ms).max(0) as f64 / 1000.0;
-                metrics::histogram!(m::LATENESS, "path" => "kafka").record(late);
-                metrics::counter!(m::DELIVERED, "path" => "kafka").increment(1);
+                self.per_record.lateness.record(late);
+                self.per_record.delivered.increment(1);
                 if let Some((id, version)) = send
                     .scheduled
                     .as_ref()
@@ -515,7 +590,7 @@ impl Shared {
                         seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
                         unknown_attempts: 0,
                     };
-                    self.acks.spawn(self.clone().dispatch(tracked));
+                    self.follow_up(tracked);
                     return;
                 }
                 Some(Placed::Timer)
@@ -525,7 +600,7 @@ impl Shared {
                 Some(Placed::DeadLetter)
             }
             Then::Fact { fact } => {
-                metrics::counter!(m::FACTS_WRITTEN, "fact" => fact).increment(1);
+                self.per_record.fact_written(fact);
                 None
             }
         };
@@ -654,6 +729,14 @@ mod tests {
         assert!(b.try_reserve(1).is_none(), "nothing else fits meanwhile");
         drop(huge);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_send_in_flight_is_held_in_a_few_hundred_bytes() {
+        // The collector holds this per send (beside the record's own bytes and librdkafka's
+        // copy); a task per send held its whole failure path, several KiB.
+        let size = std::mem::size_of::<InFlight>();
+        assert!(size <= 512, "{size} bytes");
     }
 
     #[test]
