@@ -7,6 +7,7 @@
 //! processes; each section gets a broker of its own. Prints the tables and writes BENCHMARKS.md
 //! with the machine and the exact command.
 
+mod goals;
 mod harness;
 mod sections;
 
@@ -30,6 +31,14 @@ struct Args {
     /// Rates of due records per second for the precision runs, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     rates: Vec<usize>,
+    /// Rates (records/s) of the steps that find the highest rate whose p99 stays within 1.5× the
+    /// broker alone's (Kafka only; rates also in `--rates` are measured once).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1000,2000,3000,4000,5000"
+    )]
+    step_rates: Vec<usize>,
     /// Seconds of producing at each rate.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -82,6 +91,7 @@ enum Section {
     Client,
     Throughput,
     Precision,
+    Steps,
     Memory,
     Burst,
     Pressure,
@@ -97,11 +107,13 @@ impl Args {
     fn command(&self) -> String {
         let rates: Vec<String> = self.rates.iter().map(ToString::to_string).collect();
         let client: Vec<String> = self.client_rates.iter().map(ToString::to_string).collect();
+        let steps: Vec<String> = self.step_rates.iter().map(ToString::to_string).collect();
         let mut c = format!(
-            "cargo bench -p messenger --bench compare -- --client-rates {} --messages {} --rates {} --seconds {} --delay {} --pending {} --burst {} --backlog {} --backlog-bytes {} --large-burst {} --large-burst-bytes {} --recovery-rate {} --recovery-seconds {}",
+            "cargo bench -p messenger --bench compare -- --client-rates {} --messages {} --rates {} --step-rates {} --seconds {} --delay {} --pending {} --burst {} --backlog {} --backlog-bytes {} --large-burst {} --large-burst-bytes {} --recovery-rate {} --recovery-seconds {}",
             client.join(","),
             self.messages,
             rates.join(","),
+            steps.join(","),
             self.seconds,
             humantime::format_duration(self.delay),
             self.pending,
@@ -180,6 +192,7 @@ async fn main() {
             messages: 500,
             client_rates: vec![100],
             rates: vec![200],
+            step_rates: vec![200, 400],
             seconds: 2,
             pending: 2_000,
             burst: 1_000,
@@ -194,6 +207,7 @@ async fn main() {
     harness::note("building the services");
     let bins = harness::build(!smoke);
     let mut outcomes: Vec<(String, Outcome)> = Vec::new();
+    let mut goals = goals::Goals::default();
     let mut out = String::new();
     emit(
         &mut out,
@@ -236,6 +250,12 @@ async fn main() {
                         .map_or("-".to_string(), |v| format!("{v:.1}")),
                 );
             }
+            goals.client = Some((
+                c.rate,
+                c.scheduler.achieved_ratio,
+                c.scheduler.p99_ms.unwrap_or(f64::NAN),
+                floor,
+            ));
             outcomes.push((
                 format!("ordinary client at {rate}/s"),
                 Outcome {
@@ -249,6 +269,7 @@ async fn main() {
     }
     if a.runs(Section::Throughput) {
         let t = sections::throughput(&bins, a.messages).await;
+        goals.throughput = Some((t.scheduler, t.relay));
         outcomes.push(("throughput".into(), t.scheduler_outcome));
         emit(&mut out, &format!(
             "## 1. Throughput: {} records already due\n\nDelivery rate from the first to the last arrival at the target. *With ids*: the same on a broker of its own, every record with an `id` header (a fact written at ingest and at delivery, the index checked before each publish).\n\n| path | records/s |\n| --- | --- |\n| plain consume-and-produce relay | {:.0} |\n| Kafka scheduler (ingest → target) | {:.0} |\n| ratio | {:.2} |\n| Kafka scheduler, records with ids | {:.0} |\n| with ids ÷ without | {:.2} |\n\nScheduler: {} missing, {} early; with ids: {} missing, {} early.\n",
@@ -256,9 +277,15 @@ async fn main() {
         ));
         outcomes.push(("throughput with ids".into(), t.with_ids_outcome));
     }
+    // (rate, broker-alone p99, scheduler p99) of every precision run, for the steps.
+    let mut p99s: Vec<(usize, i64, i64)> = Vec::new();
     if a.runs(Section::Precision) {
         for &rate in &a.rates {
-            let p = sections::precision(&bins, rate, a.seconds, a.delay).await;
+            let p = sections::precision(&bins, rate, a.seconds, a.delay, true).await;
+            p99s.push(p.p99s());
+            if rate == 1_000 {
+                goals.publish_1000 = p.scheduler().map(|o| o.publish);
+            }
             let mut text = format!(
                 "## 2. Precision at {} due records per second ({} s, {} records)\n\nKafka: each record due {} after it is produced. MySQL: the same number of rows, falling due at the same rate.\n\n{HEADER}",
                 p.rate,
@@ -284,23 +311,77 @@ async fn main() {
             emit(&mut out, &format!("{text}\n"));
         }
     }
+    if a.runs(Section::Steps) {
+        let mut text = format!(
+            "## 2b. Steps: records due {} ahead, {} s at each rate
+
+The tuned producer of section 2, Kafka only (rates also in section 2 are its runs). *Within* is the scheduler's on-arrival p99 ≤ 1.5 × the broker alone's + 50 ms.
+
+| rate/s | broker alone p99 ms | scheduler p99 ms | ÷ | within |
+| --- | --- | --- | --- | --- |",
+            humantime::format_duration(a.delay),
+            a.seconds
+        );
+        for &rate in &a.step_rates {
+            let (alone, ours) = match p99s.iter().find(|s| s.0 == rate) {
+                Some(&(_, alone, ours)) => (alone, ours),
+                None => {
+                    let p = sections::precision(&bins, rate, a.seconds, a.delay, false).await;
+                    outcomes.extend(p.rows.iter().map(|(n, o)| (format!("{n} at {rate}/s"), *o)));
+                    let (_, alone, ours) = p.p99s();
+                    (alone, ours)
+                }
+            };
+            goals.steps.push((rate, alone, ours));
+            let _ = write!(
+                text,
+                "\n| {rate} | {alone} | {ours} | {:.2} | {} |",
+                ours as f64 / alone.max(1) as f64,
+                if goals::within(ours as f64, alone as f64) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+        }
+        let (ours, broker) = goals.step_limits();
+        let _ = write!(
+            text,
+            "\n\nHighest rate within: {ours}/s; highest rate at which the broker alone keeps p99 ≤ 1 s: {broker}/s.\n"
+        );
+        emit(&mut out, &text);
+    }
     if a.runs(Section::Memory) {
         let m = sections::memory(&bins, a.pending, false).await;
         let i = sections::memory(&bins, a.pending, true).await;
         let (rebuild_s, rebuilt_mib) = i.rebuild.unwrap_or_default();
+        goals.filing = Some((m.pending as f64 / m.placed_s, m.broker_produce_rate));
+        goals.pending_mib = Some((m.pending, m.pending_mib));
+        goals.restart_s = m.restart.as_ref().map(|r| r.first_on_time_s);
+        if let Some(r) = &m.restart {
+            outcomes.push(("restart with records pending".into(), r.outcome));
+        }
         emit(&mut out, &format!(
-            "## 3. Memory: {} records pending, due one to two hours later\n\n*With ids*: the same on a broker of its own, every record with an `id` header; then the scheduler is stopped, its index of ids deleted, and started again: *rebuilt* is until the index is fresh (every fact read back from the state topic).\n\n| state | without ids, resident MiB | with ids, resident MiB |\n| --- | --- | --- |\n| idle (assigned, nothing pending) | {:.0} | {:.0} |\n| {} pending, all filed in slices | {:.0} | {:.0} |\n| peak while filing them | {:.0} | {:.0} |\n| after rebuilding the index | - | {:.0} |\n\nWithout ids: produced in {:.0} s; all filed in slices {:.0} s after the first was produced ({:.0} records/s). With ids: produced in {:.0} s, filed after {:.0} s ({:.0} records/s); index of {} ids rebuilt in {:.1} s.\n",
+            "## 3. Memory: {} records pending, due one to two hours later\n\n*With ids*: the same on a broker of its own, every record with an `id` header; then the scheduler is stopped, its index of ids deleted, and started again: *rebuilt* is until the index is fresh (every fact read back from the state topic).\n\n| state | without ids, resident MiB | with ids, resident MiB |\n| --- | --- | --- |\n| idle (assigned, nothing pending) | {:.0} | {:.0} |\n| {} pending, all filed in slices | {:.0} | {:.0} |\n| peak while filing them | {:.0} | {:.0} |\n| after rebuilding the index | - | {:.0} |\n\nWithout ids: produced in {:.0} s; all filed in slices {:.0} s after the first was produced ({:.0} records/s). With ids: produced in {:.0} s, filed after {:.0} s ({:.0} records/s); index of {} ids rebuilt in {:.1} s. The broker alone took the same kind of records from one producer at {:.0} records/s (filing ÷ that: {:.2}).\n\n{}",
             m.pending, m.idle_mib, i.idle_mib, m.pending, m.pending_mib, i.pending_mib, m.peak_mib, i.peak_mib, rebuilt_mib,
             m.produce_s, m.placed_s, m.pending as f64 / m.placed_s,
-            i.produce_s, i.placed_s, i.pending as f64 / i.placed_s, i.pending, rebuild_s
+            i.produce_s, i.placed_s, i.pending as f64 / i.placed_s, i.pending, rebuild_s,
+            m.broker_produce_rate, m.pending as f64 / m.placed_s / m.broker_produce_rate,
+            m.restart.as_ref().map_or(String::new(), |r| format!(
+                "Restarted (without ids) with the {} records pending, and {} records due every 20 ms from its start: first on-time delivery (published within {} ms of its due time) {:.1} s after the new process was spawned; those records at publish p50 {} ms, p99 {} ms, max {} ms; {} missing, {} early.\n",
+                m.pending, r.outcome.expected, sections::ON_TIME_MS, r.first_on_time_s,
+                r.outcome.publish.p50, r.outcome.publish.p99, r.outcome.publish.max,
+                r.outcome.missing, r.outcome.early
+            ))
         ));
     }
     if a.runs(Section::Burst) {
         let b = sections::burst(&bins, a.burst).await;
         outcomes.push(("burst".into(), b.outcome));
+        goals.burst = Some((b.n, b.last_ms, b.accept_ms));
         emit(&mut out, &format!(
-            "## 4. Burst: {} records due in the same millisecond\n\n| last delivered after | delivered/s | p50 ms | p99 ms | p99.9 ms | max ms | early | missing | duplicates |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n| {} ms | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
-            b.n, b.last_ms, b.outcome.rate(), b.outcome.arrival.p50, b.outcome.arrival.p99, b.outcome.arrival.p999, b.outcome.arrival.max, b.outcome.early, b.outcome.missing, b.outcome.duplicates
+            "## 4. Burst: {} records due in the same millisecond\n\n| broker took them from one producer in | last delivered after the instant | delivered/s | p50 ms | p99 ms | p99.9 ms | max ms | early | missing | duplicates |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n| {} ms | {} ms | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+            b.n, b.accept_ms, b.last_ms, b.outcome.rate(), b.outcome.arrival.p50, b.outcome.arrival.p99, b.outcome.arrival.p999, b.outcome.arrival.max, b.outcome.early, b.outcome.missing, b.outcome.duplicates
         ));
     }
     if a.runs(Section::Pressure) {
@@ -354,6 +435,13 @@ async fn main() {
         emit(&mut out, &format!("{text}\n"));
     }
     emit(&mut out, LIMITS);
+    goals.early = outcomes.iter().map(|(_, o)| o.early).sum();
+    goals.missing = outcomes.iter().map(|(_, o)| o.missing).sum();
+    let table = goals.table();
+    println!("{table}");
+    // The goals open the file, after the command and the machine.
+    let at = out.find("\n## ").map_or(out.len(), |i| i + 1);
+    out.insert_str(at, &format!("{table}\n"));
 
     let path = a.out.clone().or_else(|| {
         (a.only.is_empty() && !smoke)

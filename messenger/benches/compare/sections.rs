@@ -177,10 +177,37 @@ pub struct Precision {
     pub rows: Vec<(String, Outcome)>,
 }
 
+impl Precision {
+    /// The scheduler's row.
+    pub fn scheduler(&self) -> Option<&Outcome> {
+        self.rows
+            .iter()
+            .find(|(n, _)| n.starts_with("kafka"))
+            .map(|(_, o)| o)
+    }
+
+    /// (rate, broker-alone on-arrival p99, scheduler on-arrival p99), in ms.
+    pub fn p99s(&self) -> (usize, i64, i64) {
+        let alone = self
+            .rows
+            .iter()
+            .find(|(n, _)| n.starts_with("broker alone"))
+            .map_or(0, |(_, o)| o.arrival.p99);
+        let ours = self.scheduler().map_or(0, |o| o.arrival.p99);
+        (self.rate, alone, ours)
+    }
+}
+
 /// `rate` records per second for `seconds`, each due `delay` after it is produced, through the
-/// Kafka scheduler; then the same number of records, falling due at the same rate, through the
-/// MySQL baseline polling every 1 s and every 100 ms.
-pub async fn precision(bins: &Binaries, rate: usize, seconds: u64, delay: Duration) -> Precision {
+/// Kafka scheduler; then, `with_mysql`, the same number of records, falling due at the same rate,
+/// through the MySQL baseline polling every 1 s and every 100 ms.
+pub async fn precision(
+    bins: &Binaries,
+    rate: usize,
+    seconds: u64,
+    delay: Duration,
+    with_mysql: bool,
+) -> Precision {
     let n = rate * seconds as usize;
     let mut rows = Vec::new();
     let (broker, names) = set_up("bench-prec").await;
@@ -237,7 +264,7 @@ pub async fn precision(bins: &Binaries, rate: usize, seconds: u64, delay: Durati
     rows.push(("kafka scheduler".to_string(), Outcome::of(&got, &due)));
     sched.stop().await;
 
-    for interval in ["1s", "100ms"] {
+    for interval in ["1s", "100ms"].into_iter().filter(|_| with_mysql) {
         let outcome = mysql_run(bins, &broker, n, rate, interval).await;
         rows.push((format!("mysql, poll {interval}"), outcome));
     }
@@ -308,7 +335,26 @@ pub struct Memory {
     /// With ids: seconds to rebuild the index of ids from the state topic, and resident MiB
     /// after it.
     pub rebuild: Option<(f64, f64)>,
+    /// The broker alone: records/s one bulk producer wrote the same kind of records to a plain
+    /// topic (as many partitions as the ingest topic) on the same broker, before the scheduler
+    /// started.
+    pub broker_produce_rate: f64,
+    /// Without ids: the restart with everything pending (see [`restart`]).
+    pub restart: Option<Restart>,
 }
+
+/// A scheduler restarted with every record still pending, and records due from its start on.
+pub struct Restart {
+    /// From the new process's spawn to the first record it published within [`ON_TIME_MS`] of
+    /// its due time.
+    pub first_on_time_s: f64,
+    /// Records due in the seconds after the start, and how late each was published.
+    pub outcome: Outcome,
+}
+
+/// What counts as on time after a restart: published within this of the due time (the safety
+/// margin's order of magnitude).
+pub const ON_TIME_MS: i64 = 100;
 
 /// Resident memory of an idle scheduler, then with `pending` records due between one and two
 /// hours later: all of them written to slices, none held in memory.
@@ -320,6 +366,7 @@ pub async fn memory(bins: &Binaries, pending: usize, with_ids: bool) -> Memory {
     })
     .await;
     let bootstrap = broker.bootstrap();
+    let broker_produce_rate = plain_produce_rate(&broker, &names, pending.min(200_000)).await;
     let mut sched = Service::scheduler(
         &bins.scheduler,
         &scheduler_args(&broker, &names, &[]),
@@ -377,12 +424,17 @@ pub async fn memory(bins: &Binaries, pending: usize, with_ids: bool) -> Memory {
     // Settled: nothing more to do until the first falls due in an hour.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (pending_mib, hwm) = sched.memory_mib();
-    let rebuild = if with_ids {
-        Some(rebuild_index(bins, &broker, &names, &mut sched).await)
+    let (rebuild, restart) = if with_ids {
+        (
+            Some(rebuild_index(bins, &broker, &names, &mut sched).await),
+            None,
+        )
     } else {
-        None
+        (None, Some(restart(bins, &broker, &names, &mut sched).await))
     };
     Memory {
+        broker_produce_rate,
+        restart,
         pending,
         idle_mib,
         pending_mib,
@@ -390,6 +442,77 @@ pub async fn memory(bins: &Binaries, pending: usize, with_ids: bool) -> Memory {
         produce_s,
         placed_s,
         rebuild,
+    }
+}
+
+/// The broker alone: the rate at which one bulk producer writes `n` records like the
+/// benchmark's (due an hour later, same headers and value) to a plain topic with the ingest
+/// topic's partitions.
+async fn plain_produce_rate(broker: &Broker, names: &Names, n: usize) -> f64 {
+    let plain = format!("{}-plain", names.target);
+    create_topic_on(&broker.bootstrap(), &plain, 16, &[]).await;
+    let p = bulk_producer(&broker.bootstrap());
+    let at = now_ms() + 3_600_000;
+    let started = std::time::Instant::now();
+    let took = produce_bulk(
+        &p,
+        &plain,
+        &names.target,
+        (0..n).map(|i| (format!("b-{i}"), at)),
+    )
+    .await
+    .len();
+    let rate = took as f64 / started.elapsed().as_secs_f64();
+    note(format!(
+        "broker alone: {took} records produced at {rate:.0}/s"
+    ));
+    rate
+}
+
+/// Stops the scheduler (everything it filed still pending), produces records due every 20 ms
+/// over the 10 s after it starts again, and starts it: how soon it publishes on time, with its
+/// slices to take over and its ingest to catch up.
+async fn restart(bins: &Binaries, broker: &Broker, names: &Names, sched: &mut Service) -> Restart {
+    sched.stop().await;
+    let bootstrap = broker.bootstrap();
+    let p = bulk_producer(&bootstrap);
+    // Due from just after the spawn: the first it can meet tells when it is ready.
+    let from = now_ms() + 300;
+    let records: Vec<(String, i64)> = (0..500)
+        .map(|i| (format!("restart-{i}"), from + i * 20))
+        .collect();
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        records.iter().map(|(id, _)| id.clone()).collect(),
+        Duration::from_secs(300),
+    );
+    let due = produce_bulk(&p, &names.ingest, &names.target, records).await;
+    let spawned = now_ms();
+    let again = Service::start(
+        &bins.scheduler,
+        &scheduler_args(broker, names, &[]),
+        &log_name(names, "mem-restart"),
+    )
+    .await;
+    let got = reading.await.expect("reader");
+    let first_on_time = got
+        .iter()
+        .filter(|r| {
+            due.get(&key_of(r))
+                .is_some_and(|&d| r.timestamp_ms - d <= ON_TIME_MS)
+        })
+        .map(|r| r.timestamp_ms)
+        .min();
+    *sched = again;
+    let first_on_time_s = first_on_time.map_or(f64::NAN, |t| (t - spawned) as f64 / 1000.0);
+    note(format!(
+        "restart: first on-time delivery {first_on_time_s:.1} s after the start"
+    ));
+    Restart {
+        first_on_time_s,
+        outcome: Outcome::of(&got, &due),
     }
 }
 
@@ -443,29 +566,33 @@ pub struct Burst {
     pub outcome: Outcome,
     /// Lateness of arrivals against the one due instant.
     pub last_ms: i64,
+    /// How long the broker took to accept the `n` records from one producer (the scheduler
+    /// running beside it).
+    pub accept_ms: i64,
 }
 
 /// `n` records due in the same millisecond, produced ahead of time: how long until the last one
 /// is delivered, and how late the rest are.
 pub async fn burst(bins: &Binaries, n: usize) -> Burst {
-    let (outcome, at, _) = one_instant(bins, "burst", n, PAYLOAD, 20_000).await;
+    let (outcome, at, _, accept_ms) = one_instant(bins, "burst", n, PAYLOAD, 20_000).await;
     Burst {
         n,
+        accept_ms,
         last_ms: outcome.last_ms - at,
         outcome,
     }
 }
 
 /// `n` records with `payload` due in one instant, produced ahead of time (`lead_ms`, plus time
-/// to produce and file them) while the scheduler runs: what arrived, the instant, and the
-/// scheduler's peak resident memory.
+/// to produce and file them) while the scheduler runs: what arrived, the instant, the
+/// scheduler's peak resident memory, and the ms the broker took to accept them all.
 async fn one_instant(
     bins: &Binaries,
     name: &str,
     n: usize,
     payload: &[u8],
     lead_ms: i64,
-) -> (Outcome, i64, f64) {
+) -> (Outcome, i64, f64, i64) {
     let (broker, names) = set_up(&format!("bench-{name}")).await;
     let bootstrap = broker.bootstrap();
     let mut sched = Service::scheduler(
@@ -485,6 +612,7 @@ async fn one_instant(
         Duration::from_secs(900),
     );
     let p = bulk_producer(&bootstrap);
+    let producing = now_ms();
     let due = produce_bulk_with(
         &p,
         &names.ingest,
@@ -493,6 +621,7 @@ async fn one_instant(
         payload,
     )
     .await;
+    let accept_ms = now_ms() - producing;
     note(format!(
         "{name}: {n} x {} B produced, due in {:.1} s",
         payload.len(),
@@ -502,7 +631,7 @@ async fn one_instant(
     let outcome = Outcome::of(&got, &due);
     let (_, peak_mib) = sched.memory_mib();
     sched.stop().await;
-    (outcome, at, peak_mib)
+    (outcome, at, peak_mib, accept_ms)
 }
 
 // ---- 4b. memory under load --------------------------------------------------------------------
@@ -568,7 +697,8 @@ pub async fn backlog(bins: &Binaries, n: usize, bytes: usize) -> Pressure {
 /// runs: peak resident memory (filing them into slices, holding and delivering them) with the
 /// default `--memory-budget`.
 pub async fn large_burst(bins: &Binaries, n: usize, bytes: usize) -> Pressure {
-    let (outcome, at, peak_mib) = one_instant(bins, "lburst", n, &vec![b'x'; bytes], 30_000).await;
+    let (outcome, at, peak_mib, _) =
+        one_instant(bins, "lburst", n, &vec![b'x'; bytes], 30_000).await;
     Pressure {
         n,
         bytes,
