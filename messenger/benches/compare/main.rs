@@ -51,6 +51,10 @@ struct Args {
     /// Records due in the same millisecond for the burst.
     #[arg(long, default_value_t = 100_000)]
     burst: usize,
+    /// Also measure memory with every pending record carrying an `id` (and the index's rebuild):
+    /// on a slow broker this doubles the section's time.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    memory_with_ids: bool,
     /// Records of the past-due backlog for the memory-under-load figure.
     #[arg(long, default_value_t = 200_000)]
     backlog: usize,
@@ -353,7 +357,11 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
     }
     if a.runs(Section::Memory) {
         let m = sections::memory(&bins, a.pending, false).await;
-        let i = sections::memory(&bins, a.pending, true).await;
+        let i = if a.memory_with_ids {
+            sections::memory(&bins, a.pending, true).await
+        } else {
+            sections::Memory::not_measured(a.pending)
+        };
         let (rebuild_s, rebuilt_mib) = i.rebuild.unwrap_or_default();
         goals.filing = Some((m.pending as f64 / m.placed_s, m.broker_produce_rate));
         goals.pending_mib = Some((m.pending, m.pending_mib));

@@ -343,6 +343,23 @@ pub struct Memory {
     pub restart: Option<Restart>,
 }
 
+impl Memory {
+    /// A run that was left out (`--memory-with-ids false`): its figures read as NaN.
+    pub fn not_measured(pending: usize) -> Memory {
+        Memory {
+            pending,
+            idle_mib: f64::NAN,
+            pending_mib: f64::NAN,
+            peak_mib: f64::NAN,
+            produce_s: f64::NAN,
+            placed_s: f64::NAN,
+            rebuild: None,
+            broker_produce_rate: f64::NAN,
+            restart: None,
+        }
+    }
+}
+
 /// A scheduler restarted with every record still pending, and records due from its start on.
 pub struct Restart {
     /// From the new process's spawn to the first record it published within [`ON_TIME_MS`] of
