@@ -4,7 +4,7 @@
 //! Receives records from the ingest topic (the slice partitions are assigned to the same consumer
 //! but stay paused: the sweep readers read them). Sends a record due within the hold horizon to
 //! the timer (one hop: its ingest offset waits for the delivery), one due further out to the
-//! coarsest slice window whose sweep has not begun, and a record it cannot schedule to the DLQ
+//! finest slice window that can hold it ([`crate::slice::Ladder::route`]), and a record it cannot schedule to the DLQ
 //! with the reason. Every record's share of the memory budget is taken here or in the sweeps.
 
 use std::sync::Arc;
@@ -99,11 +99,11 @@ impl Shared {
         }
     }
 
-    /// Where a record due at `due_ms` goes next at `now_ms`: the coarsest slice window of level 1
-    /// or up whose sweep has not begun, else the timer. Never level 0: a record the ladder would
-    /// put there is due within a level-1 window whose sweep has begun, so writing it there would
-    /// only cost one more produce and fetch; the timer holds it instead, and its source offset
-    /// waits for its delivery.
+    /// Where a record due at `due_ms` goes next at `now_ms`: the ladder's route, the finest slice
+    /// window of level 1 or up that can hold it, else the timer. Never level 0 (the ladder does not
+    /// route there; this match keeps it so): a record due within a level-1 window whose sweep has
+    /// begun would only cost one more produce and fetch there; the timer holds it instead, and its
+    /// source offset waits for its delivery.
     pub(crate) fn next_place(&self, due_ms: i64, now_ms: i64) -> Route {
         match self.ladder().route(due_ms, now_ms) {
             Route::Slice(id) if id.level > 0 => Route::Slice(id),

@@ -3,11 +3,11 @@
 //!
 //! Level `i` cuts time into windows of width `w_i = w_0 * r^i`, aligned to the epoch, so every
 //! instance computes the same windows with no coordination. Window `n` of level `i` covers
-//! `[n*w_i, (n+1)*w_i)` and is swept at `n*w_i - w_i/r`: early enough that everything in it can be
-//! moved one level finer before the finer window's own sweep. A record is always put in the
-//! coarsest window whose sweep has not started yet, so each sweep moves it at least one level down
-//! and it makes at most one hop per level. What no window can take any more is imminent and goes
-//! to the in-memory timer.
+//! `[n*w_i, (n+1)*w_i)` and is swept at `n*w_i - f*w_i/r`: early enough that everything in it can
+//! be moved to a finer level before the finer window's own sweep. A record is put in the finest
+//! swept level whose ring of slot topics can hold its window (see [`Ladder::route`]): each sweep
+//! moves it at least one level down, often several, so it makes at most one hop per level and
+//! usually fewer. What no window can take any more is imminent and goes to the in-memory timer.
 
 use std::fmt;
 
@@ -217,19 +217,44 @@ impl Ladder {
         id.window.rem_euclid(self.slots_of(id.level))
     }
 
-    /// The next place for a record due at `due`, routed at `now`: the coarsest window containing
-    /// `due` whose sweep starts more than the margin after `now`, else the timer.
+    /// The next place for a record due at `due`, routed at `now`: the finest swept level (1 and up)
+    /// whose window containing `due` starts its sweep more than the margin after `now` and fits
+    /// that level's ring (see [`Ladder::last_writable`]), else the timer. The top level holds
+    /// everything beyond the horizon, in any window.
+    ///
+    /// Finest first rather than coarsest first: a record due in 70 s goes straight into a 16 s
+    /// window instead of a 64 s one that is swept only to move it into the 16 s window anyway,
+    /// so each record costs the broker fewer slice writes and reads. Level 0 is never swept: a
+    /// record whose level-1 window has begun its sweep waits in the timer.
     pub fn route(&self, due: i64, now: i64) -> Route {
-        for level in (0..self.levels()).rev() {
+        let limit = now.saturating_add(self.margin_ms);
+        let top = self.levels() - 1;
+        for level in 1..self.levels() {
             let id = SliceId {
                 level,
                 window: self.window_of(level, due),
             };
-            if self.sweep_at(id) > now.saturating_add(self.margin_ms) {
+            if self.sweep_at(id) <= limit {
+                // Coarser windows containing `due` began their sweeps even earlier.
+                return Route::Timer;
+            }
+            if level == top || id.window <= self.last_writable(level, now) {
                 return Route::Slice(id);
             }
         }
         Route::Timer
+    }
+
+    /// The last window of a level below the top that may be written at `now`: the window that
+    /// held its slot before it (`K = slots` windows earlier) ended at least one width, less the
+    /// margin, ago, so its sweep (begun a lead before it started) has had `2*w + lead - margin`
+    /// to finish before anything is written into the slot again. Coarsest-first routing gives
+    /// exactly this gap; finest-first keeps it by this bound.
+    pub fn last_writable(&self, level: usize, now: i64) -> i64 {
+        now.saturating_add(self.margin_ms)
+            .div_euclid(self.widths[level])
+            + self.slots_of(level)
+            - 2
     }
 
     /// The slot topic's name: `<prefix>_<width>MS_<slot>`. The width is in the name, so ladders with
@@ -307,6 +332,23 @@ mod tests {
         assert_eq!(l.route(now - 5_000, now), Route::Timer);
         assert_eq!(l.route(now, now), Route::Timer);
         assert_eq!(l.route(now + 500, now), Route::Timer);
+    }
+
+    #[test]
+    fn a_record_goes_to_the_finest_ring_that_holds_it() {
+        let l = ladder();
+        let now = 1_000_000_000_000; // a multiple of 64 s
+        let level_of = |delay| match l.route(now + delay, now) {
+            Route::Slice(id) => id.level,
+            Route::Timer => 0,
+        };
+        // Level 1 (4 s windows, 6 slots) reaches 20 s ahead; level 2 (16 s) 80 s.
+        assert_eq!(level_of(5_000), 1);
+        assert_eq!(level_of(19_999), 1);
+        assert_eq!(level_of(20_000), 2);
+        // Coarsest-first put this one into a 64 s window, swept only to move it into a 16 s one.
+        assert_eq!(level_of(70_000), 2);
+        assert_eq!(level_of(80_000), 3);
     }
 
     #[test]
@@ -410,7 +452,8 @@ mod tests {
         }
 
         /// A slot is not reused while its previous window could still receive records: any window
-        /// that can be written at `now` is less than `slots` windows after the current one.
+        /// that can be written at `now` is less than `slots` windows after the current one, and the
+        /// window that held its slot before began its sweep at least `2*w + lead - margin` ago.
         #[test]
         fn slots_are_not_reused_while_writable(
             ladder in arb_ladder(),
@@ -422,8 +465,61 @@ mod tests {
                     let current = ladder.current_window(id.level, now);
                     prop_assert!(id.window > current);
                     prop_assert!(id.window - current < ladder.slots());
+                    let before = SliceId { level: id.level, window: id.window - ladder.slots() };
+                    let (w, lead) = (ladder.width(id.level), ladder.lead(id.level));
+                    prop_assert!(ladder.sweep_at(before) + 2 * w + lead - ladder.margin_ms() <= now);
                 }
             }
+        }
+
+        /// The route is the finest level that can take the record: no finer swept level has a
+        /// window for it that is both unswept and writable.
+        #[test]
+        fn records_go_to_the_finest_level_that_can_hold_them(
+            ladder in arb_ladder(),
+            now in 0i64..4_000_000_000_000,
+            delay in -10_000i64..100_000_000,
+        ) {
+            let due = now + delay;
+            let chosen = match ladder.route(due, now) {
+                Route::Slice(id) => id.level,
+                Route::Timer => 1,
+            };
+            for level in 1..chosen {
+                let id = SliceId { level, window: ladder.window_of(level, due) };
+                let open = ladder.sweep_at(id) > now + ladder.margin_ms();
+                prop_assert!(!(open && id.window <= ladder.last_writable(level, now)));
+            }
+        }
+
+        /// Finest-first never costs more slice writes than coarsest-first, the rule it replaced,
+        /// and both hand the record to the timer at the same moment at the latest.
+        #[test]
+        fn finest_first_makes_no_more_hops_than_coarsest_first(
+            ladder in arb_ladder(),
+            now in 0i64..4_000_000_000_000,
+            delay in 0i64..10_000_000,
+        ) {
+            let due = now + delay;
+            let coarsest = |t: i64| {
+                (1..ladder.levels())
+                    .rev()
+                    .map(|level| SliceId { level, window: ladder.window_of(level, due) })
+                    .find(|id| ladder.sweep_at(*id) > t + ladder.margin_ms())
+                    .map_or(Route::Timer, Route::Slice)
+            };
+            let walk = |route: &dyn Fn(i64) -> Route| {
+                let (mut t, mut hops) = (now, 0);
+                while let Route::Slice(id) = route(t) {
+                    hops += 1;
+                    t = ladder.sweep_at(id);
+                }
+                (hops, t)
+            };
+            let (fine_hops, fine_t) = walk(&|t| ladder.route(due, t));
+            let (coarse_hops, coarse_t) = walk(&coarsest);
+            prop_assert!(fine_hops <= coarse_hops, "{} > {}", fine_hops, coarse_hops);
+            prop_assert!(fine_t <= due.max(now) && coarse_t <= due.max(now));
         }
     }
 }
