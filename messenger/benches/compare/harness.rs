@@ -144,6 +144,13 @@ impl Service {
         scheduler::testkit::metric_in(&text, name)
     }
 
+    /// The `q` quantile of a histogram in `/metrics`, as the upper bound of the bucket it falls
+    /// in (seconds), over the series whose labels contain `labels`; None without observations.
+    pub async fn histogram_quantile(&self, name: &str, labels: &str, q: f64) -> Option<f64> {
+        let text = self.get("/metrics").await?;
+        bucket_quantile(&text, name, labels, q)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
@@ -530,4 +537,32 @@ impl Outcome {
         let span = (self.last_ms - self.first_ms).max(1) as f64 / 1000.0;
         (self.expected - self.missing) as f64 / span
     }
+}
+
+/// See [`Service::histogram_quantile`]: reads `name_bucket{...,le="x"} count` lines.
+pub fn bucket_quantile(text: &str, name: &str, labels: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map(|(le, _)| *le)
 }

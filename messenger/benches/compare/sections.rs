@@ -175,6 +175,10 @@ pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
 pub struct Precision {
     pub rate: usize,
     pub rows: Vec<(String, Outcome)>,
+    /// The scheduler's own p99 of acknowledged lateness (the broker's acknowledgement of a
+    /// delivery minus its due time), as the upper bound of its histogram bucket, in ms: it tells
+    /// whether a late arrival was late into the broker or late out of it to the reader.
+    pub acked_p99_ms: Option<f64>,
 }
 
 impl Precision {
@@ -187,15 +191,30 @@ impl Precision {
     }
 
     /// (rate, broker-alone on-arrival p99, scheduler on-arrival p99), in ms.
-    pub fn p99s(&self) -> (usize, i64, i64) {
+    pub fn p99s(&self) -> Step {
         let alone = self
             .rows
             .iter()
             .find(|(n, _)| n.starts_with("broker alone"))
             .map_or(0, |(_, o)| o.arrival.p99);
         let ours = self.scheduler().map_or(0, |o| o.arrival.p99);
-        (self.rate, alone, ours)
+        Step {
+            rate: self.rate,
+            alone,
+            ours,
+            acked: self.acked_p99_ms,
+        }
     }
+}
+
+/// One rate of the steps: the broker alone's and the scheduler's on-arrival p99 (ms), and the
+/// scheduler's acknowledged p99 bucket bound (ms).
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub rate: usize,
+    pub alone: i64,
+    pub ours: i64,
+    pub acked: Option<f64>,
 }
 
 /// `rate` records per second for `seconds`, each due `delay` after it is produced, through the
@@ -262,13 +281,21 @@ pub async fn precision(
     let got = reading.await.expect("reader");
     note(format!("precision {rate}/s: kafka, read"));
     rows.push(("kafka scheduler".to_string(), Outcome::of(&got, &due)));
+    let acked_p99_ms = sched
+        .histogram_quantile("sm_delivery_lateness_seconds", "path=\"kafka\"", 0.99)
+        .await
+        .map(|s| s * 1000.0);
     sched.stop().await;
 
     for interval in ["1s", "100ms"].into_iter().filter(|_| with_mysql) {
         let outcome = mysql_run(bins, &broker, n, rate, interval).await;
         rows.push((format!("mysql, poll {interval}"), outcome));
     }
-    Precision { rate, rows }
+    Precision {
+        rate,
+        rows,
+        acked_p99_ms,
+    }
 }
 
 /// `n` rows falling due at `rate` per second, published by the db-scheduler polling every
