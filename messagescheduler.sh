@@ -40,7 +40,7 @@ Compose where a Docker engine runs, otherwise as local processes on the local st
   -pl, --progress-live    show the experiment's progress, refreshed in place (Ctrl-C to leave)
   -s,  --stop             stop everything this script started
       --stack             only install and start the local servers (broker, MongoDB, MySQL)
-      --test              the local stack, then every test of the workspace
+      --test              MongoDB, MySQL and a fresh broker of its own, then every test
       --dry-run           print the Docker commands instead of running them
 One action per run: two of --all/--app/--exp/-c/-dc/-p/-pl/-s/--stack/--test are refused.
 Environment: SM_DOCKER=1/0 forces or forbids the Docker branch; SM_MESSENGER_URL (default
@@ -226,20 +226,60 @@ port_free_for() {
   die "$name: 127.0.0.1:$port is held by $holder, which this script did not start; stop it or free the port (it was not touched)"
 }
 
+# nisshi_command PORT: sets NISSHI to the broker's command line for 127.0.0.1:PORT, with SQLite
+# storage in the working directory. nisshi reads a .env file in its working directory and
+# STORAGE_ENGINE: keep both out of play. It also logs through RUST_LOG, and a filter meant for our
+# services slows it many times over.
+nisshi_command() {
+  NISSHI=(env -u STORAGE_ENGINE -u SCHEMA_REGISTRY -u LISTENER_URL
+    -u ADVERTISED_LISTENER_URL -u CLUSTER_ID RUST_LOG=warn nisshi broker
+    --listener-url "tcp://127.0.0.1:$1"
+    --advertised-listener-url "tcp://127.0.0.1:$1"
+    --storage-engine sqlite://broker.db
+    --group-initial-rebalance-delay 0s --silent)
+}
+
 start_kafka() {
   pid_ours kafka || port_free_for kafka "$KAFKA_PORT" || return 0
   ensure_nisshi
   local dir="$STACK/kafka"
   mkdir -p "$dir"
-  # nisshi reads a .env file in its working directory and STORAGE_ENGINE: keep both out of play.
-  # It also logs through RUST_LOG, and a filter meant for our services slows it many times over.
   rm -f "$dir/.env"
-  start kafka "$KAFKA_PORT" "$dir" env -u STORAGE_ENGINE -u SCHEMA_REGISTRY -u LISTENER_URL \
-    -u ADVERTISED_LISTENER_URL -u CLUSTER_ID RUST_LOG=warn nisshi broker \
-    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine sqlite://broker.db \
-    --group-initial-rebalance-delay 0s --silent
+  nisshi_command "$KAFKA_PORT"
+  start kafka "$KAFKA_PORT" "$dir" "${NISSHI[@]}"
+}
+
+# A broker of the test run's own, on a free port with an empty data directory, stopped (by PID)
+# and removed when the run ends, even when it fails: no topic, group or backlog of the main job
+# or of an earlier run is in play (a long-lived broker with hundreds of MiB of earlier topics once
+# made the cancel and experiment tests late), and the stack's broker is left alone.
+start_test_broker() {
+  ensure_nisshi
+  local port
+  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  TEST_KAFKA_DIR="$(mktemp -d "$STACK/test-kafka.XXXXXX")"
+  mkdir -p "$STACK/logs"
+  nisshi_command "$port"
+  (cd "$TEST_KAFKA_DIR" && exec setsid "${NISSHI[@]}" >"$STACK/logs/test-kafka.log" 2>&1 </dev/null) &
+  TEST_KAFKA_PID=$!
+  trap stop_test_broker EXIT
+  trap "exit 130" INT TERM
+  wait_port test-kafka "$port" "$TEST_KAFKA_PID"
+  log "test broker started (pid $TEST_KAFKA_PID) on 127.0.0.1:$port"
+  KAFKA_PORT=$port
+}
+
+stop_test_broker() {
+  [ -n "${TEST_KAFKA_PID:-}" ] || return 0
+  kill "$TEST_KAFKA_PID" 2>/dev/null || true
+  local i
+  for i in $(seq 1 100); do
+    kill -0 "$TEST_KAFKA_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 "$TEST_KAFKA_PID" 2>/dev/null || true
+  rm -rf "$TEST_KAFKA_DIR"
+  TEST_KAFKA_PID=
 }
 
 start_mongo() {
@@ -326,7 +366,12 @@ ensure_web_test() {
 }
 
 run_tests() {
-  stack
+  mkdir -p "$STACK"
+  ensure_build_deps
+  start_test_broker
+  start_mongo
+  start_mysql
+  ensure_secantus
   ensure_web_test
   export_env
   log "running the workspace's tests"

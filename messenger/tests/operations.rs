@@ -421,14 +421,25 @@ fn every_option_of_the_script_does_what_it_says() {
     assert!(!ok && out.contains("unknown option"), "{out}");
 }
 
-/// The script run without Docker against a stack directory of the test's own, with extra
-/// environment; returns the finished process's output.
+/// The port of the broker this test run uses (`--test` starts one of its own on a free port), so
+/// that the script finds it running rather than starting another.
+fn broker_port() -> String {
+    let servers = std::env::var("SM_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    servers
+        .rsplit_once(':')
+        .map_or("9092", |(_, port)| port)
+        .to_string()
+}
+
+/// The script run without Docker against a stack directory of the test's own, on the test run's
+/// broker, with extra environment; returns the finished process's output.
 fn script_with(args: &[&str], stack: &Path, env: &[(&str, String)]) -> std::process::Output {
     Command::new("bash")
         .arg(root().join("messagescheduler.sh"))
         .args(args)
         .env("SM_DOCKER", "0")
         .env("SM_STACK_DIR", stack)
+        .env("SM_KAFKA_PORT", broker_port())
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .unwrap()
@@ -599,8 +610,8 @@ fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
 /// A MongoDB server started by another checkout of this project is used, however long that
 /// checkout's path: the script recognises the program from the whole command line, not from the
 /// shortened form it prints (a long CI path once hid `secantusd-py` and the server was refused).
-/// The stand-in is a listener whose script is named `secantusd-py`; the broker is the running
-/// stack's, reused the same way.
+/// The stand-in is a listener whose script is named `secantusd-py`; the broker is the test run's,
+/// reused the same way.
 #[test]
 fn a_stack_server_of_another_checkout_is_used_however_long_its_path() {
     let stack = std::env::temp_dir().join(unique("stack"));
