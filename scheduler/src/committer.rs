@@ -8,7 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -25,6 +25,7 @@ impl Shared {
     pub(crate) async fn run_committer(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.settings.config.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut trimmer = Trimmer::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -33,6 +34,9 @@ impl Shared {
             let me = self.clone();
             let _ = tokio::task::spawn_blocking(move || me.commit()).await;
             self.publish_status();
+            if trimmer.should_trim(self.budget.used(), Instant::now()) {
+                let _ = tokio::task::spawn_blocking(crate::release_free_memory).await;
+            }
         }
     }
 
@@ -137,4 +141,56 @@ pub(crate) fn commit_offsets<C: Consumer<X>, X: rdkafka::consumer::ConsumerConte
         tpl.add_partition_offset(&p.tp.0, p.tp.1, Offset::Offset(p.offset))?;
     }
     consumer.commit(&tpl, CommitMode::Sync)
+}
+
+/// When to hand freed memory back to the system: once the process has held almost nothing of its
+/// memory budget (under [`Trimmer::QUIET_BYTES`]) for [`Trimmer::QUIET_FOR`], and then not again
+/// until it has been busy in between. Trimming during work would only give back pages that the
+/// next records take again.
+#[derive(Debug, Default)]
+pub(crate) struct Trimmer {
+    quiet_since: Option<Instant>,
+    trimmed: bool,
+}
+
+impl Trimmer {
+    const QUIET_BYTES: u64 = 1 << 20;
+    const QUIET_FOR: Duration = Duration::from_secs(2);
+
+    /// True when a trim is due now, given the budget's bytes in use.
+    pub(crate) fn should_trim(&mut self, used: u64, now: Instant) -> bool {
+        if used >= Self::QUIET_BYTES {
+            *self = Trimmer::default();
+            return false;
+        }
+        let since = *self.quiet_since.get_or_insert(now);
+        if self.trimmed || now.duration_since(since) < Self::QUIET_FOR {
+            return false;
+        }
+        self.trimmed = true;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_once_after_a_quiet_spell_and_again_only_after_work() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let busy = 8 << 20;
+        let mut t = Trimmer::default();
+        assert!(!t.should_trim(busy, at(0)), "busy");
+        assert!(!t.should_trim(0, at(100)), "quiet, not yet for long");
+        assert!(!t.should_trim(0, at(2_000)));
+        assert!(t.should_trim(0, at(2_100)), "quiet for 2 s");
+        assert!(!t.should_trim(0, at(2_200)), "once per quiet spell");
+        assert!(!t.should_trim(0, at(60_000)));
+        assert!(!t.should_trim(busy, at(60_100)), "busy again");
+        assert!(!t.should_trim(1_000, at(60_200)));
+        assert!(!t.should_trim(1_000, at(62_100)));
+        assert!(t.should_trim(1_000, at(62_200)), "quiet again for 2 s");
+    }
 }

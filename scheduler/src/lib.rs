@@ -148,6 +148,18 @@ pub fn tune_allocator() {
     }
 }
 
+/// Hands the pages of freed memory back to the system (glibc's `malloc_trim`). glibc keeps what a
+/// burst of work freed mapped for the next one: after filing a million records at full speed the
+/// process stayed at about 60 MiB resident with nothing held, against 20 MiB before. The engine
+/// calls it once the process has gone quiet (the committer's `Trimmer` decides when).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the system; any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`): the set-up every binary of the
 /// workspace shares.
 pub fn init_logging() {
