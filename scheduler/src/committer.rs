@@ -1,7 +1,8 @@
 //! The committer: commits, per partition, up to the lowest record not yet acknowledged in its
 //! next place (the [`OffsetTracker`] says where), and only marks a point committed once the broker
 //! acknowledged the commit. It also publishes the status snapshot the HTTP API reads, and the
-//! pending-records statistics.
+//! pending-records statistics, and hands freed memory back to the system once the process has gone
+//! quiet ([`Trimmer`]).
 //!
 //! Receives nothing but ticks; reads the tracker, the timer's view and the budget; sends the
 //! [`Status`] on a watch channel.
