@@ -341,12 +341,23 @@ stop_one() {
   rm -f "$STACK/pids/$name.pid" "$STACK/pids/$name.cmd" "$STACK/pids/$name.built"
 }
 
+# The services first, while the servers they talk to still answer: a scheduler stopping cleanly
+# publishes what its timer holds and commits, which it cannot do once the broker is gone (stopped
+# in the order of their names, the broker went first and the messenger waited out its whole grace
+# period). Then the servers.
+SERVERS=(kafka mongo mysql)
+
 stop_all() {
-  local file
+  local file name
   for file in "$STACK"/pids/*.pid; do
     [ -e "$file" ] || continue
-    stop_one "$(basename "$file" .pid)"
+    name="$(basename "$file" .pid)"
+    [[ " ${SERVERS[*]} " == *" $name "* ]] || stop_one "$name"
   done
+  for name in "${SERVERS[@]}"; do
+    [ -e "$STACK/pids/$name.pid" ] && stop_one "$name"
+  done
+  return 0
 }
 
 export_env() {

@@ -468,6 +468,49 @@ fn stop_and_check_gone(stack: &Path, env: &[(&str, String)], pid: u32) {
     );
 }
 
+/// `-s` stops the services before the servers they talk to: a scheduler stopping cleanly publishes
+/// what its timer holds and commits, which it cannot do once the broker is gone (in the order of
+/// their names the broker went first, and the messenger waited out its whole grace period).
+/// Detached stand-ins, named by the stack's PID files, play the broker and the scheduler.
+#[test]
+fn stop_takes_the_services_down_before_the_servers() {
+    let stack = std::env::temp_dir().join(unique("stack"));
+    std::fs::create_dir_all(stack.join("pids")).unwrap();
+    let stand_in = |name: &str| -> u32 {
+        // Its shell exits at once, so the stand-in is reaped as soon as it is stopped.
+        let out = Command::new("sh")
+            .args(["-c", "sleep 600 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let pids = stack.join("pids");
+        std::fs::write(pids.join(format!("{name}.pid")), pid.to_string()).unwrap();
+        std::fs::write(
+            pids.join(format!("{name}.cmd")),
+            String::from_utf8_lossy(&cmd).replace('\0', " "),
+        )
+        .unwrap();
+        pid
+    };
+    let broker = stand_in("kafka");
+    let scheduler = stand_in("scheduler");
+    let out = script_with(&["-s"], &stack, &[("SM_SHUTDOWN_TIMEOUT", "1s".into())]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let at = |what: String| {
+        text.find(&what)
+            .unwrap_or_else(|| panic!("no '{what}' in: {text}"))
+    };
+    assert!(
+        at(format!("stopping scheduler (pid {scheduler})"))
+            < at(format!("stopping kafka (pid {broker})")),
+        "the scheduler stops while the broker still answers: {text}"
+    );
+    assert!(!stack.join("pids/kafka.pid").exists() && !stack.join("pids/scheduler.pid").exists());
+    let _ = std::fs::remove_dir_all(&stack);
+}
+
 /// Two actions in one command line are refused with a message, never the last one silently.
 #[test]
 fn conflicting_options_are_refused() {
