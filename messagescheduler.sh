@@ -252,34 +252,23 @@ start_kafka() {
 # A broker of the test run's own, on a free port with an empty data directory, stopped (by PID)
 # and removed when the run ends, even when it fails: no topic, group or backlog of the main job
 # or of an earlier run is in play (a long-lived broker with hundreds of MiB of earlier topics once
-# made the cancel and experiment tests late), and the stack's broker is left alone.
+# made the cancel and experiment tests late), and the stack's broker is left alone. Started and
+# stopped like every other process of the script (`start`, `stop_one`).
 start_test_broker() {
   ensure_nisshi
   local port
   port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   TEST_KAFKA_DIR="$(mktemp -d "$STACK/test-kafka.XXXXXX")"
-  mkdir -p "$STACK/logs"
-  nisshi_command "$port"
-  (cd "$TEST_KAFKA_DIR" && exec setsid "${NISSHI[@]}" >"$STACK/logs/test-kafka.log" 2>&1 </dev/null) &
-  TEST_KAFKA_PID=$!
   trap stop_test_broker EXIT
   trap "exit 130" INT TERM
-  wait_port test-kafka "$port" "$TEST_KAFKA_PID"
-  log "test broker started (pid $TEST_KAFKA_PID) on 127.0.0.1:$port"
+  nisshi_command "$port"
+  start test-kafka "$port" "$TEST_KAFKA_DIR" "${NISSHI[@]}"
   KAFKA_PORT=$port
 }
 
 stop_test_broker() {
-  [ -n "${TEST_KAFKA_PID:-}" ] || return 0
-  kill "$TEST_KAFKA_PID" 2>/dev/null || true
-  local i
-  for i in $(seq 1 100); do
-    kill -0 "$TEST_KAFKA_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -9 "$TEST_KAFKA_PID" 2>/dev/null || true
-  rm -rf "$TEST_KAFKA_DIR"
-  TEST_KAFKA_PID=
+  [ -f "$STACK/pids/test-kafka.pid" ] && stop_one test-kafka
+  rm -rf "${TEST_KAFKA_DIR:?}"
 }
 
 start_mongo() {
