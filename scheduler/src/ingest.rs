@@ -4,8 +4,8 @@
 //! Receives records from the ingest topic (the slice partitions are assigned to the same consumer
 //! but stay paused: the sweep readers read them). Sends a record due within the hold horizon to
 //! the timer (one hop: its ingest offset waits for the delivery), one due further out to the
-//! finest slice window that can hold it ([`crate::slice::Ladder::route`]), and a record it cannot schedule to the DLQ
-//! with the reason. Every record's share of the memory budget is taken here or in the sweeps.
+//! finest slice window that can hold it ([`crate::slice::Ladder::route`]), and a record it cannot
+//! schedule to the DLQ with the reason. Every record's share of the memory budget is taken here or in the sweeps.
 
 use std::sync::Arc;
 use std::time::Duration;

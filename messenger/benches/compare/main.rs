@@ -314,7 +314,7 @@ async fn main() {
             }
             let _ = write!(
                 text,
-                "\n\nThe scheduler's own histogram: 99% of deliveries acknowledged by the broker within {} of their due time.",
+                "\n\nThe scheduler's own histogram: p99 of acknowledgement by the broker minus due time {}.",
                 acked(p.acked_p99_ms)
             );
             emit(&mut out, &format!("{text}\n"));

@@ -190,7 +190,7 @@ impl Precision {
             .map(|(_, o)| o)
     }
 
-    /// (rate, broker-alone on-arrival p99, scheduler on-arrival p99), in ms.
+    /// The run's [`Step`]: its on-arrival p99s beside each other, and the acknowledged p99.
     pub fn p99s(&self) -> Step {
         let alone = self
             .rows
