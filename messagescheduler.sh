@@ -499,9 +499,29 @@ up() {
   fi
 }
 
+# The fields of the messenger's experiment (`POST /produce-messages` merges a body of them over the
+# experiment it started with); its other SM_EXP_* settings (the senders) apply when it starts.
+EXPERIMENT_FIELDS='["count","duration","rate","value_size","min_delay","max_delay","kafka","mysql","cancel_share","reschedule_share","grace"]'
+
+# The experiment to run as a JSON body: compose/experiment.env's SM_EXP_* settings with the
+# caller's over them. Sent whole, so a second --exp runs what this call says, although the
+# messenger already running read its environment when it started.
+experiment_body() {
+  load_experiment_env
+  jq -nc --argjson fields "$EXPERIMENT_FIELDS" '
+    [env | to_entries[] | select(.key | startswith("SM_EXP_"))
+      | .key |= (ltrimstr("SM_EXP_") | ascii_downcase)
+      | select(.key as $k | $fields | index($k))
+      | .value = (.value | if . == "true" then true elif . == "false" then false else (tonumber? // .) end)]
+    | from_entries'
+}
+
 start_experiment() {
-  log "starting the experiment of compose/experiment.env"
-  run curl -fsS -X POST -H 'content-type: application/json' -d '{}' "$MESSENGER_URL/produce-messages"
+  apt_install jq
+  local body
+  body="$(experiment_body)"
+  log "starting the experiment of compose/experiment.env and SM_EXP_*: $body"
+  run curl -fsS -X POST -H 'content-type: application/json' -d "$body" "$MESSENGER_URL/produce-messages"
   echo
 }
 

@@ -421,6 +421,51 @@ fn every_option_of_the_script_does_what_it_says() {
     assert!(!ok && out.contains("unknown option"), "{out}");
 }
 
+/// `--exp` posts the whole experiment (compose/experiment.env under the caller's `SM_EXP_*`) to
+/// the messenger, so a second `--exp` with other settings runs those, although the messenger
+/// already running read its environment when it started. The body is what the messenger's
+/// `Experiment` reads; settings that are not the experiment's (the senders') are left out.
+#[test]
+fn a_second_exp_runs_the_callers_settings() {
+    let out = Command::new("bash")
+        .arg(root().join("messagescheduler.sh"))
+        .args(["--dry-run", "--exp"])
+        .env("SM_DOCKER", "0")
+        .env(
+            "SM_STACK_DIR",
+            std::env::temp_dir().join(unique("no-stack")),
+        )
+        .env("SM_EXP_COUNT", "200")
+        .env("SM_EXP_MYSQL", "false")
+        .env("SM_EXP_MAX_DELAY", "1m")
+        .env("SM_EXP_RATE", "12.5")
+        .env("SM_EXP_SENDERS", "9")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let body = text
+        .lines()
+        .find_map(|l| l.split_once("SM_EXP_*: ").map(|(_, b)| b))
+        .unwrap_or_else(|| panic!("no experiment body logged: {text}"));
+    let fields: serde_json::Value = serde_json::from_str(body).expect("the body is JSON");
+    assert!(fields.get("senders").is_none(), "{body}");
+    let exp: Experiment = serde_json::from_value(fields).expect("the messenger reads it");
+    assert_eq!(exp.count, 200);
+    assert!(!exp.mysql && exp.kafka, "{body}");
+    assert_eq!(exp.max_delay, Duration::from_secs(60));
+    assert_eq!(exp.rate, Some(12.5));
+    assert_eq!(
+        exp.duration,
+        Duration::from_secs(3600),
+        "from experiment.env"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("/produce-messages"),
+        "the run is posted"
+    );
+}
+
 /// The port of the broker this test run uses (`--test` starts one of its own on a free port), so
 /// that the script finds it running rather than starting another.
 fn broker_port() -> String {
