@@ -193,7 +193,7 @@ impl Engine {
         .create()?;
         let mut readers = Vec::with_capacity(settings.config.workers);
         for _ in 0..settings.config.workers {
-            readers.push(crate::sweep::reader(&settings)?);
+            readers.push(crate::sweep::readers(&settings)?);
         }
 
         let (state, state_reader) = crate::state::open(&settings, state_dir)?;
@@ -255,9 +255,9 @@ impl Engine {
         tasks.spawn(shared.clone().run_stats());
         tasks.spawn(shared.clone().run_janitor());
         let state_thread = state_reader.spawn(&shared)?;
-        for (n, reader) in readers.into_iter().enumerate() {
+        for (n, readers) in readers.into_iter().enumerate() {
             let id = format!("{}-w{}", std::process::id(), n + 1);
-            tasks.spawn(shared.clone().run_worker(id, jobs_rx.clone(), reader));
+            tasks.spawn(shared.clone().run_worker(id, jobs_rx.clone(), readers));
         }
         tasks.close();
         tracing::info!(

@@ -1,7 +1,8 @@
 //! Sweeps: reading one slice window's partitions and moving each record to its next place.
 //!
-//! Each worker owns a reader, a consumer outside the group that is assigned a job's partitions
-//! only while it sweeps them and nothing in between, so slice partitions cost the broker no
+//! Each worker owns readers (`--sweep-readers`), consumers outside the group that are assigned a
+//! job's partitions (dealt among them, read at once) only while it sweeps them and nothing in
+//! between, so slice partitions cost the broker no
 //! fetches between their sweeps (a waiting fetch costs this broker a read of every partition in it,
 //! several times per wait). The group's consumer keeps them assigned and paused: it decides which
 //! instance owns them and commits their offsets. Receives job ids from the planner and the control
@@ -180,9 +181,22 @@ struct PartitionSweep {
     done: bool,
 }
 
-/// A sweep worker's reader (settings in [`kafka::sweep_reader_config`]).
-pub(crate) fn reader(settings: &Settings) -> Result<StreamConsumer, Error> {
-    Ok(kafka::sweep_reader_config(settings).create()?)
+/// A sweep worker's readers (`--sweep-readers`; settings in [`kafka::sweep_reader_config`]).
+pub(crate) fn readers(settings: &Settings) -> Result<Vec<StreamConsumer>, Error> {
+    (0..settings.config.sweep_readers)
+        .map(|_| Ok(kafka::sweep_reader_config(settings).create()?))
+        .collect()
+}
+
+/// Deals `items` round-robin into at most `hands` groups, none empty: the partitions of a sweep
+/// among its readers.
+fn deal<T>(items: Vec<T>, hands: usize) -> Vec<Vec<T>> {
+    let n = hands.min(items.len());
+    let mut groups: Vec<Vec<T>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        groups[i % n].push(item);
+    }
+    groups
 }
 
 /// Delays between attempts of a failed sweep: 200 ms doubling to 10 s, with jitter.
@@ -191,12 +205,12 @@ fn sweep_retry_delays() -> impl Iterator<Item = Duration> {
 }
 
 impl Shared {
-    /// A worker: takes jobs one at a time and runs each with its own reader.
+    /// A worker: takes jobs one at a time and runs each with its own readers.
     pub(crate) async fn run_worker(
         self: Arc<Self>,
         id: String,
         jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<u64>>>,
-        reader: StreamConsumer,
+        readers: Vec<StreamConsumer>,
     ) {
         self.board.join(&id, self.clock.now_ms());
         let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -210,14 +224,14 @@ impl Shared {
                 job = async { jobs.lock().await.recv().await } => job,
             };
             let Some(job_id) = job else { break };
-            self.run_job(job_id, &id, &reader).await;
+            self.run_job(job_id, &id, &readers).await;
         }
         self.board.leave(&id);
     }
 
     /// Runs a job until it succeeds, its partitions are gone, or the engine stops; each failed
     /// attempt is counted, shown on the board, and marks the process `degraded` until it passes.
-    async fn run_job(self: &Arc<Self>, job_id: u64, worker: &str, reader: &StreamConsumer) {
+    async fn run_job(self: &Arc<Self>, job_id: u64, worker: &str, readers: &[StreamConsumer]) {
         let Some(job) = self.board.get(job_id) else {
             return;
         };
@@ -232,7 +246,7 @@ impl Shared {
             }
             self.board
                 .start(job_id, worker, partitions.clone(), self.clock.now_ms());
-            match self.sweep_once(&job, &partitions, reader).await {
+            match self.sweep_once(&job, &partitions, readers).await {
                 Ok(counts) => break Some(Ok(counts)),
                 Err(e) if self.intake.is_cancelled() => break Some(Err(e)),
                 Err(e) => {
@@ -280,7 +294,7 @@ impl Shared {
         self: &Arc<Self>,
         job: &Job,
         partitions: &[i32],
-        reader: &StreamConsumer,
+        readers: &[StreamConsumer],
     ) -> Result<JobCounts, String> {
         #[cfg(feature = "testkit")]
         if self
@@ -311,7 +325,7 @@ impl Shared {
         let parts = self
             .sweep_starts(&job.slot_topic, partitions, reappend)
             .await?;
-        self.read_sweep(&job.slot_topic, parts, reader).await
+        self.read_sweep(&job.slot_topic, parts, readers).await
     }
 
     /// Where each partition's sweep starts and ends. Takes each partition's cursor first (so two
@@ -384,31 +398,29 @@ impl Shared {
             .collect()
     }
 
-    /// Reads the partitions with the worker's reader and routes each record on; returns once
-    /// every record read has been placed (acknowledged in a finer slice or the DLQ, or in the
-    /// timer).
+    /// Reads the partitions with the worker's readers (dealt among them, read at once) and routes
+    /// each record on; returns once every record read has been placed (acknowledged in a finer
+    /// slice or the DLQ, or in the timer).
     async fn read_sweep(
         self: &Arc<Self>,
         topic: &str,
         mut parts: Vec<PartitionSweep>,
-        reader: &StreamConsumer,
+        readers: &[StreamConsumer],
     ) -> Result<JobCounts, String> {
         let sweep = Arc::new(ActiveSweep::default());
-        let mut tpl = TopicPartitionList::new();
-        for p in parts.iter().filter(|p| !p.done) {
-            tpl.add_partition_offset(topic, p.tp.1, Offset::Offset(p.next))
-                .map_err(|e| e.to_string())?;
-        }
-        let mut outcome = Ok(());
-        if tpl.count() > 0 {
-            reader.assign(&tpl).map_err(|e| e.to_string())?;
-            outcome = self
-                .read_until_done(topic, &mut parts, reader, &sweep)
-                .await;
-            if let Err(e) = reader.unassign() {
-                tracing::warn!(error = %e, "unassigning the sweep reader failed");
-            }
-        }
+        let open: Vec<&mut PartitionSweep> = parts.iter_mut().filter(|p| !p.done).collect();
+        let reads =
+            deal(open, readers.len())
+                .into_iter()
+                .zip(readers)
+                .map(|(mut group, reader)| {
+                    let sweep = &sweep;
+                    async move { self.read_group(topic, &mut group, reader, sweep).await }
+                });
+        // Every group runs to its end before the first failure is returned, so that no reader is
+        // left assigned.
+        let outcome: Result<Vec<()>, String> =
+            futures::future::join_all(reads).await.into_iter().collect();
         for p in &mut parts {
             p.cursor.next = Some(p.next);
         }
@@ -417,13 +429,22 @@ impl Shared {
         sweep.all_placed(self).await
     }
 
-    async fn read_until_done(
+    /// One reader's share of a sweep: assigned these partitions for the length of the read.
+    async fn read_group(
         self: &Arc<Self>,
         topic: &str,
-        parts: &mut [PartitionSweep],
+        parts: &mut [&mut PartitionSweep],
         reader: &StreamConsumer,
         sweep: &Arc<ActiveSweep>,
     ) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        for p in parts.iter() {
+            tpl.add_partition_offset(topic, p.tp.1, Offset::Offset(p.next))
+                .map_err(|e| e.to_string())?;
+        }
+        reader.assign(&tpl).map_err(|e| e.to_string())?;
+        // Read to the end in a block of its own, so that every way out of it unassigns.
+        let outcome = async {
         while parts.iter().any(|p| !p.done) {
             let msg = tokio::select! {
                 m = tokio::time::timeout(STALL, reader.recv()) => m,
@@ -500,5 +521,26 @@ impl Shared {
             }
         }
         Ok(())
+        }
+        .await;
+        if let Err(e) = reader.unassign() {
+            tracing::warn!(error = %e, "unassigning the sweep reader failed");
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deal;
+
+    #[test]
+    fn a_sweep_deals_its_partitions_among_its_readers() {
+        assert_eq!(deal(vec![0, 1, 2, 3], 2), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(deal(vec![0, 1, 2], 2), vec![vec![0, 2], vec![1]]);
+        // No reader is handed nothing: one partition, one reader.
+        assert_eq!(deal(vec![7], 4), vec![vec![7]]);
+        assert!(deal(Vec::<i32>::new(), 2).is_empty());
+        assert_eq!(deal(vec![0, 1, 2, 3], 1), vec![vec![0, 1, 2, 3]]);
     }
 }
