@@ -2,12 +2,12 @@
 //!
 //! Each worker owns readers (`--sweep-readers`), consumers outside the group that are assigned a
 //! job's partitions (dealt among them, read at once) only while it sweeps them and nothing in
-//! between, so slice partitions cost the broker no
-//! fetches between their sweeps (a waiting fetch costs this broker a read of every partition in it,
-//! several times per wait). The group's consumer keeps them assigned and paused: it decides which
-//! instance owns them and commits their offsets. Receives job ids from the planner and the control
-//! task; sends records to the outbox and the timer; reports each job on the board. A failed sweep is
-//! retried with backoff and jitter until it succeeds or its partitions are revoked.
+//! between, so slice partitions cost the broker no fetches between their sweeps (a waiting fetch
+//! costs this broker a read of every partition in it, several times per wait). The group's consumer
+//! keeps them assigned and paused: it decides which instance owns them and commits their offsets.
+//! Receives job ids from the planner and the control task; sends records to the outbox and the
+//! timer; reports each job on the board. A failed sweep is retried with backoff and jitter until it
+//! succeeds or its partitions are revoked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -445,82 +445,86 @@ impl Shared {
         reader.assign(&tpl).map_err(|e| e.to_string())?;
         // Read to the end in a block of its own, so that every way out of it unassigns.
         let outcome = async {
-        while parts.iter().any(|p| !p.done) {
-            let msg = tokio::select! {
-                m = tokio::time::timeout(STALL, reader.recv()) => m,
-                _ = self.intake.cancelled() => return Err("shutting down".into()),
-            };
-            let rec = match msg {
-                Err(_) => return Err(format!("no record for {STALL:?}")),
-                Ok(Err(e)) => {
-                    metrics::counter!(m::SLICE_READ_ERRORS).increment(1);
-                    return Err(format!("reading the slice failed: {e}"));
+            while parts.iter().any(|p| !p.done) {
+                let msg = tokio::select! {
+                    m = tokio::time::timeout(STALL, reader.recv()) => m,
+                    _ = self.intake.cancelled() => return Err("shutting down".into()),
+                };
+                let rec = match msg {
+                    Err(_) => return Err(format!("no record for {STALL:?}")),
+                    Ok(Err(e)) => {
+                        metrics::counter!(m::SLICE_READ_ERRORS).increment(1);
+                        return Err(format!("reading the slice failed: {e}"));
+                    }
+                    Ok(Ok(m)) => kafka::detach(&m),
+                };
+                let Some(p) = parts
+                    .iter_mut()
+                    .find(|p| p.tp.1 == rec.partition && rec.topic == topic)
+                else {
+                    continue;
+                };
+                if p.done || rec.offset < p.next {
+                    continue; // past where this partition stops, or read again after a seek
                 }
-                Ok(Ok(m)) => kafka::detach(&m),
-            };
-            let Some(p) = parts
-                .iter_mut()
-                .find(|p| p.tp.1 == rec.partition && rec.topic == topic)
-            else {
-                continue;
-            };
-            if p.done || rec.offset < p.next {
-                continue; // past where this partition stops, or read again after a seek
-            }
-            let now = self.clock.now_ms();
-            let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {
-                let route = self.next_place(s.due.as_millis(), now);
-                (s, route)
-            });
-            if let Ok((_, Route::Slice(id))) = &parsed {
-                if rec.offset >= p.reappend_below && self.slice_topic(*id) == rec.topic {
-                    // Already in the right place for a later window: leave it, and the rest,
-                    // for then.
+                let now = self.clock.now_ms();
+                let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {
+                    let route = self.next_place(s.due.as_millis(), now);
+                    (s, route)
+                });
+                if let Ok((_, Route::Slice(id))) = &parsed {
+                    if rec.offset >= p.reappend_below && self.slice_topic(*id) == rec.topic {
+                        // Already in the right place for a later window: leave it, and the rest,
+                        // for then.
+                        p.done = true;
+                        continue;
+                    }
+                }
+                let ticket = lock(&self.tracker).begin_in(
+                    &rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    p.generation,
+                );
+                let Some(ticket) = ticket else {
+                    // Revoked (perhaps assigned again meanwhile): not a failure. Its new owner, or
+                    // the catch-up of the new assignment, sweeps it from the committed offset.
                     p.done = true;
                     continue;
+                };
+                if rec.offset >= p.began_at_end {
+                    metrics::counter!(m::STRAGGLERS).increment(1);
                 }
-            }
-            let ticket =
-                lock(&self.tracker).begin_in(&rec.topic, rec.partition, rec.offset, p.generation);
-            let Some(ticket) = ticket else {
-                // Revoked (perhaps assigned again meanwhile): not a failure. Its new owner, or
-                // the catch-up of the new assignment, sweeps it from the committed offset.
-                p.done = true;
-                continue;
-            };
-            if rec.offset >= p.began_at_end {
-                metrics::counter!(m::STRAGGLERS).increment(1);
-            }
-            p.next = rec.offset + 1;
-            sweep.routed();
-            match parsed {
-                Ok((s, route)) => {
-                    self.forward(s, route, ticket, Some(sweep.clone()), None)
+                p.next = rec.offset + 1;
+                sweep.routed();
+                match parsed {
+                    Ok((s, route)) => {
+                        self.forward(s, route, ticket, Some(sweep.clone()), None)
+                            .await
+                    }
+                    Err(why) => {
+                        tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
+                        self.dead_letter_original(&rec, &why, ticket, Some(sweep.clone()))
+                            .await;
+                    }
+                }
+                if p.next >= p.end {
+                    // Caught up: take stragglers written since the sweep began, then stop.
+                    let tps = vec![p.tp.clone()];
+                    let tp = p.tp.clone();
+                    let end = p.end;
+                    let h = self
+                        .look(move |l| l.ends(&tps, BROKER_TIMEOUT))
                         .await
-                }
-                Err(why) => {
-                    tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
-                    self.dead_letter_original(&rec, &why, ticket, Some(sweep.clone()))
-                        .await;
-                }
-            }
-            if p.next >= p.end {
-                // Caught up: take stragglers written since the sweep began, then stop.
-                let tps = vec![p.tp.clone()];
-                let tp = p.tp.clone();
-                let end = p.end;
-                let h = self
-                    .look(move |l| l.ends(&tps, BROKER_TIMEOUT))
-                    .await
-                    .map(|ends| ends.get(&tp).copied().unwrap_or(end))?;
-                if h > p.end {
-                    p.end = h;
-                } else {
-                    p.done = true;
+                        .map(|ends| ends.get(&tp).copied().unwrap_or(end))?;
+                    if h > p.end {
+                        p.end = h;
+                    } else {
+                        p.done = true;
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
         }
         .await;
         if let Err(e) = reader.unassign() {
