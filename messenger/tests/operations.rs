@@ -427,21 +427,17 @@ fn every_option_of_the_script_does_what_it_says() {
 /// `Experiment` reads; settings that are not the experiment's (the senders') are left out.
 #[test]
 fn a_second_exp_runs_the_callers_settings() {
-    let out = Command::new("bash")
-        .arg(root().join("messagescheduler.sh"))
-        .args(["--dry-run", "--exp"])
-        .env("SM_DOCKER", "0")
-        .env(
-            "SM_STACK_DIR",
-            std::env::temp_dir().join(unique("no-stack")),
-        )
-        .env("SM_EXP_COUNT", "200")
-        .env("SM_EXP_MYSQL", "false")
-        .env("SM_EXP_MAX_DELAY", "1m")
-        .env("SM_EXP_RATE", "12.5")
-        .env("SM_EXP_SENDERS", "9")
-        .output()
-        .unwrap();
+    let out = script_with(
+        &["--dry-run", "--exp"],
+        &std::env::temp_dir().join(unique("no-stack")),
+        &[
+            ("SM_EXP_COUNT", "200".into()),
+            ("SM_EXP_MYSQL", "false".into()),
+            ("SM_EXP_MAX_DELAY", "1m".into()),
+            ("SM_EXP_RATE", "12.5".into()),
+            ("SM_EXP_SENDERS", "9".into()),
+        ],
+    );
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     let body = text

@@ -191,10 +191,10 @@ impl Engine {
             &settings.config.kafka_properties,
         )
         .create()?;
-        let mut readers = Vec::with_capacity(settings.config.workers);
-        for _ in 0..settings.config.workers {
-            readers.push(crate::sweep::readers(&settings)?);
-        }
+        // Each worker's own readers.
+        let worker_readers = (0..settings.config.workers)
+            .map(|_| crate::sweep::readers(&settings))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let (state, state_reader) = crate::state::open(&settings, state_dir)?;
 
@@ -255,7 +255,7 @@ impl Engine {
         tasks.spawn(shared.clone().run_stats());
         tasks.spawn(shared.clone().run_janitor());
         let state_thread = state_reader.spawn(&shared)?;
-        for (n, readers) in readers.into_iter().enumerate() {
+        for (n, readers) in worker_readers.into_iter().enumerate() {
             let id = format!("{}-w{}", std::process::id(), n + 1);
             tasks.spawn(shared.clone().run_worker(id, jobs_rx.clone(), readers));
         }
