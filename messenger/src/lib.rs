@@ -47,7 +47,8 @@ pub mod metric {
     pub const MISSING: &str = "sm_messenger_missing";
 }
 
-/// Which scheduler delivered a copy (the `sm-path` header).
+/// Which scheduler delivered a copy: the baseline labels its copies `sm-path: mysql`, the Kafka
+/// scheduler's carry no label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Path {
     Kafka,

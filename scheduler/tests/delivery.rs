@@ -110,7 +110,7 @@ async fn thousands_of_records_cross_every_level_and_arrive_on_time_and_intact() 
         let names_: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names_,
-            ["trace", "sm-id", "sm-version", "sm-due-ms", "sm-path"],
+            ["trace", "sm-id", "sm-version", "sm-due-ms"],
             "{id}: user header kept, scheduling headers replaced"
         );
         assert_eq!(r.header("trace"), Some(id.clone()));

@@ -148,8 +148,8 @@ async fn hostile_input_is_delivered_or_dead_lettered_never_a_crash() {
         .unwrap();
     assert_eq!(
         many_copy.headers.len(),
-        500 + 4,
-        "500 user headers plus sm-id, sm-version (it has an id), sm-due-ms, sm-path"
+        500 + 3,
+        "500 user headers plus sm-id, sm-version (it has an id) and sm-due-ms"
     );
     let extra = collect(&reader(&names.target, 1), Duration::from_secs(2), |r| {
         r.len() > 4
