@@ -465,7 +465,7 @@ impl Scheduled {
     /// `sm-id` and `sm-due-ms`, and `sm-version` for a record with an id. Nothing more: every
     /// header is a row the broker writes (see [`header::SM_PATH`]).
     pub fn to_target(&self) -> Outgoing {
-        let mut headers: Vec<Header> = Vec::with_capacity(self.user_headers.len() + 4);
+        let mut headers: Vec<Header> = Vec::with_capacity(self.user_headers.len() + 3);
         headers.extend(self.user_headers.iter().cloned());
         headers.push(h(header::SM_ID, self.id.clone()));
         if let Some(v) = self.version {
