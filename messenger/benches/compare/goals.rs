@@ -19,10 +19,10 @@ pub struct Goals {
     /// The ordinary client at its highest rate: (rate, achieved ÷ offered, scheduler p99 ms,
     /// broker-alone p99 ms).
     pub client: Option<(usize, f64, f64, f64)>,
-    /// Already-due records/s: (scheduler, relay).
-    pub throughput: Option<(f64, f64)>,
-    /// (rate, broker-alone p99 ms, scheduler p99 ms) per step, in rising rate.
-    pub steps: Vec<(usize, i64, i64)>,
+    /// Already-due records/s: (scheduler, relay, ratio), medians over the section's rounds.
+    pub throughput: Option<(f64, f64, f64)>,
+    /// Each step's on-arrival p99s, in rising rate.
+    pub steps: Vec<StepP99s>,
     /// Filing records/s, broker-alone produce records/s.
     pub filing: Option<(f64, f64)>,
     /// The burst: (last delivered after the instant, ms the broker took to accept it).
@@ -38,6 +38,9 @@ pub struct Goals {
     pub missing: usize,
 }
 
+/// One step: (rate, broker-alone p99 ms, scheduler p99 ms, relay p99 ms).
+pub type StepP99s = (usize, i64, i64, i64);
+
 /// Within 1.5× the broker alone's p99, plus 50 ms (the issue's own allowance for small figures).
 pub fn within(sched_p99: f64, alone_p99: f64) -> bool {
     sched_p99 <= 1.5 * alone_p99 + 50.0
@@ -45,22 +48,20 @@ pub fn within(sched_p99: f64, alone_p99: f64) -> bool {
 
 impl Goals {
     /// The highest step rate at which the scheduler's p99 stays within [`within`] the broker
-    /// alone's (every lower step too), and the highest at which the broker alone keeps its p99
-    /// at or under 1 s.
-    pub fn step_limits(&self) -> (usize, usize) {
-        let ours = self
-            .steps
-            .iter()
-            .take_while(|(_, alone, sched)| within(*sched as f64, *alone as f64))
-            .last()
-            .map_or(0, |s| s.0);
-        let broker = self
-            .steps
-            .iter()
-            .take_while(|(_, alone, _)| *alone <= 1_000)
-            .last()
-            .map_or(0, |s| s.0);
-        (ours, broker)
+    /// alone's (every lower step too), the same for a one-hop relay, and the highest at which
+    /// the broker alone keeps its p99 at or under 1 s.
+    pub fn step_limits(&self) -> (usize, usize, usize) {
+        let highest = |ok: &dyn Fn(&StepP99s) -> bool| {
+            self.steps
+                .iter()
+                .take_while(|s| ok(s))
+                .last()
+                .map_or(0, |s| s.0)
+        };
+        let ours = highest(&|s| within(s.2 as f64, s.1 as f64));
+        let relay = highest(&|s| within(s.3 as f64, s.1 as f64));
+        let broker = highest(&|s| s.1 <= 1_000);
+        (ours, relay, broker)
     }
 
     fn rows(&self) -> Vec<Row> {
@@ -73,21 +74,22 @@ impl Goals {
                 met: Some(rate >= 2_000 && achieved >= 0.95 && within(sched, alone)),
             });
         }
-        if let Some((ours, relay)) = self.throughput {
+        if let Some((ours, relay, ratio)) = self.throughput {
             rows.push(Row {
-                figure: "already-due throughput ÷ one-hop relay".into(),
-                measured: format!("{ours:.0} ÷ {relay:.0}/s = {:.2}", ours / relay),
+                figure: "already-due throughput ÷ one-hop relay (medians of alternating rounds)"
+                    .into(),
+                measured: format!("{ours:.0} ÷ {relay:.0}/s; ratio {ratio:.2}"),
                 goal: "≥ 1.0",
-                met: Some(ours >= relay),
+                met: Some(ratio >= 1.0),
             });
         }
         if !self.steps.is_empty() {
-            let (ours, broker) = self.step_limits();
+            let (ours, relay, broker) = self.step_limits();
             let ratio = ours as f64 / broker.max(1) as f64;
             let tried = self.steps.last().map_or(0, |s| s.0);
             rows.push(Row {
                 figure: "due 5 s ahead: highest rate with p99 ≤ 1.5× broker alone ÷ highest rate with broker-alone p99 ≤ 1 s".into(),
-                measured: format!("{ours} ÷ {broker}/s = {ratio:.2} (steps up to {tried}/s)"),
+                measured: format!("{ours} ÷ {broker}/s = {ratio:.2} (steps up to {tried}/s; a one-hop relay: {relay} ÷ {broker}/s)"),
                 goal: "≥ 0.8",
                 met: Some(broker > 0 && ratio >= 0.8),
             });
@@ -95,7 +97,16 @@ impl Goals {
         if let Some((filing, broker)) = self.filing {
             rows.push(Row {
                 figure: "filing rate (due an hour ahead) ÷ broker produce rate".into(),
-                measured: format!("{filing:.0} ÷ {broker:.0}/s = {:.2}", filing / broker),
+                measured: match self.throughput {
+                    // A relay does the same work per record (read ingest, write elsewhere): what
+                    // one hop reaches on this broker.
+                    Some((_, relay, _)) => format!(
+                        "{filing:.0} ÷ {broker:.0}/s = {:.2} (a one-hop relay in section 1: {:.2})",
+                        filing / broker,
+                        relay / broker
+                    ),
+                    None => format!("{filing:.0} ÷ {broker:.0}/s = {:.2}", filing / broker),
+                },
                 goal: "≥ 0.5",
                 met: Some(filing >= 0.5 * broker),
             });

@@ -40,23 +40,49 @@ fn log_name(names: &Names, what: &str) -> String {
 // ---- 1. throughput -----------------------------------------------------------------------------
 
 pub struct Throughput {
-    pub relay: f64,
-    pub scheduler: f64,
-    pub scheduler_outcome: Outcome,
-    /// The same run on a broker of its own, every record with an `id` (its facts written and
-    /// checked at publish).
+    /// Each round's (relay, scheduler) records/s, in the order they ran.
+    pub rounds: Vec<(f64, f64)>,
+    /// The scheduler's outcome in every round (for the early and missing counts).
+    pub scheduler_outcomes: Vec<Outcome>,
+    /// One run on a broker of its own, every record with an `id` (its facts written and checked
+    /// at publish).
     pub with_ids: f64,
     pub with_ids_outcome: Outcome,
 }
 
-/// `n` records, already due, wait in a fresh broker's ingest topic (with `id` headers or not);
-/// a scheduler starts and delivers them: its delivery rate, measured at a reader.
-async fn deliver_due(
-    bins: &Binaries,
+impl Throughput {
+    /// Median relay and scheduler rates, and the median of the rounds' ratios: one round is
+    /// too noisy on a broker whose own rate moves by a third between runs.
+    pub fn medians(&self) -> (f64, f64, f64) {
+        let relay = median(self.rounds.iter().map(|r| r.0).collect());
+        let ours = median(self.rounds.iter().map(|r| r.1).collect());
+        let ratio = median(self.rounds.iter().map(|r| r.1 / r.0).collect());
+        (relay, ours, ratio)
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `n` records, already due, waiting in a fresh broker's ingest topic (with `id` headers or
+/// not), and a reader of the target started for them.
+async fn due_backlog(
     name: &str,
     n: usize,
     with_ids: bool,
-) -> (Broker, Names, HashMap<String, i64>, Outcome) {
+) -> (
+    Broker,
+    Names,
+    HashMap<String, i64>,
+    tokio::task::JoinHandle<Vec<Received>>,
+) {
     let (broker, names) = set_up(name).await;
     let bootstrap = broker.bootstrap();
     create_topic_on(&bootstrap, &names.ingest, 16, &[]).await;
@@ -75,6 +101,13 @@ async fn deliver_due(
         due.keys().cloned().collect(),
         Duration::from_secs(600),
     );
+    (broker, names, due, reading)
+}
+
+/// A scheduler starts beside `n` due records on a fresh broker and delivers them: its rate,
+/// measured at a reader.
+async fn deliver_due(bins: &Binaries, name: &str, n: usize, with_ids: bool) -> Outcome {
+    let (broker, names, due, reading) = due_backlog(name, n, with_ids).await;
     let mut sched = Service::scheduler(
         &bins.scheduler,
         &scheduler_args(&broker, &names, &[]),
@@ -82,69 +115,104 @@ async fn deliver_due(
     )
     .await;
     let got = reading.await.expect("reader");
-    let outcome = Outcome::of(&got, &due);
     sched.stop().await;
-    (broker, names, due, outcome)
+    Outcome::of(&got, &due)
+}
+
+/// A plain consume-and-produce relay copies `n` due records from the ingest topic to the
+/// target on a fresh broker: its rate, measured the same way.
+async fn relay_due(n: usize) -> Outcome {
+    let (broker, names, due, reading) = due_backlog("bench-tp-relay", n, false).await;
+    relayed(start_relay(&broker.bootstrap(), &names.ingest, &names.target, due.len()).await).await;
+    let got = reading.await.expect("reader");
+    Outcome::of(&got, &due)
 }
 
 /// `n` records, already due, wait in the ingest topic; the scheduler's delivery rate (first to
-/// last arrival at the target) beside a plain consume-and-produce relay of the same records
-/// through the same broker, with the scheduler's producer settings.
-pub async fn throughput(bins: &Binaries, n: usize) -> Throughput {
-    let (broker, names, due, scheduler_outcome) = deliver_due(bins, "bench-tp", n, false).await;
-    let bootstrap = broker.bootstrap();
-
-    // The relay: the same records, read from the ingest topic and produced (key, value, headers)
-    // to another topic; its rate is measured the same way, at a reader of that topic.
-    let relay_target = format!("{}-relay", names.target);
-    create_topic_on(&bootstrap, &relay_target, TARGET_PARTITIONS, &[]).await;
-    let reading = start_reading(
-        &bootstrap,
-        &relay_target,
-        TARGET_PARTITIONS,
-        due.keys().cloned().collect(),
-        Duration::from_secs(600),
-    );
-    relay(&bootstrap, &names.ingest, &relay_target, due.len()).await;
-    let got = reading.await.expect("reader");
-    let relay_outcome = Outcome::of(&got, &due);
-    drop(broker);
-    let (_broker, _, _, with_ids_outcome) = deliver_due(bins, "bench-tp-ids", n, true).await;
-    Throughput {
-        relay: relay_outcome.rate(),
-        scheduler: scheduler_outcome.rate(),
-        scheduler_outcome,
-        with_ids: with_ids_outcome.rate(),
-        with_ids_outcome,
+/// last arrival at the target) beside a plain consume-and-produce relay of the same records,
+/// with the scheduler's producer settings. Each path runs `rounds` times on a fresh broker,
+/// the two alternating which goes first, so that neither always meets a warmer machine.
+pub async fn throughput(bins: &Binaries, n: usize, rounds: usize) -> Throughput {
+    let mut t = Throughput {
+        rounds: Vec::new(),
+        scheduler_outcomes: Vec::new(),
+        with_ids: 0.0,
+        with_ids_outcome: Outcome::default(),
+    };
+    for round in 0..rounds.max(1) {
+        let (relay, ours) = if round % 2 == 0 {
+            let r = relay_due(n).await;
+            (r, deliver_due(bins, "bench-tp", n, false).await)
+        } else {
+            let s = deliver_due(bins, "bench-tp", n, false).await;
+            (relay_due(n).await, s)
+        };
+        note(format!(
+            "throughput round {}: relay {:.0}/s, scheduler {:.0}/s",
+            round + 1,
+            relay.rate(),
+            ours.rate()
+        ));
+        t.rounds.push((relay.rate(), ours.rate()));
+        t.scheduler_outcomes.push(ours);
     }
+    t.with_ids_outcome = deliver_due(bins, "bench-tp-ids", n, true).await;
+    t.with_ids = t.with_ids_outcome.rate();
+    t
 }
 
 /// The relay as a process of its own, like the scheduler: this benchmark's binary again, with
-/// `--relay` (see [`relay_main`]).
-async fn relay(bootstrap: &str, from: &str, to: &str, n: usize) {
+/// `--relay` (see [`relay_main`]). Returns once the relay holds its partitions and a connection
+/// to the broker, so that its start-up is not counted as lateness; [`relayed`] waits for it.
+async fn start_relay(bootstrap: &str, from: &str, to: &str, n: usize) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe().expect("own path");
-    let status = tokio::process::Command::new(exe)
+    let mut child = tokio::process::Command::new(exe)
         .args(["--relay", bootstrap, from, to, &n.to_string()])
-        .status()
-        .await
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
         .expect("relay runs");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .expect("the relay's first line");
+    assert_eq!(line.trim(), "ready", "the relay did not start");
+    child
+}
+
+/// Waits for a relay started by [`start_relay`] to copy its records and exit.
+async fn relayed(mut child: tokio::process::Child) {
+    let status = child.wait().await.expect("relay runs");
     assert!(status.success(), "the relay failed");
 }
 
 /// Reads `n` records from `from` and produces each (key, value, headers) to `to` with the
 /// scheduler's producer settings, awaiting acknowledgements concurrently: the floor any
-/// Kafka-backed scheduler pays per hop.
+/// Kafka-backed scheduler pays per hop. Prints `ready` once it holds its partitions.
 pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
-    // The scheduler's consumer settings: a group member, fetches waiting up to 50 ms.
+    use rdkafka::consumer::Consumer;
+    // The scheduler's fetch setting (waits up to 50 ms). Every partition is assigned rather
+    // than joined through a group, so that it reads from the moment it says it is ready.
     let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("relay"))
-        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "50")
         .create()
         .expect("relay consumer");
-    rdkafka::consumer::Consumer::subscribe(&consumer, &[from]).expect("subscribe");
+    let metadata = consumer
+        .fetch_metadata(Some(from), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for part in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        tpl.add_partition_offset(from, part.id(), rdkafka::Offset::Beginning)
+            .expect("offset");
+    }
+    consumer.assign(&tpl).expect("assign");
+    println!("ready");
     let p: rdkafka::producer::FutureProducer = scheduler::kafka::producer_config(bootstrap, &[])
         .create()
         .expect("producer");
@@ -198,22 +266,30 @@ impl Precision {
             .find(|(n, _)| n.starts_with("broker alone"))
             .map_or(0, |(_, o)| o.arrival.p99);
         let ours = self.scheduler().map_or(0, |o| o.arrival.p99);
+        let relay = self
+            .rows
+            .iter()
+            .find(|(n, _)| n.starts_with("relay"))
+            .map_or(0, |(_, o)| o.arrival.p99);
         Step {
             rate: self.rate,
             alone,
             ours,
+            relay,
             acked: self.acked_p99_ms,
         }
     }
 }
 
-/// One rate of the steps: the broker alone's and the scheduler's on-arrival p99 (ms), and the
+/// One rate of the steps: the broker alone's, the scheduler's and a relay's on-arrival p99 (ms), and the
 /// scheduler's acknowledged p99 bucket bound (ms).
 #[derive(Debug, Clone, Copy)]
 pub struct Step {
     pub rate: usize,
     pub alone: i64,
     pub ours: i64,
+    /// A one-hop relay's, at the same rate on the same broker.
+    pub relay: i64,
     pub acked: Option<f64>,
 }
 
@@ -262,6 +338,38 @@ pub async fn precision(
         Outcome::of(&got, &due),
     ));
     note(format!("precision {rate}/s: broker alone, read"));
+
+    // The control: the same records through a one-hop relay (a process of its own reading a
+    // plain topic and producing to another), which is what the scheduler does with records due
+    // within its hold horizon; lateness on arrival after the produce.
+    let (relay_in, relay_out) = (format!("{direct}-in"), format!("{}-relay", names.target));
+    create_topic_on(&bootstrap, &relay_in, 16, &[]).await;
+    create_topic_on(&bootstrap, &relay_out, TARGET_PARTITIONS, &[]).await;
+    let reading = start_reading(
+        &bootstrap,
+        &relay_out,
+        TARGET_PARTITIONS,
+        (0..n).map(|i| format!("r-{i}")).collect(),
+        Duration::from_secs(seconds + 180),
+    );
+    let relaying = start_relay(&bootstrap, &relay_in, &relay_out, n).await;
+    let due = produce_paced(
+        &p,
+        &relay_in,
+        &names.target,
+        "r",
+        rate,
+        seconds,
+        Duration::ZERO,
+    )
+    .await;
+    relayed(relaying).await;
+    let got = reading.await.expect("reader");
+    rows.push((
+        "relay (produce → relay → read)".to_string(),
+        Outcome::of(&got, &due),
+    ));
+    note(format!("precision {rate}/s: relay, read"));
 
     let mut sched = Service::scheduler(
         &bins.scheduler,
