@@ -40,7 +40,7 @@ fn log_name(names: &Names, what: &str) -> String {
 // ---- 1. throughput -----------------------------------------------------------------------------
 
 pub struct Throughput {
-    /// Each round's (relay, scheduler) records/s, in the order they ran.
+    /// Each round's (relay, scheduler) records/s, whichever of the two ran first.
     pub rounds: Vec<(f64, f64)>,
     /// The scheduler's outcome in every round (for the early and missing counts).
     pub scheduler_outcomes: Vec<Outcome>,
