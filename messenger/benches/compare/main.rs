@@ -294,10 +294,10 @@ async fn main() {
         let _ = write!(
             text,
             "\n| median | {relay:.0} | {ours:.0} | {ratio:.2} |\n\nRecords with ids: {:.0}/s, {:.2} of the median without. Scheduler: {missing} missing, {early} early; with ids: {} missing, {} early.\n",
-            t.with_ids,
-            t.with_ids / ours,
-            t.with_ids_outcome.missing,
-            t.with_ids_outcome.early
+            t.with_ids.rate(),
+            t.with_ids.rate() / ours,
+            t.with_ids.missing,
+            t.with_ids.early
         );
         emit(&mut out, &text);
         outcomes.extend(
@@ -305,7 +305,7 @@ async fn main() {
                 .iter()
                 .map(|o| ("throughput".to_string(), *o)),
         );
-        outcomes.push(("throughput with ids".into(), t.with_ids_outcome));
+        outcomes.push(("throughput with ids".into(), t.with_ids));
     }
     // The p99s of every precision run, for the steps.
     let mut p99s: Vec<sections::Step> = Vec::new();

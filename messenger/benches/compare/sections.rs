@@ -46,8 +46,7 @@ pub struct Throughput {
     pub scheduler_outcomes: Vec<Outcome>,
     /// One run on a broker of its own, every record with an `id` (its facts written and checked
     /// at publish).
-    pub with_ids: f64,
-    pub with_ids_outcome: Outcome,
+    pub with_ids: Outcome,
 }
 
 impl Throughput {
@@ -133,12 +132,7 @@ async fn relay_due(n: usize) -> Outcome {
 /// with the scheduler's producer settings. Each path runs `rounds` times on a fresh broker,
 /// the two alternating which goes first, so that neither always meets a warmer machine.
 pub async fn throughput(bins: &Binaries, n: usize, rounds: usize) -> Throughput {
-    let mut t = Throughput {
-        rounds: Vec::new(),
-        scheduler_outcomes: Vec::new(),
-        with_ids: 0.0,
-        with_ids_outcome: Outcome::default(),
-    };
+    let (mut pairs, mut scheduler_outcomes) = (Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
         let (relay, ours) = if round % 2 == 0 {
             let r = relay_due(n).await;
@@ -153,12 +147,14 @@ pub async fn throughput(bins: &Binaries, n: usize, rounds: usize) -> Throughput 
             relay.rate(),
             ours.rate()
         ));
-        t.rounds.push((relay.rate(), ours.rate()));
-        t.scheduler_outcomes.push(ours);
+        pairs.push((relay.rate(), ours.rate()));
+        scheduler_outcomes.push(ours);
     }
-    t.with_ids_outcome = deliver_due(bins, "bench-tp-ids", n, true).await;
-    t.with_ids = t.with_ids_outcome.rate();
-    t
+    Throughput {
+        rounds: pairs,
+        scheduler_outcomes,
+        with_ids: deliver_due(bins, "bench-tp-ids", n, true).await,
+    }
 }
 
 /// The relay as a process of its own, like the scheduler: this benchmark's binary again, with
@@ -250,39 +246,34 @@ pub struct Precision {
 }
 
 impl Precision {
-    /// The scheduler's row.
-    pub fn scheduler(&self) -> Option<&Outcome> {
+    /// The row whose path name starts with `path`.
+    fn row(&self, path: &str) -> Option<&Outcome> {
         self.rows
             .iter()
-            .find(|(n, _)| n.starts_with("kafka"))
+            .find(|(n, _)| n.starts_with(path))
             .map(|(_, o)| o)
+    }
+
+    /// The scheduler's row.
+    pub fn scheduler(&self) -> Option<&Outcome> {
+        self.row("kafka")
     }
 
     /// The run's [`Step`]: its on-arrival p99s beside each other, and the acknowledged p99.
     pub fn p99s(&self) -> Step {
-        let alone = self
-            .rows
-            .iter()
-            .find(|(n, _)| n.starts_with("broker alone"))
-            .map_or(0, |(_, o)| o.arrival.p99);
-        let ours = self.scheduler().map_or(0, |o| o.arrival.p99);
-        let relay = self
-            .rows
-            .iter()
-            .find(|(n, _)| n.starts_with("relay"))
-            .map_or(0, |(_, o)| o.arrival.p99);
+        let p99 = |path| self.row(path).map_or(0, |o| o.arrival.p99);
         Step {
             rate: self.rate,
-            alone,
-            ours,
-            relay,
+            alone: p99("broker alone"),
+            ours: p99("kafka"),
+            relay: p99("relay"),
             acked: self.acked_p99_ms,
         }
     }
 }
 
-/// One rate of the steps: the broker alone's, the scheduler's and a relay's on-arrival p99 (ms), and the
-/// scheduler's acknowledged p99 bucket bound (ms).
+/// One rate of the steps: the broker alone's, the scheduler's and a relay's on-arrival p99
+/// (ms), and the scheduler's acknowledged p99 bucket bound (ms).
 #[derive(Debug, Clone, Copy)]
 pub struct Step {
     pub rate: usize,
