@@ -509,10 +509,13 @@ impl Outcome {
     pub fn of(got: &[Received], due: &HashMap<String, i64>) -> Outcome {
         let mut seen: HashMap<String, usize> = HashMap::with_capacity(due.len());
         let (mut arrival, mut publish, mut early) = (Vec::new(), Vec::new(), 0);
+        let (mut first_ms, mut last_ms) = (i64::MAX, 0);
         for r in got {
             let id = key_of(r);
             let Some(&d) = due.get(&id) else { continue };
             *seen.entry(id).or_default() += 1;
+            first_ms = first_ms.min(r.received_ms);
+            last_ms = last_ms.max(r.received_ms);
             arrival.push(r.received_ms - d);
             publish.push(r.timestamp_ms - d);
             if r.received_ms < d || r.timestamp_ms < d {
@@ -527,8 +530,8 @@ impl Outcome {
             early,
             arrival: Percentiles::of(arrival),
             publish: Percentiles::of(publish),
-            first_ms: got.iter().map(|r| r.received_ms).min().unwrap_or(0),
-            last_ms: got.iter().map(|r| r.received_ms).max().unwrap_or(0),
+            first_ms: if first_ms == i64::MAX { 0 } else { first_ms },
+            last_ms,
         }
     }
 

@@ -208,10 +208,22 @@ pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
             .expect("offset");
     }
     consumer.assign(&tpl).expect("assign");
-    println!("ready");
     let p: rdkafka::producer::FutureProducer = scheduler::kafka::producer_config(bootstrap, &[])
         .create()
         .expect("producer");
+    // The scheduler's producer is connected (its idempotent producer id granted) long before
+    // the first record it delivers falls due; the relay's must be too, or its first second of
+    // records waits for that and its p99 is the producer's start-up (about 1 s here), not its
+    // hop. One record under a key no reader expects does it.
+    let warm_up = FutureRecord::<[u8], [u8]>::to(to)
+        .key(b"relay-warm-up")
+        .payload(b"");
+    enqueue(&p, warm_up)
+        .await
+        .await
+        .expect("warm-up acknowledged")
+        .expect("warm-up delivered");
+    println!("ready");
     let mut acks = Vec::with_capacity(n);
     for _ in 0..n {
         let m = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
