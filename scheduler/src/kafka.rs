@@ -103,15 +103,18 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("fetch.min.bytes", "262144")
         // librdkafka prefetches up to 64 MB and 100,000 records per partition by default; the
         // engine routes records as fast as they come, so a backlog in the ingest topic only
-        // inflated resident memory (from 15 MiB to over 200 MiB in the benchmark).
+        // inflated resident memory (from 15 MiB to over 200 MiB in the benchmark). But a cap
+        // below what one fetch brings makes the consumer stop fetching while the engine works
+        // through its queue, and fetch again only when it is drained: at 4 MiB (and 256 KiB per
+        // partition, 4 MiB per response) 20,000 due records went out at 0.75-1.12 of a one-hop
+        // relay's rate (median 0.93); at 16 MiB (1 MiB per partition, 16 MiB per response)
+        // 1.02-1.17 (1.05), the next fetch overlapping the work on the last.
         .set("queued.min.messages", "10000")
-        .set("queued.max.messages.kbytes", "4096")
-        // A fetch response is held whole while its records are handed out: librdkafka asks for
-        // up to 1 MiB per partition and 50 MiB per response by default, which with 16 ingest
-        // partitions made fetch buffers the largest item of a backlog's peak heap (16 MiB of 74,
-        // by heaptrack). 4 MiB per response is still many batches per round trip.
-        .set("fetch.max.bytes", "4194304")
-        .set("fetch.message.max.bytes", "262144")
+        .set("queued.max.messages.kbytes", "16384")
+        // A fetch response is held whole while its records are handed out; librdkafka's default
+        // of 50 MiB per response made fetch buffers the largest item of a backlog's peak heap.
+        .set("fetch.max.bytes", "16777216")
+        .set("fetch.message.max.bytes", "1048576")
         .set("topic.metadata.refresh.interval.ms", "10000");
     if let Some(id) = &settings.config.instance_id {
         c.set("group.instance.id", id);
