@@ -108,7 +108,9 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // through its queue, and fetch again only when it is drained: at 4 MiB (and 256 KiB per
         // partition, 4 MiB per response) 20,000 due records went out at 0.75-1.12 of a one-hop
         // relay's rate (median 0.93); at 16 MiB (1 MiB per partition, 16 MiB per response)
-        // 1.02-1.17 (1.05), the next fetch overlapping the work on the last.
+        // 1.02-1.17 (median 1.05), and 0.98-1.05 (1.01) in the run of BENCHMARKS.md, the next
+        // fetch overlapping the work on the last. The price: a 200,000 x 1 KiB backlog peaked at
+        // 94 MiB resident instead of 85.
         .set("queued.min.messages", "10000")
         .set("queued.max.messages.kbytes", "16384")
         // A fetch response is held whole while its records are handed out; librdkafka's default
