@@ -225,10 +225,11 @@ pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
         .expect("warm-up delivered");
     println!("ready");
     let mut acks = Vec::with_capacity(n);
-    for _ in 0..n {
+    for read in 0..n {
         let m = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
             Ok(Ok(m)) => m,
-            _ => break,
+            // A relay that copied fewer than it was asked must not pass for a finished one.
+            other => panic!("the relay read {read} of {n}, then: {other:?}"),
         };
         let headers = m.headers().map(|h| h.detach());
         let mut rec = FutureRecord::<[u8], [u8]>::to(to);
@@ -243,7 +244,10 @@ pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
         }
         acks.push(enqueue(&p, rec).await);
     }
-    futures::future::join_all(acks).await;
+    for ack in futures::future::join_all(acks).await {
+        ack.expect("acknowledgement")
+            .expect("relayed record delivered");
+    }
 }
 
 // ---- 2. precision ------------------------------------------------------------------------------
@@ -477,6 +481,10 @@ pub struct Memory {
     /// topic (as many partitions as the ingest topic) on the same broker, before the scheduler
     /// started.
     pub broker_produce_rate: f64,
+    /// The control for filing, on the same broker: records/s a one-hop relay copied the same
+    /// kind of records from a plain topic while one bulk producer wrote them there (see
+    /// [`relay_while_producing`]).
+    pub relay_filing_rate: f64,
     /// Without ids: the restart with everything pending (see [`restart`]).
     pub restart: Option<Restart>,
 }
@@ -493,6 +501,7 @@ impl Memory {
             placed_s: f64::NAN,
             rebuild: None,
             broker_produce_rate: f64::NAN,
+            relay_filing_rate: f64::NAN,
             restart: None,
         }
     }
@@ -522,6 +531,7 @@ pub async fn memory(bins: &Binaries, pending: usize, with_ids: bool) -> Memory {
     .await;
     let bootstrap = broker.bootstrap();
     let broker_produce_rate = plain_produce_rate(&broker, &names, pending.min(200_000)).await;
+    let relay_filing_rate = relay_while_producing(&broker, &names, pending.min(200_000)).await;
     let mut sched = Service::scheduler(
         &bins.scheduler,
         &scheduler_args(&broker, &names, &[]),
@@ -589,6 +599,7 @@ pub async fn memory(bins: &Binaries, pending: usize, with_ids: bool) -> Memory {
     };
     Memory {
         broker_produce_rate,
+        relay_filing_rate,
         restart,
         pending,
         idle_mib,
@@ -606,20 +617,50 @@ pub async fn memory(bins: &Binaries, pending: usize, with_ids: bool) -> Memory {
 async fn plain_produce_rate(broker: &Broker, names: &Names, n: usize) -> f64 {
     let plain = format!("{}-plain", names.target);
     create_topic_on(&broker.bootstrap(), &plain, 16, &[]).await;
-    let p = bulk_producer(&broker.bootstrap());
-    let at = now_ms() + 3_600_000;
     let started = std::time::Instant::now();
-    let took = produce_bulk(
-        &p,
-        &plain,
-        &names.target,
-        (0..n).map(|i| (format!("b-{i}"), at)),
-    )
-    .await
-    .len();
+    let took = produce_hour_ahead(&broker.bootstrap(), &plain, &names.target, "b", n).await;
     let rate = took as f64 / started.elapsed().as_secs_f64();
     note(format!(
         "broker alone: {took} records produced at {rate:.0}/s"
+    ));
+    rate
+}
+
+/// Writes `n` records like the benchmark's (keys `<prefix>-<i>`, all due an hour later, for
+/// `target`) to `topic` from one bulk producer: how many the broker acknowledged.
+async fn produce_hour_ahead(
+    bootstrap: &str,
+    topic: &str,
+    target: &str,
+    prefix: &str,
+    n: usize,
+) -> usize {
+    let p = bulk_producer(bootstrap);
+    let at = now_ms() + 3_600_000;
+    let records = (0..n).map(|i| (format!("{prefix}-{i}"), at));
+    produce_bulk(&p, topic, target, records).await.len()
+}
+
+/// The control for filing: a one-hop relay reading a plain topic (the ingest topic's partitions)
+/// while one bulk producer writes `n` records like the benchmark's there, as the scheduler reads
+/// ingest while the user's producer writes it. Filing costs the broker the same per record: the
+/// user's write, one read and one write elsewhere. Records/s from the first produced to the last
+/// relayed and acknowledged.
+async fn relay_while_producing(broker: &Broker, names: &Names, n: usize) -> f64 {
+    let bootstrap = broker.bootstrap();
+    let (from, to) = (
+        format!("{}-relay-in", names.target),
+        format!("{}-relay-out", names.target),
+    );
+    create_topic_on(&bootstrap, &from, 16, &[]).await;
+    create_topic_on(&bootstrap, &to, 16, &[]).await;
+    let relay = start_relay(&bootstrap, &from, &to, n).await;
+    let started = std::time::Instant::now();
+    let produced = produce_hour_ahead(&bootstrap, &from, &names.target, "r", n).await;
+    relayed(relay).await;
+    let rate = produced as f64 / started.elapsed().as_secs_f64();
+    note(format!(
+        "relay beside the producer: {produced} records filed at {rate:.0}/s"
     ));
     rate
 }
