@@ -94,8 +94,6 @@ impl Names {
                 .join("sm-test-state")
                 .join(&self.group)
                 .to_string_lossy(),
-            "-X",
-            "session.timeout.ms=6000",
         ]
         .iter()
         .map(|s| s.to_string())
