@@ -399,11 +399,7 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
             sections::Memory::not_measured(a.pending)
         };
         let (rebuild_s, rebuilt_mib) = i.rebuild.unwrap_or_default();
-        goals.filing = Some((
-            m.pending as f64 / m.placed_s,
-            m.broker_produce_rate,
-            m.relay_filing_rate,
-        ));
+        goals.filing = Some((m.filing_rate(), m.broker_produce_rate, m.relay_filing_rate));
         goals.pending_mib = Some((m.pending, m.pending_mib));
         goals.restart_s = m.restart.as_ref().map(|r| r.first_on_time_s);
         if let Some(r) = &m.restart {
@@ -412,10 +408,10 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
         emit(&mut out, &format!(
             "## 3. Memory: {} records pending, due one to two hours later\n\n*With ids*: the same on a broker of its own, every record with an `id` header; then the scheduler is stopped, its index of ids deleted, and started again: *rebuilt* is until the index is fresh (every fact read back from the state topic).\n\n| state | without ids, resident MiB | with ids, resident MiB |\n| --- | --- | --- |\n| idle (assigned, nothing pending) | {:.0} | {:.0} |\n| {} pending, all filed in slices | {:.0} | {:.0} |\n| peak while filing them | {:.0} | {:.0} |\n| after rebuilding the index | - | {:.0} |\n\nWithout ids: produced in {:.0} s; all filed in slices {:.0} s after the first was produced ({:.0} records/s). With ids: produced in {:.0} s, filed after {:.0} s ({:.0} records/s); index of {} ids rebuilt in {:.1} s. The broker alone took the same kind of records from one producer at {:.0} records/s (filing ÷ that: {:.2}); a one-hop relay beside that producer, reading what it wrote, copied them at {:.0} records/s (filing ÷ that: {:.2}).\n\n{}",
             m.pending, m.idle_mib, i.idle_mib, m.pending, m.pending_mib, i.pending_mib, m.peak_mib, i.peak_mib, rebuilt_mib,
-            m.produce_s, m.placed_s, m.pending as f64 / m.placed_s,
-            i.produce_s, i.placed_s, i.pending as f64 / i.placed_s, i.pending, rebuild_s,
-            m.broker_produce_rate, m.pending as f64 / m.placed_s / m.broker_produce_rate,
-            m.relay_filing_rate, m.pending as f64 / m.placed_s / m.relay_filing_rate,
+            m.produce_s, m.placed_s, m.filing_rate(),
+            i.produce_s, i.placed_s, i.filing_rate(), i.pending, rebuild_s,
+            m.broker_produce_rate, m.filing_rate() / m.broker_produce_rate,
+            m.relay_filing_rate, m.filing_rate() / m.relay_filing_rate,
             m.restart.as_ref().map_or(String::new(), |r| format!(
                 "Restarted (without ids) with the {} records pending, and {} records due every 20 ms from its start: first on-time delivery (published within {} ms of its due time) {:.1} s after the new process was spawned; those records at publish p50 {} ms, p99 {} ms, max {} ms; {} missing, {} early.\n",
                 m.pending, r.outcome.expected, sections::ON_TIME_MS, r.first_on_time_s,

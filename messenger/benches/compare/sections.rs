@@ -490,6 +490,11 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// Records/s filed: from the first produced until the last was in its slice.
+    pub fn filing_rate(&self) -> f64 {
+        self.pending as f64 / self.placed_s
+    }
+
     /// A run that was left out (`--memory-with-ids false`): its figures read as NaN.
     pub fn not_measured(pending: usize) -> Memory {
         Memory {
