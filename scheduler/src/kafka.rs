@@ -92,25 +92,26 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // stream waits at most ~125 ms more; records due later than that are held in the timer
         // and are not late at all.
         .set("fetch.wait.max.ms", "250")
-        // And answer only once 256 KiB are waiting (or the 250 ms are up): at a steady 2,000
-        // records/s the consumer otherwise fetched again as soon as each answer came, every
-        // fetch a read of all 16 partitions, and the broker served the users' own consumers that
-        // much slower. Benchmark 2b at 2,000/s, three runs each way, alternating: on-arrival p99
-        // 529, 200, 324 ms without it, 318, 183, 225 ms with it (the broker alone 432-456 ms);
-        // acknowledgements p99 within 250 ms in all, so the time went in the users' fetches.
-        // Records due within the wait are at most 250 ms later into the timer; a backlog fills
-        // the 256 KiB at once.
+        // And answer only once 256 KiB are waiting (or the 250 ms are up): at a steady stream
+        // the consumer otherwise fetches again as soon as each answer comes, and on this broker
+        // every fetch is a read of all 16 partitions. Its effect on the users' latency is not
+        // measurable here: benchmark 2b at 2,000/s, alternating, gave on-arrival p99 92, 93, 92
+        // ms with fetch.min.bytes 1 and 91, 97 ms with 256 KiB (2026-12-04). (An earlier A/B that
+        // favoured it ran both arms with the same settings: SM_KAFKA_PROPERTIES did not reach the
+        // benchmark's scheduler then.) Records due within the wait are at most 250 ms later into
+        // the timer; a backlog fills the 256 KiB at once.
         .set("fetch.min.bytes", "262144")
         // librdkafka prefetches up to 64 MB and 100,000 records per partition by default; the
         // engine routes records as fast as they come, so a backlog in the ingest topic only
         // inflated resident memory (from 15 MiB to over 200 MiB in the benchmark). But a cap
         // below what one fetch brings makes the consumer stop fetching while the engine works
-        // through its queue, and fetch again only when it is drained: at 4 MiB (and 256 KiB per
-        // partition, 4 MiB per response) 20,000 due records went out at 0.75-1.12 of a one-hop
-        // relay's rate (median 0.93); at 16 MiB (1 MiB per partition, 16 MiB per response)
-        // 1.02-1.17 (median 1.05), and 0.98-1.05 (1.01) in the run of BENCHMARKS.md, the next
-        // fetch overlapping the work on the last. The price: a 200,000 x 1 KiB backlog peaked at
-        // 94 MiB resident instead of 85.
+        // through its queue, and fetch again only when it is drained. Benchmark 4b, a past-due
+        // backlog of 200,000 x 1 KiB, two alternating runs each way (2026-12-04): 6,445 and
+        // 6,360 records/s at 4 MiB (256 KiB per partition, 4 MiB per response), peak resident
+        // 62 and 76 MiB; 8,082 and 8,437/s at 16 MiB (1 MiB per partition, 16 MiB per
+        // response), peak 95 MiB both times. Records of 100 B already due (section 1) moved at
+        // about a relay's rate either way (medians of three rounds 0.98 and 1.12 at 4 MiB, 1.25
+        // and 1.04 at 16 MiB): the difference is in bytes, not records.
         .set("queued.min.messages", "10000")
         .set("queued.max.messages.kbytes", "16384")
         // A fetch response is held whole while its records are handed out; librdkafka's default
