@@ -43,6 +43,18 @@ pub fn note(what: impl std::fmt::Display) {
     eprintln!("[{t:7.1} s] {what}");
 }
 
+/// CPU seconds (user and system) process `pid` has used so far: fields 14 and 15 of
+/// /proc/PID/stat, in clock ticks of 1/100 s (Linux's USER_HZ on every architecture it runs on).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it are counted from its ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let mut fields = after.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 /// The release binaries of the services, built once before anything is measured.
 pub struct Binaries {
     pub scheduler: PathBuf,
@@ -153,6 +165,11 @@ impl Service {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// CPU seconds the process has used so far (user and system).
+    pub fn cpu_s(&self) -> f64 {
+        cpu_seconds(self.pid()).unwrap_or(f64::NAN)
     }
 
     /// Resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM` of /proc/PID/status).

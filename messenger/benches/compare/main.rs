@@ -350,10 +350,10 @@ async fn main() {
         let mut text = format!(
             "## 2b. Steps: records due {} ahead, {} s at each rate
 
-The tuned producer of section 2, Kafka only (rates also in section 2 are its runs). *Within* is the scheduler's on-arrival p99 ≤ 1.5 × the broker alone's + 50 ms. *Relay* is a one-hop consume-and-produce relay of records produced at the same rate to a plain topic, on the same broker: the floor of any Kafka-backed scheduler's single hop. *Acknowledged* is the scheduler's own p99 of acknowledgement minus due time (its histogram's bucket bound): far below the on-arrival p99, the time was spent getting the records out of the broker to the reader, not into it.
+The tuned producer of section 2, Kafka only (rates also in section 2 are its runs). *Within* is the scheduler's on-arrival p99 ≤ 1.5 × the broker alone's + 50 ms. *Relay* is a one-hop consume-and-produce relay of records produced at the same rate to a plain topic, on the same broker: the floor of any Kafka-backed scheduler's single hop. *Acknowledged* is the scheduler's own p99 of acknowledgement minus due time (its histogram's bucket bound): far below the on-arrival p99, the time was spent getting the records out of the broker to the reader, not into it. *CPU s* is the CPU time the scheduler process used from the first record produced to the last read, and the relay process over its life (the same span, give or take its start-up).
 
-| rate/s | broker alone p99 ms | scheduler p99 ms | ÷ | within | relay p99 ms | relay within | scheduler acknowledged p99 |
-| --- | --- | --- | --- | --- | --- | --- | --- |",
+| rate/s | broker alone p99 ms | scheduler p99 ms | ÷ | within | relay p99 ms | relay within | scheduler acknowledged p99 | CPU s, scheduler / relay |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             humantime::format_duration(a.delay),
             a.seconds
         );
@@ -377,11 +377,13 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
             };
             let _ = write!(
                 text,
-                "\n| {rate} | {alone} | {ours} | {:.2} | {} | {relay} | {} | {} |",
+                "\n| {rate} | {alone} | {ours} | {:.2} | {} | {relay} | {} | {} | {:.1} / {:.1} |",
                 ours as f64 / alone.max(1) as f64,
                 yes_no(ours),
                 yes_no(relay),
-                acked(step.acked)
+                acked(step.acked),
+                step.ours_cpu_s,
+                step.relay_cpu_s
             );
         }
         let (ours, relay, broker) = goals.step_limits();

@@ -157,10 +157,16 @@ pub async fn throughput(bins: &Binaries, n: usize, rounds: usize) -> Throughput 
     }
 }
 
+/// A relay process started by [`start_relay`], and its output.
+struct Relay {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
 /// The relay as a process of its own, like the scheduler: this benchmark's binary again, with
 /// `--relay` (see [`relay_main`]). Returns once the relay holds its partitions and a connection
 /// to the broker, so that its start-up is not counted as lateness; [`relayed`] waits for it.
-async fn start_relay(bootstrap: &str, from: &str, to: &str, n: usize) -> tokio::process::Child {
+async fn start_relay(bootstrap: &str, from: &str, to: &str, n: usize) -> Relay {
     use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe().expect("own path");
     let mut child = tokio::process::Command::new(exe)
@@ -170,19 +176,22 @@ async fn start_relay(bootstrap: &str, from: &str, to: &str, n: usize) -> tokio::
         .spawn()
         .expect("relay runs");
     let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    tokio::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .await
-        .expect("the relay's first line");
-    assert_eq!(line.trim(), "ready", "the relay did not start");
-    child
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = lines.next_line().await.expect("the relay's output");
+    assert_eq!(line.as_deref(), Some("ready"), "the relay did not start");
+    Relay { child, lines }
 }
 
-/// Waits for a relay started by [`start_relay`] to copy its records and exit.
-async fn relayed(mut child: tokio::process::Child) {
-    let status = child.wait().await.expect("relay runs");
+/// Waits for a relay started by [`start_relay`] to copy its records and exit: the CPU seconds
+/// it used, as it reported them last.
+async fn relayed(mut relay: Relay) -> f64 {
+    let last = relay.lines.next_line().await.expect("the relay's output");
+    let status = relay.child.wait().await.expect("relay runs");
     assert!(status.success(), "the relay failed");
+    last.as_deref()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .and_then(|s| s.parse().ok())
+        .expect("the relay reports its CPU seconds")
 }
 
 /// Reads `n` records from `from` and produces each (key, value, headers) to `to` with the
@@ -248,6 +257,8 @@ pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
         ack.expect("acknowledgement")
             .expect("relayed record delivered");
     }
+    let cpu = cpu_seconds(std::process::id()).expect("own /proc/PID/stat");
+    println!("cpu {cpu}");
 }
 
 // ---- 2. precision ------------------------------------------------------------------------------
@@ -259,6 +270,10 @@ pub struct Precision {
     /// delivery minus its due time), as the upper bound of its histogram bucket, in ms: it tells
     /// whether a late arrival was late into the broker or late out of it to the reader.
     pub acked_p99_ms: Option<f64>,
+    /// CPU seconds the relay process and the scheduler process used for their runs: the
+    /// relay's whole life, the scheduler's from the first record produced to the last read.
+    pub relay_cpu_s: f64,
+    pub ours_cpu_s: f64,
 }
 
 impl Precision {
@@ -284,6 +299,8 @@ impl Precision {
             ours: p99("kafka"),
             relay: p99("relay"),
             acked: self.acked_p99_ms,
+            ours_cpu_s: self.ours_cpu_s,
+            relay_cpu_s: self.relay_cpu_s,
         }
     }
 }
@@ -298,6 +315,9 @@ pub struct Step {
     /// A one-hop relay's, at the same rate on the same broker.
     pub relay: i64,
     pub acked: Option<f64>,
+    /// CPU seconds: the scheduler's and the relay's (see [`Precision`]).
+    pub ours_cpu_s: f64,
+    pub relay_cpu_s: f64,
 }
 
 /// `rate` records per second for `seconds`, each due `delay` after it is produced, through the
@@ -370,7 +390,7 @@ pub async fn precision(
         Duration::ZERO,
     )
     .await;
-    relayed(relaying).await;
+    let relay_cpu_s = relayed(relaying).await;
     let got = reading.await.expect("reader");
     rows.push((
         "relay (produce → relay → read)".to_string(),
@@ -391,9 +411,11 @@ pub async fn precision(
         (0..n).map(|i| format!("p-{i}")).collect(),
         delay + Duration::from_secs(seconds + 180),
     );
+    let cpu_before = sched.cpu_s();
     let due = produce_paced(&p, &names.ingest, &names.target, "p", rate, seconds, delay).await;
     note(format!("precision {rate}/s: kafka, produced"));
     let got = reading.await.expect("reader");
+    let ours_cpu_s = sched.cpu_s() - cpu_before;
     note(format!("precision {rate}/s: kafka, read"));
     rows.push(("kafka scheduler".to_string(), Outcome::of(&got, &due)));
     let acked_p99_ms = sched
@@ -410,6 +432,8 @@ pub async fn precision(
         rate,
         rows,
         acked_p99_ms,
+        relay_cpu_s,
+        ours_cpu_s,
     }
 }
 
