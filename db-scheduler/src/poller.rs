@@ -89,14 +89,19 @@ impl Poller {
                 Err((e, _)) => return self.verdict(&e, row),
             }
         };
-        match delivery.await {
+        // An acknowledgement without an offset is no proof of the write: the row stays pending
+        // (scheduler::kafka::confirmed).
+        match delivery
+            .await
+            .map(|r| scheduler::kafka::confirmed(r.map_err(|(e, _)| e)))
+        {
             Ok(Ok(_)) => {
                 let late = (self.clock.now_ms() - row.due_ms).max(0) as f64 / 1000.0;
                 metrics::histogram!(m::LATENESS, "path" => "mysql").record(late);
                 metrics::counter!(m::DELIVERED, "path" => "mysql").increment(1);
                 Verdict::Delivered
             }
-            Ok(Err((e, _))) => self.verdict(&e, row),
+            Ok(Err(e)) => self.verdict(&e, row),
             Err(_) => Verdict::Retry,
         }
     }

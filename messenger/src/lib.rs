@@ -22,10 +22,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::types::RDKafkaErrorCode;
+use scheduler::kafka::TopicSpec;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -128,32 +126,18 @@ impl Messenger {
         .await
         .map_err(|e| Error::Unreachable(e.to_string()))?
         .map_err(|e| Error::Unreachable(format!("Kafka at {}: {e}", conn.bootstrap_servers)))?;
-        let admin: AdminClient<DefaultClientContext> =
-            scheduler::kafka::client_config(&conn.bootstrap_servers, &[]).create()?;
         let topics = [
-            NewTopic::new(
-                &conn.sms_topic,
-                conn.senders.max(1) as i32,
-                TopicReplication::Fixed(1),
-            ),
-            NewTopic::new(&conn.status_topic, 1, TopicReplication::Fixed(1)),
+            TopicSpec::new(&conn.sms_topic, conn.senders.max(1) as i32),
+            TopicSpec::new(&conn.status_topic, 1),
         ];
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let created =
-            tokio::time::timeout(Duration::from_secs(15), admin.create_topics(&topics, &opts))
-                .await
-                .map_err(|_| {
-                    Error::Unreachable(format!("Kafka at {}", conn.bootstrap_servers))
-                })??;
-        for r in created {
-            if let Err((name, code)) = r {
-                if code != RDKafkaErrorCode::TopicAlreadyExists {
-                    return Err(Error::Unreachable(format!(
-                        "Kafka: creating {name}: {code}"
-                    )));
-                }
-            }
-        }
+        let config = scheduler::kafka::client_config(&conn.bootstrap_servers, &[]);
+        tokio::time::timeout(
+            Duration::from_secs(45),
+            scheduler::kafka::create_topics(config, &topics, 1),
+        )
+        .await
+        .map_err(|_| Error::Unreachable(format!("Kafka at {}", conn.bootstrap_servers)))?
+        .map_err(|e| Error::Unreachable(format!("Kafka: creating the SMS topics: {e}")))?;
         let audit = audit::Audit::connect(&conn.mongodb_uri, &conn.mongodb_database).await?;
         let (sink, writer) = audit::spawn_writer(audit.clone());
         let live = Arc::new(live::Live::default());

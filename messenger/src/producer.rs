@@ -188,9 +188,10 @@ async fn send_once(
             Err((e, _)) => return Err(e),
         }
     };
+    // An acknowledgement without an offset is no proof of the write: sent again
+    // (scheduler::kafka::confirmed).
     match queued.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(e),
+        Ok(result) => scheduler::kafka::confirmed(result.map_err(|(e, _)| e)).map(|_| ()),
         Err(_) => Err(KafkaError::Canceled),
     }
 }

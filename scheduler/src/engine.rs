@@ -134,7 +134,7 @@ impl Engine {
             TopicSpec {
                 name: settings.internal.ingest.clone(),
                 partitions: cfg.ingest_partitions,
-                configs: vec![("retention.ms", retention.to_string())],
+                configs: vec![("retention.ms".into(), retention.to_string())],
             },
             TopicSpec {
                 name: settings.internal.dlq.clone(),
@@ -147,7 +147,7 @@ impl Engine {
             TopicSpec {
                 name: settings.internal.state.clone(),
                 partitions: cfg.slice_partitions,
-                configs: vec![("cleanup.policy", "compact".to_string())],
+                configs: vec![("cleanup.policy".into(), "compact".to_string())],
             },
         ];
         let slices: HashMap<String, (usize, i64)> = settings
@@ -160,7 +160,7 @@ impl Engine {
             topics.push(TopicSpec {
                 name: name.clone(),
                 partitions: cfg.slice_partitions,
-                configs: vec![("retention.ms", retention.to_string())],
+                configs: vec![("retention.ms".into(), retention.to_string())],
             });
         }
         kafka::ensure_topics(&settings, &topics).await?;

@@ -51,8 +51,10 @@ impl Shared {
     /// A record from the ingest topic: accepted and routed, or dead-lettered with its reason.
     async fn ingest(self: &Arc<Self>, rec: Incoming) {
         let Some(ticket) = lock(&self.tracker).begin(&rec.topic, rec.partition, rec.offset) else {
+            tracing::debug!(source = %rec.source(), "a record of a partition not assigned here: left to its owner");
             return;
         };
+        tracing::trace!(source = %rec.source(), "ingested");
         let internal = &self.settings.internal;
         match Ingested::parse(&rec, self.settings.config.default_tz, internal) {
             Err(why) => {

@@ -84,23 +84,12 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // Incremental rebalancing: a member joining or leaving moves only the partitions that
         // change owner; the others keep delivering through the rebalance.
         .set("partition.assignment.strategy", "cooperative-sticky")
-        // Apache Kafka answers a waiting fetch as soon as data arrives, so a longer wait costs no
-        // latency there. The local nisshi instead reads every partition of a waiting fetch again
-        // and again (sleeping half the time left between rounds), parsing its SQL afresh each
-        // time: with the 16 ingest partitions this consumer alone cost it 9.9 s of CPU per 20 s
-        // idle at 50 ms, 3.9 s at 250 ms, 2.4 s at 500 ms. At 250 ms a record read from an idle
-        // stream waits at most ~125 ms more; records due later than that are held in the timer
-        // and are not late at all.
-        .set("fetch.wait.max.ms", "250")
-        // And answer only once 256 KiB are waiting (or the 250 ms are up): at a steady stream
-        // the consumer otherwise fetches again as soon as each answer comes, and on this broker
-        // every fetch is a read of all 16 partitions. Its effect on the users' latency is not
-        // measurable here: benchmark 2b at 2,000/s, alternating, gave on-arrival p99 92, 93, 92
-        // ms with fetch.min.bytes 1 and 91, 97 ms with 256 KiB (2026-12-04). (An earlier A/B that
-        // favoured it ran both arms with the same settings: SM_KAFKA_PROPERTIES did not reach the
-        // benchmark's scheduler then.) Records due within the wait are at most 250 ms later into
-        // the timer; a backlog fills the 256 KiB at once.
-        .set("fetch.min.bytes", "262144")
+        // Fetches: librdkafka's defaults (fetch.min.bytes 1, fetch.wait.max.ms 500). Kafka answers
+        // a waiting fetch as soon as one record arrives, so the wait costs an idle consumer
+        // nothing and a record nothing: an already-due record is read within milliseconds. A
+        // larger fetch.min.bytes makes the broker hold each fetch until that much is waiting or
+        // the wait is up, which every record below that rate pays (BENCHMARKS.md, "Fetch
+        // settings on Kafka", gives the A/B runs).
         // librdkafka prefetches up to 64 MB and 100,000 records per partition by default; the
         // engine routes records as fast as they come, so a backlog in the ingest topic only
         // inflated resident memory (from 15 MiB to over 200 MiB in the benchmark). But a cap
@@ -154,8 +143,8 @@ pub fn sweep_reader_config(settings: &Settings) -> ClientConfig {
 
 /// A client for the round trips that look positions up: watermarks and the group's committed
 /// offsets. It is separate from the engine's consumer so that these requests never queue in front
-/// of the consumer's fetches (a broker may answer one connection's requests in order, and the local
-/// nisshi does: a sweep's lookups stalled ingestion for tens of seconds), and it asks for many
+/// of the consumer's fetches (a Kafka broker answers one connection's requests one at a time, in
+/// order, so a lookup would wait behind a fetch that is waiting for data), and it asks for many
 /// partitions in one request instead of one round trip per partition. It never joins the group.
 pub struct Lookup {
     client: BaseConsumer,
@@ -244,22 +233,51 @@ pub(crate) fn merge(mut defaults: ClientConfig, overrides: ClientConfig) -> Clie
 pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
-    pub configs: Vec<(&'static str, String)>,
+    pub configs: Vec<(String, String)>,
+}
+
+impl TopicSpec {
+    /// A topic of `partitions` partitions with the broker's default configuration.
+    pub fn new(name: &str, partitions: i32) -> TopicSpec {
+        TopicSpec {
+            name: name.to_string(),
+            partitions,
+            configs: Vec::new(),
+        }
+    }
+
+    /// With the topic configuration `key=value`.
+    pub fn with(mut self, key: &str, value: impl ToString) -> TopicSpec {
+        self.configs.push((key.to_string(), value.to_string()));
+        self
+    }
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as they are (their partition
 /// counts are the operator's to change).
 pub async fn ensure_topics(settings: &Settings, topics: &[TopicSpec]) -> Result<(), Error> {
-    let admin: AdminClient<DefaultClientContext> = base_config(settings).create()?;
+    create_topics(
+        base_config(settings),
+        topics,
+        settings.config.replication_factor,
+    )
+    .await
+}
+
+/// Creates the topics that do not exist yet with the client configuration `config`, and returns
+/// once every partition of every one of them is served by its leader ([`await_leaders`]): a
+/// write sooner can be lost.
+pub async fn create_topics(
+    config: ClientConfig,
+    topics: &[TopicSpec],
+    replication: i32,
+) -> Result<(), Error> {
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
             t.configs.iter().fold(
-                NewTopic::new(
-                    &t.name,
-                    t.partitions,
-                    TopicReplication::Fixed(settings.config.replication_factor),
-                ),
+                NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(replication)),
                 |nt, (k, v)| nt.set(k, v),
             )
         })
@@ -271,7 +289,87 @@ pub async fn ensure_topics(settings: &Settings, topics: &[TopicSpec]) -> Result<
             Err((name, code)) => return Err(Error::CreateTopic(name, code)),
         }
     }
-    Ok(())
+    let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+    let client = config.create::<BaseConsumer>()?;
+    tokio::task::spawn_blocking(move || await_leaders(&client, &names, TOPICS_VISIBLE_WITHIN))
+        .await
+        .map_err(|e| Error::Fatal(format!("waiting for the topics: {e}")))?
+}
+
+/// How long created topics may take to be served by their leaders before the start fails.
+const TOPICS_VISIBLE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until every partition of the topics in `names` is served by its leader: in the broker's
+/// metadata with a leader, and answering a ListOffsets request. CreateTopics answers once the
+/// controller has the topic; the brokers learn it a moment later, and a leader answers
+/// NOT_LEADER_OR_FOLLOWER for about a second more (on 2 cores). Writes in that window are worse
+/// than late: an idempotent librdkafka producer whose first batches to a new partition are refused
+/// and whose next one is taken acknowledges the refused ones as written (with no offset) and they
+/// are lost (seen here with Kafka 4.4 and librdkafka 2.12: BENCHMARKS.md, "Records lost to a
+/// partition's first second"; [`confirmed`] catches the acknowledgements).
+fn await_leaders(client: &BaseConsumer, names: &[String], within: Duration) -> Result<(), Error> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let Err(last) = partitions_served(client, names) else {
+            return Ok(());
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Fatal(format!(
+                "topics created but not served by their leaders after {within:?}: {last}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `Ok` when every partition of `names` has a leader that answers for it; else why not.
+fn partitions_served(client: &BaseConsumer, names: &[String]) -> Result<(), String> {
+    let md = client
+        .fetch_metadata(None, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    let mut tpl = TopicPartitionList::new();
+    for name in names {
+        let topic = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == name.as_str() && t.error().is_none())
+            .ok_or_else(|| format!("{name} is not in the metadata yet"))?;
+        if topic.partitions().is_empty() || topic.partitions().iter().any(|p| p.leader() < 0) {
+            return Err(format!("{name} has a partition without a leader"));
+        }
+        for p in topic.partitions() {
+            tpl.add_partition_offset(name, p.id(), Offset::End)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let answer = client
+        .offsets_for_times(tpl, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    offsets_of(&answer).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// A delivery report that names no offset is not a proof that the record is in the log: the
+/// idempotent producer reports records it gave up tracking (acknowledged implicitly by a later
+/// batch, or answered DUPLICATE_SEQUENCE_NUMBER) that way, and around a partition's leader change
+/// some of those were never written (librdkafka's confluent-kafka-go#921; reproduced here on a new
+/// partition). Such a send is treated as failed with a retriable code, so it is sent again: at
+/// worst a duplicate, never a loss.
+pub fn confirmed(
+    result: Result<rdkafka::producer::future_producer::Delivery, KafkaError>,
+) -> Result<rdkafka::producer::future_producer::Delivery, KafkaError> {
+    match result {
+        Ok(d) if d.offset < 0 => {
+            metrics::counter!(crate::metrics::UNCONFIRMED_ACKS).increment(1);
+            tracing::warn!(
+                partition = d.partition,
+                "a write was acknowledged without an offset; sending it again"
+            );
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::DuplicateSequenceNumber,
+            ))
+        }
+        other => other,
+    }
 }
 
 /// Copies a consumed record out of the consumer. Header names are read as bytes through
@@ -469,6 +567,32 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An acknowledgement that names no offset (librdkafka's implicit acks, which lost records
+    /// on new partitions here) is a failure the outbox retries: a duplicate, never a loss.
+    #[test]
+    fn an_acknowledgement_without_an_offset_is_sent_again() {
+        use crate::outbox::{fate, Destination, Fate};
+        use rdkafka::producer::future_producer::Delivery;
+        use rdkafka::Timestamp;
+        let delivery = |offset| Delivery {
+            partition: 3,
+            offset,
+            timestamp: Timestamp::NotAvailable,
+        };
+        assert_eq!(confirmed(Ok(delivery(42))), Ok(delivery(42)));
+        let err = confirmed(Ok(delivery(-1001))).expect_err("not confirmed");
+        for to in [
+            Destination::Target,
+            Destination::Slice,
+            Destination::DeadLetter,
+            Destination::State,
+        ] {
+            assert_eq!(fate(&err, to, "t"), Fate::Retry, "{to:?}");
+        }
+        let refused = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(confirmed(Err(refused.clone())), Err(refused));
+    }
 
     #[test]
     fn fencing_authorisation_and_bad_configuration_are_fatal_for_the_consumer() {

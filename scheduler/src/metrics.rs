@@ -56,6 +56,9 @@ pub const SLICE_READ_ERRORS: &str = "sm_slice_read_errors_total";
 pub const ENGINE_RESTARTS: &str = "sm_engine_restarts_total";
 /// Gauge: bytes of the memory budget in use (records in the timer and sends in flight).
 pub const MEMORY_USED: &str = "sm_memory_used_bytes";
+/// Counter: writes the producer acknowledged without an offset, sent again (see
+/// [`crate::kafka::confirmed`]).
+pub const UNCONFIRMED_ACKS: &str = "sm_unconfirmed_acks_total";
 /// Counter: cancels accepted, label `via` (`kafka`, `http`).
 pub const CANCELS: &str = "sm_cancels_total";
 /// Counter: records of a version not delivered because a newer fact of their id is known, label
@@ -137,6 +140,7 @@ pub fn register_counters() {
         STRAGGLERS,
         SLICE_DATA_LOST,
         SLICE_READ_ERRORS,
+        UNCONFIRMED_ACKS,
         HELD_FOR_FRESHNESS,
         STATE_FACTS_READ,
         STATE_MALFORMED,

@@ -298,8 +298,10 @@ enum Outcome {
 async fn outcome(queued: Result<DeliveryFuture, KafkaError>) -> Outcome {
     match queued {
         Ok(fut) => match fut.await {
-            Ok(Ok(_)) => Outcome::Acknowledged,
-            Ok(Err((e, _))) => Outcome::Failed(e),
+            Ok(result) => match kafka::confirmed(result.map_err(|(e, _)| e)) {
+                Ok(_) => Outcome::Acknowledged,
+                Err(e) => Outcome::Failed(e),
+            },
             Err(_) => Outcome::Abandoned,
         },
         Err(e) => Outcome::Failed(e),
@@ -552,7 +554,10 @@ impl Shared {
         TopicSpec {
             name: name.to_string(),
             partitions: self.settings.config.slice_partitions,
-            configs: vec![("retention.ms", self.settings.retention_ms().to_string())],
+            configs: vec![(
+                "retention.ms".into(),
+                self.settings.retention_ms().to_string(),
+            )],
         }
     }
 

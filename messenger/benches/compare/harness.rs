@@ -298,8 +298,13 @@ impl Acks {
         while self.pending.len() >= MAX_UNACKED {
             self.next().await;
         }
+        // An acknowledgement without an offset is no proof that the record is in the topic
+        // (scheduler::kafka::confirmed): such a record is not expected from the scheduler.
         self.pending.push(tokio::spawn(async move {
-            match f.await {
+            match f
+                .await
+                .map(|r| scheduler::kafka::confirmed(r.map_err(|(e, _)| e)))
+            {
                 Ok(Ok(_)) => None,
                 _ => Some(id),
             }
