@@ -2,20 +2,18 @@
 # messagescheduler.sh: start, watch, test and stop the Kafka message scheduler, its experiment and
 # the MySQL baseline, with Docker Compose or (without a Docker engine) on the local stack.
 #
-# Without Docker the system runs on local servers that speak the real protocols (see README):
-#   Kafka protocol  nisshi broker (SQLite storage)   127.0.0.1:${SM_KAFKA_PORT:-9092}
-#   MongoDB         SecantusDB                       127.0.0.1:${SM_MONGO_PORT:-27017}
-#   MySQL           MariaDB from Debian              127.0.0.1:3306
-# Data, logs and PID files live under .stack/ (git-ignored). Only processes this script started
-# (recorded by PID) are ever stopped.
+# Without Docker the system runs on local servers (see README):
+#   Kafka    Apache Kafka from Maven Central, one JVM in KRaft mode  127.0.0.1:${SM_KAFKA_PORT:-9092}
+#   MongoDB  SecantusDB (MongoDB wire protocol)                      127.0.0.1:${SM_MONGO_PORT:-27017}
+#   MySQL    MariaDB from Debian, its own data directory and user    127.0.0.1:${SM_MYSQL_PORT:-3306}
+# Data, logs and PID files live under .stack/ (git-ignored); the broker's classpath is collected
+# once per machine (SM_KAFKA_HOME). Only processes this script started (recorded by PID) are ever
+# stopped. A server given from outside (SM_BOOTSTRAP_SERVERS, SM_MONGODB_URI, SM_MYSQL_URL) is
+# used as it is: nothing local is started for it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STACK="${SM_STACK_DIR:-$ROOT/.stack}"
-KAFKA_PORT="${SM_KAFKA_PORT:-9092}"
-MONGO_PORT="${SM_MONGO_PORT:-27017}"
-MYSQL_PORT=3306
-NISSHI_VERSION=0.8.1
 SECANTUS_VERSION=0.7.0b3
 CONFLUENT_KAFKA_VERSION=2.16.1
 
@@ -39,19 +37,61 @@ Compose where a Docker engine runs, otherwise as local processes on the local st
   -p,  --progress         show the experiment's progress once
   -pl, --progress-live    show the experiment's progress, refreshed in place (Ctrl-C to leave)
   -s,  --stop             stop everything this script started
-      --stack             only install and start the local servers (broker, MongoDB, MySQL)
-      --test              MongoDB, MySQL and a fresh broker of its own, then every test
+      --stack             only install and start the local servers (Kafka, MongoDB, MySQL)
+      --test              MongoDB, MySQL and a fresh Kafka broker of its own, then every test
       --dry-run           print the Docker commands instead of running them
 One action per run: two of --all/--app/--exp/-c/-dc/-p/-pl/-s/--stack/--test are refused.
-Environment: SM_DOCKER=1/0 forces or forbids the Docker branch; SM_MESSENGER_URL (default
-http://127.0.0.1:5000) is what -p/-pl read; SM_BIN_DIR runs the binaries there instead of
-building release ones; SM_SCHEDULER_PORT (default 8000) is the local scheduler's HTTP port; SM_SHUTDOWN_TIMEOUT (default 20s) is the
-scheduler's clean-stop limit, and -s waits that plus 10 s before SIGKILL.
+
+Environment:
+  SM_KAFKA_PORT, SM_KAFKA_CONTROLLER_PORT  the local broker's ports (9092, and the next one)
+  SM_KAFKA_HEAP           the local broker's JVM heap (512m)
+  SM_KAFKA_VERSION        run another Apache Kafka version from Maven Central (broker/pom.xml's)
+  SM_KAFKA_HOME           where the broker's classpath is kept (~/.cache/messagescheduler/kafka-V)
+  SM_MONGO_PORT, SM_MYSQL_PORT  the local MongoDB and MariaDB ports (27017, 3306)
+  SM_MYSQL_DIR            MariaDB's data directory (.stack/mysql)
+  SM_BOOTSTRAP_SERVERS, SM_MONGODB_URI, SM_MYSQL_URL
+                          use these servers instead: nothing local is started for them
+  SM_DOCKER=1/0           force or forbid the Docker branch
+  SM_MESSENGER_URL        what -p/-pl read (http://127.0.0.1:5000)
+  SM_BIN_DIR              run the binaries there instead of building release ones
+  SM_SCHEDULER_PORT       the local scheduler's HTTP port (8000)
+  SM_SHUTDOWN_TIMEOUT     the scheduler's clean-stop limit (20s; 500ms, 20s, 1m, 1h); -s waits that
+                          plus 10 s before SIGKILL
 EOF
 }
 
 log() { printf '\033[1m[messagescheduler]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# ---- settings (read from the environment, checked, never evaluated) ------------------------------
+
+# setting NAME DEFAULT PATTERN WHAT: the environment variable NAME, or DEFAULT, when it matches the
+# extended regular expression PATTERN; anything else stops the script, saying WHAT was expected.
+setting() {
+  local value="${!1:-$2}"
+  [[ "$value" =~ $3 ]] || die "$1=$value is not $4"
+  printf '%s\n' "$value"
+}
+PORT_RE='^([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$'
+
+KAFKA_PORT="$(setting SM_KAFKA_PORT 9092 "$PORT_RE" 'a TCP port')"
+# The broker's controller listener (KRaft) is the second port of a local broker.
+KAFKA_CONTROLLER_PORT="$(setting SM_KAFKA_CONTROLLER_PORT $((KAFKA_PORT + 1)) "$PORT_RE" 'a TCP port')"
+MONGO_PORT="$(setting SM_MONGO_PORT 27017 "$PORT_RE" 'a TCP port')"
+MYSQL_PORT="$(setting SM_MYSQL_PORT 3306 "$PORT_RE" 'a TCP port')"
+# The Kafka version is the broker/pom.xml's (equal to compose/kafka.yml's image); SM_KAFKA_VERSION
+# runs another one from Maven Central.
+KAFKA_VERSION="$(setting SM_KAFKA_VERSION \
+  "$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/broker/pom.xml")" \
+  '^[0-9]+\.[0-9]+\.[0-9]+$' 'a Kafka version such as 4.4.0')"
+KAFKA_HEAP="$(setting SM_KAFKA_HEAP 512m '^[1-9][0-9]*[mMgG]$' 'a JVM heap size such as 512m or 1g')"
+# The broker's runtime classpath, collected once per machine by Maven (ensure_kafka).
+KAFKA_HOME="${SM_KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/messagescheduler/kafka-$KAFKA_VERSION}"
+MYSQL_DIR="${SM_MYSQL_DIR:-$STACK/mysql}"
+# Servers given from outside: used as they are, nothing local is started for them.
+EXTERNAL_KAFKA="${SM_BOOTSTRAP_SERVERS:-}"
+EXTERNAL_MONGO="${SM_MONGODB_URI:-}"
+EXTERNAL_MYSQL="${SM_MYSQL_URL:-}"
 
 # ---- installing --------------------------------------------------------------------------------
 
@@ -78,28 +118,61 @@ apt_install() {
 # Build dependencies of the workspace: cmake for the bundled librdkafka; curl headers because
 # librdkafka 2.12's CMake build includes <curl/curl.h> even without curl; OpenSSL for TLS.
 ensure_build_deps() {
-  apt_install cmake pkg-config libssl-dev libcurl4-openssl-dev python3-venv jq
+  apt_install cmake pkg-config libssl-dev libcurl4-openssl-dev python3-venv jq iproute2
 }
 
-# nisshi needs rustc >= 1.96: plain cargo when stable is new enough, else a nightly toolchain.
-ensure_nisshi() {
-  # (Output is captured, not piped into grep -q: with pipefail, grep's early exit fails the pipe.)
-  if command -v nisshi >/dev/null && [ "$(nisshi --version 2>/dev/null)" = "nisshi $NISSHI_VERSION" ]; then
-    return 0
+# Java 17 or newer runs the broker (Kafka 4 needs it); Maven collects its classpath. Each is
+# installed from Debian only when absent.
+ensure_java() {
+  if ! command -v java >/dev/null; then
+    command -v apt-get >/dev/null ||
+      die "the Kafka broker needs Java 17 or newer: there is no java on PATH and no apt-get to install default-jre-headless; install Java 17+ and retry"
+    apt_install default-jre-headless
+    command -v java >/dev/null || die "no java on PATH after installing default-jre-headless"
   fi
-  local toolchain=()
-  local minor
-  minor="$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')"
-  if [ "$minor" -ge 96 ] 2>/dev/null; then
-    toolchain=()
-  elif [[ "$(rustup toolchain list 2>/dev/null)" == *nightly* ]]; then
-    toolchain=(+nightly)
-  else
-    die "nisshi $NISSHI_VERSION needs rustc 1.96 or newer: install one (rustup toolchain install nightly) and retry"
+  local major
+  major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+  [ "${major%%.*}" -ge 17 ] 2>/dev/null ||
+    die "Apache Kafka $KAFKA_VERSION needs Java 17 or newer; $(command -v java) is Java ${major:-of an unknown version}"
+}
+
+ensure_maven() {
+  command -v mvn >/dev/null && return 0
+  command -v apt-get >/dev/null ||
+    die "collecting the Kafka broker's classpath needs Maven: there is no mvn on PATH and no apt-get to install maven; install Maven and retry"
+  apt_install maven
+  command -v mvn >/dev/null || die "no mvn on PATH after installing maven"
+}
+
+# The broker's runtime classpath (Apache Kafka from Maven Central and a log4j2 backend, as
+# broker/pom.xml pins them) in $KAFKA_HOME/libs: collected once per machine, then reused. It is
+# collected into a new directory that replaces the old one only when complete, so an interrupted
+# download is never taken for a classpath.
+ensure_kafka() {
+  ensure_java
+  [ -f "$KAFKA_HOME/complete" ] && [ -f "$KAFKA_HOME/libs/kafka_2.13-$KAFKA_VERSION.jar" ] && return 0
+  ensure_maven
+  mkdir -p "$(dirname "$KAFKA_HOME")"
+  local tmp out started artifact
+  tmp="$(mktemp -d "$KAFKA_HOME.partial.XXXXXX")"
+  log "collecting Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_HOME (once per machine)"
+  started=$SECONDS
+  if ! out="$(mvn -B -ntp -f "$ROOT/broker/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp/libs" 2>&1)"; then
+    rm -rf "$tmp"
+    printf '%s\n' "$out" | grep -E '^\[ERROR\]' | head -n 5 >&2 || true
+    # The first coordinates Maven names (group:artifact:type:version), other than this project's
+    # own pom, are the artifact it failed on.
+    artifact="$(printf '%s\n' "$out" | grep -E '^\[ERROR\]' |
+      grep -oE '[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:(jar|pom|maven-plugin)(:[A-Za-z0-9_.-]+)?:[0-9][A-Za-z0-9_.-]*' |
+      grep -v '^io.github.messagescheduler:' | head -n 1 || true)"
+    local what="the classpath of Apache Kafka $KAFKA_VERSION"
+    die "Maven could not download ${artifact:-$what} from Maven Central (is it reachable? see the errors above)"
   fi
-  log "installing nisshi $NISSHI_VERSION: a Rust build of about 22 minutes on 2 cores, once per machine"
-  cargo "${toolchain[@]}" install nisshi --version "$NISSHI_VERSION" --locked \
-    --no-default-features --features dynostore,libsql
+  touch "$tmp/complete"
+  rm -rf "$KAFKA_HOME"
+  mv "$tmp" "$KAFKA_HOME"
+  log "Apache Kafka $KAFKA_VERSION: $(find "$KAFKA_HOME/libs" -name '*.jar' | wc -l) jars, $(du -sh "$KAFKA_HOME/libs" | cut -f1) in $((SECONDS - started)) s"
 }
 
 # The stack's Python: SecantusDB (the MongoDB server), and confluent-kafka, the ordinary external
@@ -153,14 +226,18 @@ port_holder() {
   fi
 }
 
+# wait_port NAME PORT [PID]: waits until PORT answers; stops the script, with the last lines of
+# the process's output (and of SERVER_LOG, the log the program writes itself, when set), when PID
+# exits first or nothing answers within 30 s.
 wait_port() {
   local name=$1 port=$2 pid=${3:-}
   local i
   for i in $(seq 1 300); do
     port_open "$port" && return 0
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-      tail -n 20 "$STACK/logs/$name.log" >&2 || true
-      die "$name exited during start-up (log: $STACK/logs/$name.log)"
+      rm -f "$STACK/pids/$name.pid"
+      tail -n 20 "$STACK/logs/$name.log" ${SERVER_LOG:+"$SERVER_LOG"} >&2 2>/dev/null || true
+      die "$name exited during start-up (log: ${SERVER_LOG:-$STACK/logs/$name.log})"
     fi
     sleep 0.1
     [ "$i" -eq 300 ] && die "$name did not answer on 127.0.0.1:$port within 30 s"
@@ -203,8 +280,9 @@ start() {
 }
 
 # The programs of the stack's servers: a server of the same program on the port, started by
-# another checkout of this project (or by hand), is used rather than refused.
-declare -A STACK_PROGRAM=([kafka]=nisshi [mongo]=secantusd-py)
+# another checkout of this project (or by hand), is used rather than refused. (Not MariaDB: the
+# project's account there would have another checkout's password.)
+declare -A STACK_PROGRAM=([kafka]=kafka.Kafka [mongo]=secantusd-py)
 
 # port_free_for NAME PORT: true when the port is free for NAME to start on; false (after saying
 # so) when a server of NAME's program already answers there, to be used; stops the script when
@@ -226,43 +304,129 @@ port_free_for() {
   die "$name: 127.0.0.1:$port is held by $holder, which this script did not start; stop it or free the port (it was not touched)"
 }
 
-# nisshi_command PORT: sets NISSHI to the broker's command line for 127.0.0.1:PORT, with SQLite
-# storage in the working directory. nisshi reads a .env file in its working directory and
-# STORAGE_ENGINE: keep both out of play. It also logs through RUST_LOG, and a filter meant for our
-# services slows it many times over.
-nisshi_command() {
-  NISSHI=(env -u STORAGE_ENGINE -u SCHEMA_REGISTRY -u LISTENER_URL
-    -u ADVERTISED_LISTENER_URL -u CLUSTER_ID RUST_LOG=warn nisshi broker
-    --listener-url "tcp://127.0.0.1:$1"
-    --advertised-listener-url "tcp://127.0.0.1:$1"
-    --storage-engine sqlite://broker.db
-    --group-initial-rebalance-delay 0s --silent)
+# ---- Apache Kafka ------------------------------------------------------------------------------
+
+# kafka_java DIR: sets KAFKA_JAVA to the JVM's command line for a broker whose configuration and
+# logs are in DIR: the stack's heap, G1 with short pauses, log4j2 writing DIR/logs/server.log.
+kafka_java() {
+  KAFKA_JAVA=(java "-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
+    "-Dlog4j2.configurationFile=$ROOT/broker/log4j2.properties" "-Dkafka.logs.dir=$1/logs"
+    -cp "$KAFKA_HOME/libs/*")
+}
+
+# kafka_setup DIR PORT CONTROLLER_PORT: writes DIR/server.properties from broker/server.properties
+# and formats DIR/data once (KRaft: a new cluster id, this node the only controller). A data
+# directory this script did not format, or formatted by a newer Kafka than this one, or whose
+# cluster id is not the one it formatted, is refused with a message and left as it is.
+kafka_setup() {
+  local dir=$1 port=$2 cport=$3 meta="$1/data/meta.properties" record="$1/formatted-by"
+  mkdir -p "$dir/logs"
+  sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$cport|g" -e "s|@DATA_DIR@|$dir/data|g" \
+    "$ROOT/broker/server.properties" >"$dir/server.properties"
+  if [ -f "$meta" ]; then
+    local version cluster found newest
+    read -r version cluster <"$record" 2>/dev/null ||
+      die "kafka: $dir/data holds a Kafka data directory this script did not format; remove it (./messagescheduler.sh -c removes the stack's data) or set SM_STACK_DIR elsewhere"
+    found="$(sed -n 's/^cluster.id=//p' "$meta")"
+    [ "$found" = "$cluster" ] ||
+      die "kafka: $dir/data belongs to cluster $found, not to $cluster that this stack formatted; it was not touched (./messagescheduler.sh -c removes the stack's data)"
+    newest="$(printf '%s\n%s\n' "$version" "$KAFKA_VERSION" | sort -V | tail -n 1)"
+    if [ "$version" != "$KAFKA_VERSION" ]; then
+      [ "$newest" = "$KAFKA_VERSION" ] ||
+        die "kafka: $dir/data was formatted by Kafka $version, newer than $KAFKA_VERSION, which cannot read its metadata; run SM_KAFKA_VERSION=$version, or remove the data with ./messagescheduler.sh -c"
+      log "kafka: $dir/data was formatted by Kafka $version; $KAFKA_VERSION runs it at that metadata version"
+    fi
+    return 0
+  fi
+  local cluster
+  cluster="$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+  kafka_java "$dir"
+  "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" \
+    --standalone >>"$dir/logs/format.log" 2>&1 ||
+    { tail -n 20 "$dir/logs/format.log" >&2; die "kafka: formatting $dir/data failed (log: $dir/logs/format.log)"; }
+  echo "$KAFKA_VERSION $cluster" >"$record"
+}
+
+# kafka_metadata PORT: one metadata request to the broker on 127.0.0.1:PORT; prints its cluster id
+# and how many brokers it lists (fails when it does not answer within 2 s).
+kafka_metadata() {
+  "$STACK/venv/bin/python" - "$1" <<'EOF' 2>/dev/null
+import sys
+from confluent_kafka.admin import AdminClient
+admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{sys.argv[1]}", "log_level": 0})
+md = admin.list_topics(timeout=2)
+print(md.cluster_id, len(md.brokers))
+EOF
+}
+
+# kafka_ready NAME PORT DIR: waits until the broker answers a metadata request that lists itself,
+# for the cluster DIR was formatted for (an open port is not enough: the broker listens before it
+# can answer); stops the script with the last lines of its log when it exits or takes a minute.
+kafka_ready() {
+  local name=$1 port=$2 dir=$3 pid cluster answer i
+  pid="$(cat "$STACK/pids/$name.pid" 2>/dev/null || true)"
+  read -r _ cluster <"$dir/formatted-by"
+  for i in $(seq 1 120); do
+    answer="$(kafka_metadata "$port" || true)"
+    if [ "${answer% *}" = "$cluster" ] && [ "${answer#* }" -ge 1 ] 2>/dev/null; then
+      log "$name: Apache Kafka $(kafka_version_of "$dir") answers on 127.0.0.1:$port (cluster $cluster)"
+      return 0
+    fi
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 20 "$dir/logs/server.log" "$STACK/logs/$name.log" >&2 2>/dev/null || true
+      die "$name exited during start-up (log: $dir/logs/server.log)"
+    fi
+    sleep 0.5
+  done
+  tail -n 20 "$dir/logs/server.log" >&2 2>/dev/null || true
+  die "$name did not answer a metadata request on 127.0.0.1:$port within 60 s (log: $dir/logs/server.log)"
+}
+
+# The version the broker in DIR says it runs (its log's last "Kafka version" line).
+kafka_version_of() {
+  grep -o 'Kafka version: [^ ]*' "$1/logs/server.log" 2>/dev/null | tail -n 1 | cut -d' ' -f3
+}
+
+# start_broker NAME DIR PORT CONTROLLER_PORT: a local broker as a process of this script's.
+start_broker() {
+  local name=$1 dir=$2 port=$3 cport=$4
+  ensure_kafka
+  ensure_secantus
+  port_free_for "$name" "$cport" || die "$name: the controller port 127.0.0.1:$cport is held by a broker this checkout did not start; set SM_KAFKA_CONTROLLER_PORT"
+  kafka_setup "$dir" "$port" "$cport"
+  kafka_java "$dir"
+  SERVER_LOG="$dir/logs/server.log" start "$name" "$port" "$dir" "${KAFKA_JAVA[@]}" kafka.Kafka \
+    "$dir/server.properties"
+  kafka_ready "$name" "$port" "$dir"
 }
 
 start_kafka() {
+  if [ -n "$EXTERNAL_KAFKA" ]; then
+    log "kafka: using $EXTERNAL_KAFKA (SM_BOOTSTRAP_SERVERS); no local broker started"
+    return 0
+  fi
   pid_ours kafka || port_free_for kafka "$KAFKA_PORT" || return 0
-  ensure_nisshi
-  local dir="$STACK/kafka"
-  mkdir -p "$dir"
-  rm -f "$dir/.env"
-  nisshi_command "$KAFKA_PORT"
-  start kafka "$KAFKA_PORT" "$dir" "${NISSHI[@]}"
+  start_broker kafka "$STACK/kafka" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
 }
 
-# A broker of the test run's own, on a free port with an empty data directory, stopped (by PID)
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# A broker of the test run's own, on free ports with an empty data directory, stopped (by PID)
 # and removed when the run ends, even when it fails: no topic, group or backlog of the main job
-# or of an earlier run is in play (a long-lived broker with hundreds of MiB of earlier topics once
-# made the cancel and experiment tests late), and the stack's broker is left alone. Started and
-# stopped like every other process of the script (`start`, `stop_one`).
+# or of an earlier run is in play, and the stack's broker is left alone. Started and stopped like
+# every other process of the script (`start`, `stop_one`).
 start_test_broker() {
-  ensure_nisshi
-  local port
-  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  local port cport
+  port="$(free_port)"
+  cport="$(free_port)"
+  mkdir -p "$STACK"
   TEST_KAFKA_DIR="$(mktemp -d "$STACK/test-kafka.XXXXXX")"
   trap stop_test_broker EXIT
   trap "exit 130" INT TERM
-  nisshi_command "$port"
-  start test-kafka "$port" "$TEST_KAFKA_DIR" "${NISSHI[@]}"
+  start_broker test-kafka "$TEST_KAFKA_DIR" "$port" "$cport"
   KAFKA_PORT=$port
 }
 
@@ -271,42 +435,112 @@ stop_test_broker() {
   rm -rf "${TEST_KAFKA_DIR:?}"
 }
 
+# ---- MongoDB (SecantusDB) ----------------------------------------------------------------------
+
 start_mongo() {
+  if [ -n "$EXTERNAL_MONGO" ]; then
+    log "mongo: using SM_MONGODB_URI; no local server started"
+    return 0
+  fi
   pid_ours mongo || port_free_for mongo "$MONGO_PORT" || return 0
   ensure_secantus
   start mongo "$MONGO_PORT" "$STACK/mongo" "$STACK/venv/bin/secantusd-py" \
     --host 127.0.0.1 --port "$MONGO_PORT" --storage-path "$STACK/mongo"
 }
 
+# ---- MySQL (MariaDB) ---------------------------------------------------------------------------
+
+# The project's own database and account: every component and test signs in with them, never as
+# root (Debian's root signs in by unix socket only). Test databases are named with the same prefix.
+MYSQL_DATABASE=messagescheduler
+MYSQL_USER=messagescheduler
+
+# Debian's mariadbd refuses to run as root: as root it runs as the mysql user (as Debian's service
+# does), and its data directory is then that user's.
+mysql_user_args() {
+  [ "$(id -u)" -eq 0 ] && echo "--user=mysql"
+  return 0
+}
+
+# A MariaDB server of the stack's own: its data directory (initialised once), port and socket, no
+# option file of the system's (--no-defaults), listening on 127.0.0.1 only.
 start_mysql() {
-  if port_open "$MYSQL_PORT"; then
-    log "mysql answers on 127.0.0.1:$MYSQL_PORT"
+  if [ -n "$EXTERNAL_MYSQL" ]; then
+    log "mysql: using SM_MYSQL_URL; no local server started"
     return 0
   fi
-  apt_install mariadb-server
-  mkdir -p "$STACK/pids"
-  log "starting MariaDB"
-  start-stop-daemon --start --oknodo --background --make-pidfile \
-    --pidfile "$STACK/pids/mysql.pid" --exec /usr/sbin/mariadbd
-  wait_port mysql "$MYSQL_PORT" "$(cat "$STACK/pids/mysql.pid")"
-  cmdline_of "$(cat "$STACK/pids/mysql.pid")" >"$STACK/pids/mysql.cmd"
+  if ! pid_ours mysql; then
+    port_free_for mysql "$MYSQL_PORT"
+    apt_install mariadb-server
+    local user_arg
+    user_arg="$(mysql_user_args)"
+    mkdir -p "$MYSQL_DIR"
+    if [ -n "$user_arg" ]; then
+      chown mysql: "$MYSQL_DIR"
+      runuser -u mysql -- test -w "$MYSQL_DIR" ||
+        die "mysql: MariaDB runs as the mysql user, which cannot reach $MYSQL_DIR (a parent directory is closed to it); set SM_MYSQL_DIR to a directory it can reach"
+    fi
+    if [ ! -d "$MYSQL_DIR/data/mysql" ]; then
+      log "mysql: initialising a MariaDB data directory in $MYSQL_DIR/data"
+      mkdir -p "$STACK/logs"
+      # shellcheck disable=SC2086 # user_arg is one word or none
+      mariadb-install-db --no-defaults --datadir="$MYSQL_DIR/data" $user_arg \
+        --auth-root-authentication-method=socket --auth-root-socket-user="$(id -un)" \
+        --skip-test-db >>"$STACK/logs/mysql.log" 2>&1 ||
+        { tail -n 20 "$STACK/logs/mysql.log" >&2; die "mysql: mariadb-install-db failed (log: $STACK/logs/mysql.log)"; }
+    fi
+    # shellcheck disable=SC2086
+    start mysql "$MYSQL_PORT" "$MYSQL_DIR" /usr/sbin/mariadbd --no-defaults $user_arg \
+      --datadir="$MYSQL_DIR/data" --port="$MYSQL_PORT" --bind-address=127.0.0.1 \
+      --socket="$MYSQL_DIR/mysqld.sock" --pid-file="$MYSQL_DIR/mariadbd.pid" --skip-name-resolve
+  fi
+  mysql_account
+}
+
+# The project's database and account, created (or its password set again) as root over the
+# server's socket; the password is made once and kept in the stack's directory, readable by its
+# owner only.
+mysql_account() {
+  local pw_file="$MYSQL_DIR/password"
+  if [ ! -s "$pw_file" ]; then
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$pw_file")
+  fi
+  MYSQL_PASSWORD="$(cat "$pw_file")"
+  mysql --no-defaults --protocol=socket --socket="$MYSQL_DIR/mysqld.sock" -u root <<EOF ||
+CREATE DATABASE IF NOT EXISTS \`$MYSQL_DATABASE\`;
+CREATE USER IF NOT EXISTS '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASSWORD';
+ALTER USER '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASSWORD';
+GRANT ALL PRIVILEGES ON \`${MYSQL_DATABASE}%\`.* TO '$MYSQL_USER'@'127.0.0.1';
+EOF
+    die "mysql: could not create the project's database and account as root over $MYSQL_DIR/mysqld.sock"
 }
 
 stack() {
   mkdir -p "$STACK"
   ensure_build_deps
+  ensure_secantus
   start_kafka
   start_mongo
   start_mysql
-  # The venv also holds the benchmark's ordinary client (confluent-kafka): install it even when
-  # another checkout's MongoDB server is used.
-  ensure_secantus
+}
+
+# seconds_of NAME DURATION: DURATION (500ms, 20s, 1m, 1h) in whole seconds, rounded up; anything
+# else stops the script, naming the setting.
+seconds_of() {
+  [[ "$2" =~ ^([0-9]{1,9})(ms|s|m|h)$ ]] || die "$1=$2 is not a duration such as 500ms, 20s, 1m or 1h"
+  local n=$((10#${BASH_REMATCH[1]}))
+  case "${BASH_REMATCH[2]}" in
+    ms) echo $(((n + 999) / 1000)) ;;
+    s) echo "$n" ;;
+    m) echo $((n * 60)) ;;
+    h) echo $((n * 3600)) ;;
+  esac
 }
 
 # A clean stop of the scheduler takes up to its SM_SHUTDOWN_TIMEOUT (20 s by default); the other
-# services stop in moments. SIGKILL only after that and 10 s more.
-SHUTDOWN_TIMEOUT_S="${SM_SHUTDOWN_TIMEOUT:-20s}"
-SHUTDOWN_TIMEOUT_S="${SHUTDOWN_TIMEOUT_S%s}"
+# services stop in moments, the broker in a few seconds (a controlled shutdown). SIGKILL only after
+# that and 10 s more.
+SHUTDOWN_TIMEOUT_S="$(seconds_of SM_SHUTDOWN_TIMEOUT "${SM_SHUTDOWN_TIMEOUT:-20s}")"
 STOP_GRACE_S=$((SHUTDOWN_TIMEOUT_S + 10))
 
 # stop_one NAME: SIGTERM to the process we started, SIGKILL after the grace period.
@@ -349,10 +583,13 @@ stop_all() {
   return 0
 }
 
+# Where the services and tests find the servers: those given from outside as they are, the local
+# ones by port; the broker's classpath for the brokers tests start themselves.
 export_env() {
-  export SM_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT"
-  export SM_MONGODB_URI="mongodb://127.0.0.1:$MONGO_PORT"
-  export SM_MYSQL_URL="mysql://root@127.0.0.1:$MYSQL_PORT/test"
+  export SM_BOOTSTRAP_SERVERS="${EXTERNAL_KAFKA:-127.0.0.1:$KAFKA_PORT}"
+  export SM_MONGODB_URI="${EXTERNAL_MONGO:-mongodb://127.0.0.1:$MONGO_PORT}"
+  export SM_MYSQL_URL="${EXTERNAL_MYSQL:-mysql://$MYSQL_USER:$MYSQL_PASSWORD@127.0.0.1:$MYSQL_PORT/$MYSQL_DATABASE}"
+  export SM_KAFKA_HOME="$KAFKA_HOME"
 }
 
 # The live page's browser test: Debian's Chromium, driven by playwright-core from npm.
@@ -368,10 +605,16 @@ ensure_web_test() {
 run_tests() {
   mkdir -p "$STACK"
   ensure_build_deps
-  start_test_broker
+  ensure_secantus
+  # The tests that stop and restart a broker start brokers of their own from this classpath.
+  ensure_kafka
+  if [ -n "$EXTERNAL_KAFKA" ]; then
+    log "kafka: the tests use $EXTERNAL_KAFKA (SM_BOOTSTRAP_SERVERS); no test broker started"
+  else
+    start_test_broker
+  fi
   start_mongo
   start_mysql
-  ensure_secantus
   ensure_web_test
   export_env
   log "running the workspace's tests"
@@ -576,16 +819,18 @@ clean() {
   local deep=$1
   stop
   if [ "$deep" -eq 1 ]; then
-    log "deep clean: removing $ROOT/target (all build artefacts), $STACK (data, logs, the Python venv)"
+    log "deep clean: removing $ROOT/target (all build artefacts), $STACK (data, logs, the Python venv), $MYSQL_DIR (MariaDB's data) and $KAFKA_HOME (the broker's classpath)"
     if use_docker; then
       log "and the compose project's containers, volumes and locally built images"
       WITH_GRAFANA=1 WITH_GUI=1 compose down --volumes --rmi local --remove-orphans
     fi
-    run rm -rf "$ROOT/target" "$STACK"
+    run rm -rf "$ROOT/target" "$STACK" "$MYSQL_DIR" "$KAFKA_HOME"
   else
+    log "removing the release binaries and the stack's data and logs: the broker's, MongoDB's, MariaDB's ($MYSQL_DIR), the scheduler's index of ids, Prometheus's"
     run rm -f "$ROOT/target/release/scheduler" "$ROOT/target/release/db-scheduler" \
       "$ROOT/target/release/messenger"
-    run rm -rf "$STACK/logs" "$STACK/kafka" "$STACK/mongo" "$STACK/run" "$STACK/prometheus"
+    run rm -rf "$STACK/logs" "$STACK/kafka" "$STACK/mongo" "$MYSQL_DIR" "$STACK/run" \
+      "$STACK/prometheus" "$STACK/scheduler-state"
   fi
 }
 

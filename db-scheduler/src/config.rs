@@ -13,7 +13,8 @@ pub struct Config {
     #[arg(
         long,
         env = "SM_MYSQL_URL",
-        default_value = "mysql://root@127.0.0.1:3306/test"
+        default_value = "mysql://messagescheduler@127.0.0.1:3306/messagescheduler",
+        hide_env_values = true
     )]
     pub mysql_url: String,
 

@@ -1,13 +1,19 @@
-//! Test helpers (feature `testkit`): a fresh database per test on the server of `SM_MYSQL_URL`.
+//! Test helpers (feature `testkit`): a fresh database per test on the server of `SM_MYSQL_URL`
+//! (`./messagescheduler.sh --test` sets it to the project's own account and database).
 
 use sqlx::Connection;
 
-/// Creates a database with a unique name and returns its URL. Panics when MySQL cannot be reached:
-/// this is test set-up.
+/// Creates a database with a unique name and returns its URL. The name starts with the name of
+/// `SM_MYSQL_URL`'s database, which the project's account is granted as a prefix. Panics when
+/// MySQL cannot be reached: this is test set-up.
 pub async fn fresh_database() -> String {
-    let base =
-        std::env::var("SM_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-    let name = scheduler::testkit::unique("dbs").replace('-', "_");
+    let base = std::env::var("SM_MYSQL_URL")
+        .expect("SM_MYSQL_URL names the test server (./messagescheduler.sh --test sets it)");
+    let (server, database) = base.rsplit_once('/').expect("a URL with a database");
+    let name = format!(
+        "{database}_{}",
+        scheduler::testkit::unique("t").replace('-', "_")
+    );
     let mut conn = sqlx::MySqlConnection::connect(&base)
         .await
         .expect("mysql answers");
@@ -15,7 +21,6 @@ pub async fn fresh_database() -> String {
         .execute(&mut conn)
         .await
         .expect("create database");
-    let (server, _) = base.rsplit_once('/').expect("a URL with a database");
     format!("{server}/{name}")
 }
 

@@ -201,6 +201,26 @@ const KNOWN_IMAGES: [&str; 8] = [
     "grafana/grafana:",
 ];
 
+/// Compose runs the Kafka version the local stack runs: the `apache/kafka` image's tag is the
+/// version broker/pom.xml pins.
+#[test]
+fn compose_runs_the_kafka_version_of_the_local_stack() {
+    let pom = std::fs::read_to_string(root().join("broker/pom.xml")).unwrap();
+    let pinned = pom
+        .split_once("<kafka.version>")
+        .and_then(|(_, rest)| rest.split_once("</kafka.version>"))
+        .map(|(v, _)| v.trim().to_string())
+        .expect("broker/pom.xml pins <kafka.version>");
+    let compose: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root().join("compose/kafka.yml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        compose["services"]["kafka"]["image"].as_str(),
+        Some(format!("apache/kafka:{pinned}").as_str())
+    );
+}
+
 /// The compose files parse; every service names a known image (pinned) or builds an existing
 /// Dockerfile target; every file they mount or read exists; all share one network.
 #[test]
@@ -473,13 +493,17 @@ fn broker_port() -> String {
 }
 
 /// The script run without Docker against a stack directory of the test's own, on the test run's
-/// broker, with extra environment; returns the finished process's output.
+/// broker (found on its port, as a user's second checkout would find it), with extra environment;
+/// returns the finished process's output. MySQL is the test run's too, given by `SM_MYSQL_URL`
+/// (the script starts none then): its account belongs to the run's stack directory.
 fn script_with(args: &[&str], stack: &Path, env: &[(&str, String)]) -> std::process::Output {
     Command::new("bash")
         .arg(root().join("messagescheduler.sh"))
         .args(args)
         .env("SM_DOCKER", "0")
         .env("SM_STACK_DIR", stack)
+        .env_remove("SM_BOOTSTRAP_SERVERS")
+        .env_remove("SM_MONGODB_URI")
         .env("SM_KAFKA_PORT", broker_port())
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
@@ -829,4 +853,177 @@ fn a_rebuilt_binary_is_restarted_by_app() {
     stop_and_check_gone(&stack, &env, second);
     let _ = std::fs::remove_dir_all(&stack);
     let _ = std::fs::remove_dir_all(&bins);
+}
+
+/// A stack directory of the test's own whose Python environment is the checkout's (the `--test`
+/// run installed it), so that the script does not install it again.
+fn stack_with_venv() -> PathBuf {
+    let stack = std::env::temp_dir().join(unique("stack"));
+    std::fs::create_dir_all(&stack).unwrap();
+    std::os::unix::fs::symlink(root().join(".stack/venv"), stack.join("venv")).unwrap();
+    stack
+}
+
+/// The environment of a `--stack` whose broker would start on free ports of its own.
+fn fresh_broker_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("SM_KAFKA_PORT", free_port().to_string()),
+        ("SM_KAFKA_CONTROLLER_PORT", free_port().to_string()),
+    ]
+}
+
+/// `--stack` with `env`: it must fail, and say `says` on stderr; returns stderr.
+fn stack_refused(stack: &Path, env: &[(&str, String)], says: &str) -> String {
+    let out = script_with(&["--stack"], stack, env);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "--stack succeeded: {text}");
+    assert!(text.contains(says), "no '{says}' in: {text}");
+    text
+}
+
+/// A Kafka data directory that is not this stack's to run is refused with a message and left as
+/// it was: one formatted for another cluster, one formatted by a newer Kafka, one this script did
+/// not format. Nothing is started for it.
+#[test]
+fn a_kafka_data_directory_of_another_cluster_or_version_is_refused_and_left_alone() {
+    let cases = [
+        (Some("4.4.0 OtherClusterIdAAAAAAA"), "belongs to cluster"),
+        (
+            Some("99.0.0 ThisClusterIdAAAAAAAAA"),
+            "formatted by Kafka 99.0.0, newer than",
+        ),
+        (None, "did not format"),
+    ];
+    for (record, says) in cases {
+        let stack = stack_with_venv();
+        let data = stack.join("kafka/data");
+        std::fs::create_dir_all(&data).unwrap();
+        let meta = "version=1\nnode.id=1\ncluster.id=ThisClusterIdAAAAAAAAA\n";
+        std::fs::write(data.join("meta.properties"), meta).unwrap();
+        if let Some(record) = record {
+            std::fs::write(stack.join("kafka/formatted-by"), format!("{record}\n")).unwrap();
+        }
+        stack_refused(&stack, &fresh_broker_env(), says);
+        assert_eq!(
+            std::fs::read_to_string(data.join("meta.properties")).unwrap(),
+            meta,
+            "the data directory was touched"
+        );
+        assert!(
+            !stack.join("pids/kafka.pid").exists(),
+            "a broker was started"
+        );
+        let _ = std::fs::remove_dir_all(&stack);
+    }
+}
+
+/// A broker that exits during its start (here: its stored node id is not the configured one) is
+/// reported with the last lines of its log, and leaves no PID file behind that `-s` would act on.
+#[test]
+fn a_broker_that_exits_during_start_is_reported_with_its_log() {
+    let stack = stack_with_venv();
+    let data = stack.join("kafka/data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("meta.properties"),
+        "version=1\nnode.id=2\ndirectory.id=AAAAAAAAAAAAAAAAAAAAAA\ncluster.id=ThisClusterIdAAAAAAAAA\n",
+    )
+    .unwrap();
+    std::fs::write(
+        stack.join("kafka/formatted-by"),
+        "4.4.0 ThisClusterIdAAAAAAAAA\n",
+    )
+    .unwrap();
+    let text = stack_refused(&stack, &fresh_broker_env(), "kafka exited during start-up");
+    assert!(
+        text.contains("Stored node id 2"),
+        "the broker's own reason is shown: {text}"
+    );
+    let _ = std::fs::remove_dir_all(&stack);
+}
+
+/// The Kafka port, or its controller port, held by a program the script did not start: named with
+/// its pid, left running, and nothing started.
+#[test]
+fn a_foreign_process_on_a_kafka_port_is_reported_and_left_alone() {
+    for which in ["SM_KAFKA_PORT", "SM_KAFKA_CONTROLLER_PORT"] {
+        let stack = stack_with_venv();
+        let port = free_port();
+        let mut foreign = spawn_binary(
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ]
+            .map(String::from),
+            "foreign-kafka-port.log",
+        );
+        wait_for_port(port, "the foreign server did not start");
+        let mut env = fresh_broker_env();
+        env.retain(|(k, _)| *k != which);
+        env.push((which, port.to_string()));
+        stack_refused(
+            &stack,
+            &env,
+            &format!("127.0.0.1:{port} is held by pid {}", foreign.id()),
+        );
+        assert!(foreign.try_wait().unwrap().is_none(), "{which}: killed");
+        assert!(!stack.join("pids/kafka.pid").exists(), "{which}: started");
+        let _ = std::fs::remove_dir_all(&stack);
+    }
+}
+
+/// Maven failing to download the broker names the artifact; nothing is left that would pass for
+/// a classpath.
+#[test]
+fn a_failed_kafka_download_names_the_artifact() {
+    let stack = stack_with_venv();
+    let home = std::env::temp_dir().join(unique("kafka-home"));
+    let mut env = fresh_broker_env();
+    env.push(("SM_KAFKA_VERSION", "0.0.1".into()));
+    env.push(("SM_KAFKA_HOME", home.display().to_string()));
+    stack_refused(&stack, &env, "org.apache.kafka:kafka_2.13:");
+    assert!(
+        !home.exists(),
+        "a partial classpath was left at {}",
+        home.display()
+    );
+    let _ = std::fs::remove_dir_all(&stack);
+}
+
+/// No Java (or no Maven) on the machine and no apt-get to install it: one clear message each.
+/// PATH is the system's, less those programs.
+#[test]
+fn java_or_maven_missing_without_apt_is_a_clear_message() {
+    for (missing, says) in [("java", "needs Java 17"), ("mvn", "needs Maven")] {
+        let bin = std::env::temp_dir().join(unique("path"));
+        std::fs::create_dir_all(&bin).unwrap();
+        for dir in ["/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if [missing, "apt-get"].contains(&name.as_ref()) {
+                    continue;
+                }
+                let _ = std::os::unix::fs::symlink(entry.path(), bin.join(name.as_ref()));
+            }
+        }
+        let stack = stack_with_venv();
+        let mut env = fresh_broker_env();
+        env.push(("PATH", bin.display().to_string()));
+        // An empty classpath directory: the script must collect it, so Maven is needed.
+        env.push((
+            "SM_KAFKA_HOME",
+            std::env::temp_dir()
+                .join(unique("kafka-home"))
+                .display()
+                .to_string(),
+        ));
+        stack_refused(&stack, &env, says);
+        let _ = std::fs::remove_dir_all(&stack);
+        let _ = std::fs::remove_dir_all(&bin);
+    }
 }

@@ -1,6 +1,6 @@
 //! Helpers for integration tests of every crate in the workspace (feature `testkit`): they talk
-//! to the real local broker started by `./messagescheduler.sh --stack` (SM_BOOTSTRAP_SERVERS,
-//! default 127.0.0.1:9092). Every test uses its own topics and group, so tests run in parallel
+//! to the real broker `./messagescheduler.sh --test` starts for the run (SM_BOOTSTRAP_SERVERS,
+//! default 127.0.0.1:9092), or to brokers of their own ([`Broker`]). Every test uses its own topics and group, so tests run in parallel
 //! without seeing each other's records. Test code: a failed set-up panics with a message.
 #![allow(clippy::missing_panics_doc)]
 
@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kafka::TopicSpec;
 use crate::{Config, Scheduler, Settings, SystemClock};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -61,7 +60,7 @@ impl Names {
 
     /// The scheduler's flags for these names and a small, fast ladder: 400 ms to 6.4 s, ratio 2
     /// (five levels), so a few seconds of delay cross every level. The 150 ms safety margin covers
-    /// the local broker's produce latency while the whole suite loads it.
+    /// the broker's produce latency while the whole suite loads the machine.
     pub fn args(&self) -> Vec<String> {
         [
             "--bootstrap-servers",
@@ -208,10 +207,40 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A broker a test or benchmark started itself: nisshi (installed by
-/// `./messagescheduler.sh --stack`) with SQLite storage in its own directory, so that it keeps
-/// records and offsets across a kill. Killed when dropped, so a failing test leaves no process
-/// behind.
+/// The local broker's configuration, with `@PORT@`, `@CONTROLLER_PORT@` and `@DATA_DIR@` to fill:
+/// the file `messagescheduler.sh` starts the stack's broker with, so that a test's broker is
+/// configured as the stack's.
+const SERVER_PROPERTIES: &str = include_str!("../../broker/server.properties");
+
+/// The Kafka version `broker/pom.xml` pins (the classpath the script collects is named by it), the
+/// version of every broker [`Broker::start`] starts.
+pub fn kafka_version() -> &'static str {
+    const POM: &str = include_str!("../../broker/pom.xml");
+    POM.split_once("<kafka.version>")
+        .and_then(|(_, rest)| rest.split_once("</kafka.version>"))
+        .map(|(v, _)| v)
+        .expect("broker/pom.xml pins <kafka.version>")
+}
+
+/// Where `./messagescheduler.sh` keeps the broker's classpath: `SM_KAFKA_HOME` (the script exports
+/// it to the tests), else its default for the pinned version.
+fn kafka_home() -> std::path::PathBuf {
+    if let Some(home) = std::env::var_os("SM_KAFKA_HOME") {
+        return home.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .expect("HOME or XDG_CACHE_HOME is set");
+    cache
+        .join("messagescheduler")
+        .join(format!("kafka-{}", kafka_version()))
+}
+
+/// A broker a test or benchmark started itself: Apache Kafka in KRaft mode (one JVM, broker and
+/// controller), from the classpath `./messagescheduler.sh` collects, configured as the stack's
+/// broker, with its data in a directory of its own so that it keeps records and offsets across a
+/// kill. Killed when dropped, so a failing test leaves no process behind.
 pub struct Broker {
     child: Child,
     dir: std::path::PathBuf,
@@ -219,40 +248,88 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts a broker on a free port in a new directory, and waits until it accepts connections.
+    /// Formats a new data directory and starts a broker on free ports; returns once it answers a
+    /// metadata request.
     pub fn start() -> Broker {
         let dir = std::env::temp_dir().join(unique("broker"));
-        std::fs::create_dir_all(&dir).expect("broker directory");
-        let port = free_port();
+        std::fs::create_dir_all(dir.join("logs")).expect("broker directory");
+        let (port, controller_port) = (free_port(), free_port());
+        let properties = SERVER_PROPERTIES
+            .replace("@PORT@", &port.to_string())
+            .replace("@CONTROLLER_PORT@", &controller_port.to_string())
+            .replace("@DATA_DIR@", &dir.join("data").to_string_lossy());
+        std::fs::write(dir.join("server.properties"), properties).expect("server.properties");
+        let cluster_id = {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+        };
+        let format = Broker::java(&dir)
+            .args(["kafka.tools.StorageTool", "format", "--standalone", "-t"])
+            .arg(&cluster_id)
+            .arg("-c")
+            .arg(dir.join("server.properties"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("java runs (./messagescheduler.sh --stack installs it)");
+        assert!(format.success(), "formatting {} failed", dir.display());
         let child = Broker::spawn(&dir, port);
         Broker { child, dir, port }
     }
 
-    /// Starts nisshi on `port` with its SQLite database in `dir` and waits until it answers.
+    /// The JVM with the broker's classpath, heap and logging (to `dir/logs/server.log`).
+    fn java(dir: &std::path::Path) -> Command {
+        let home = kafka_home();
+        assert!(
+            home.join("libs").is_dir(),
+            "no Kafka classpath in {} (./messagescheduler.sh --stack collects it)",
+            home.display()
+        );
+        let heap = std::env::var("SM_KAFKA_HEAP").unwrap_or_else(|_| "512m".into());
+        let mut java = Command::new("java");
+        java.arg(format!("-Xms{heap}"))
+            .arg(format!("-Xmx{heap}"))
+            .args(["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"])
+            .args(["-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"])
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}/../broker/log4j2.properties",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .arg(format!("-Dkafka.logs.dir={}", dir.join("logs").display()))
+            .arg("-cp")
+            .arg(format!("{}/libs/*", home.display()));
+        java
+    }
+
+    /// Starts the broker of `dir` on `port` and waits until it answers a metadata request that
+    /// lists itself (it listens before it can answer).
     fn spawn(dir: &std::path::Path, port: u16) -> Child {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let mut child = Command::new("nisshi")
-            .args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://broker.db"])
-            .args(["--group-initial-rebalance-delay", "0s", "--silent"])
-            .current_dir(dir)
-            .env_remove("STORAGE_ENGINE")
-            // nisshi logs through RUST_LOG too: a filter meant for our services (info, debug)
-            // slows it down many times over.
-            .env("RUST_LOG", "warn")
+        let mut child = Broker::java(dir)
+            .arg("kafka.Kafka")
+            .arg(dir.join("server.properties"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nisshi is installed (./messagescheduler.sh --stack)");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return child;
+            .expect("java runs");
+        let client: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg)
+            .create()
+            .expect("metadata client");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("logs/server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!("the broker exited ({status}) during start-up: {tail:#?}");
             }
-            std::thread::sleep(Duration::from_millis(50));
+            match client.fetch_metadata(None, Duration::from_millis(500)) {
+                Ok(md) if !md.brokers().is_empty() => return child,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
         }
         kill9(&mut child);
-        panic!("the broker did not answer on {port}");
+        panic!("the broker did not answer a metadata request on {port} within 60 s");
     }
 
     pub fn bootstrap(&self) -> String {
@@ -264,8 +341,8 @@ impl Broker {
         self.child.id()
     }
 
-    /// SIGKILL (nothing flushed), `down` of silence, then the same broker again on the same
-    /// port and storage.
+    /// SIGKILL (no controlled shutdown, nothing flushed), `down` of silence, then the same broker
+    /// again on the same ports and data directory.
     pub fn kill_and_restart(&mut self, down: Duration) {
         kill9(&mut self.child);
         std::thread::sleep(down);
@@ -294,34 +371,20 @@ pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &s
     create_topic_on(&bootstrap(), name, partitions, configs).await
 }
 
-/// Creates a topic on the broker at `bootstrap` (an existing one is fine).
+/// Creates a topic on the broker at `bootstrap` (an existing one is fine), and returns once its
+/// partitions are served ([`crate::kafka::create_topics`]).
 pub async fn create_topic_on(
     bootstrap: &str,
     name: &str,
     partitions: i32,
     configs: &[(&str, &str)],
 ) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let topic = configs.iter().fold(
-        NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
-        |t, (k, v)| t.set(k, v),
-    );
-    let res = admin
-        .create_topics([&topic], &AdminOptions::new())
+    let spec = configs
+        .iter()
+        .fold(TopicSpec::new(name, partitions), |t, (k, v)| t.with(k, v));
+    crate::kafka::create_topics(crate::kafka::client_config(bootstrap, &[]), &[spec], 1)
         .await
-        .expect("create_topics answered");
-    for r in res {
-        if let Err((name, code)) = r {
-            assert_eq!(
-                code,
-                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
-                "creating {name}"
-            );
-        }
-    }
+        .unwrap_or_else(|e| panic!("creating {name}: {e}"));
 }
 
 pub fn producer() -> FutureProducer {
@@ -357,11 +420,11 @@ pub async fn produce(
     if let Some(k) = key {
         rec = rec.key(k);
     }
-    producer
+    let delivery = producer
         .send(rec, Duration::from_secs(10))
         .await
-        .map_err(|(e, _)| e)
-        .expect("produce acknowledged");
+        .map_err(|(e, _)| e);
+    crate::kafka::confirmed(delivery).expect("produce acknowledged, with an offset");
 }
 
 /// Schedules records `(id, due_ms)` to the test's target through its ingest topic, all at once
@@ -436,7 +499,6 @@ pub fn reader_on(bootstrap: &str, topic: &str, partitions: i32) -> StreamConsume
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
         .create()
         .expect("reader");
     let mut tpl = TopicPartitionList::new();

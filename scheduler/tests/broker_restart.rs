@@ -1,4 +1,4 @@
-//! The broker itself killed with SIGKILL mid-run and restarted (SQLite storage): the scheduler
+//! The broker itself killed with SIGKILL mid-run (no controlled shutdown) and restarted: the scheduler
 //! reconnects and delivers everything, none early. This test runs its own broker on a free port,
 //! so it lives in a test binary of its own (it points the whole process at that broker).
 

@@ -1,6 +1,6 @@
-//! The measurements. Each runs on a broker of its own (nisshi with SQLite storage in a
-//! temporary directory), so that what one section leaves behind does not weigh on the next, and
-//! nothing is left on the developer's stack.
+//! The measurements. Each runs on a broker of its own (Apache Kafka, `testkit::Broker`, with its
+//! data in a temporary directory), so that what one section leaves behind does not weigh on the
+//! next, and nothing is left on the developer's stack.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -199,13 +199,12 @@ async fn relayed(mut relay: Relay) -> f64 {
 /// Kafka-backed scheduler pays per hop. Prints `ready` once it holds its partitions.
 pub async fn relay_main(bootstrap: &str, from: &str, to: &str, n: usize) {
     use rdkafka::consumer::Consumer;
-    // The scheduler's fetch setting (waits up to 50 ms). Every partition is assigned rather
-    // than joined through a group, so that it reads from the moment it says it is ready.
+    // The scheduler's ingest fetch settings (librdkafka's defaults). Every partition is assigned
+    // rather than joined through a group, so that it reads from the moment it says it is ready.
     let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("relay"))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
         .create()
         .expect("relay consumer");
     let metadata = consumer
