@@ -192,8 +192,7 @@ def main():
         else:
             due = t
             topic = target if args.mode == "broker" else source
-        # The same two headers in every mode, so that each mode writes and reads the same records
-        # (this broker stores a row per header: they are a large part of its cost per record).
+        # The same two headers in every mode, so that each mode writes and reads the same records.
         headers = [("time", str(int(t + args.delay_ms)).encode()), ("topic", target.encode())]
         value = json.dumps({"i": i, "due": due, "pad": "x" * 120}).encode()
         while True:

@@ -51,8 +51,8 @@ fn arrival(msg: &rdkafka::message::BorrowedMessage<'_>, received_ms: i64) -> Opt
         .map_or(1, |r| r as u32);
     Some(Arrival {
         revision,
-        // The baseline labels its copies `sm-path: mysql`; the scheduler's carry no label (a
-        // header costs the broker a row per record), so an unlabelled copy came through Kafka.
+        // The baseline labels its copies `sm-path: mysql`; the scheduler's carry no label (see
+        // `header::SM_PATH`), so an unlabelled copy came through Kafka.
         path: get(header::SM_PATH)
             .map_or(Ok(Path::Kafka), |p| p.parse())
             .ok()?,
@@ -72,7 +72,6 @@ pub(crate) fn consumer(
         .set("bootstrap.servers", &conn.bootstrap_servers)
         .set("group.id", group)
         .set("auto.offset.reset", offset_reset)
-        .set("fetch.wait.max.ms", "10")
         .set("session.timeout.ms", "10000")
         .create()?)
 }

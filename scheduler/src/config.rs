@@ -116,9 +116,8 @@ pub struct Config {
     pub workers: usize,
 
     /// Readers of each sweep worker: a sweep deals its slot's partitions among them and reads
-    /// them at once. A reader waits for each fetch's answer before it asks again, and a broker that
-    /// assembles fetches record by record (the local nisshi: about 3,500 records per 1.2 s round
-    /// trip while delivering a burst) answers several connections at once.
+    /// them at once. A reader waits for each fetch's answer before it asks again; several readers
+    /// keep several fetches in flight.
     #[arg(long, env = "SM_SWEEP_READERS", default_value_t = 2)]
     pub sweep_readers: usize,
 

@@ -79,9 +79,8 @@ fn reader_config(settings: &Settings) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        // As the ingest consumer: the local broker pays per waiting fetch; 250 ms keeps the
-        // index's lag far inside the cancel lead.
-        .set("fetch.wait.max.ms", "250")
+        // Fetches as the ingest consumer's (librdkafka's defaults): Kafka answers a waiting
+        // fetch as soon as a fact arrives, so the index lags the topic by a round trip.
         // Facts are small: small prefetch and fetch buffers keep a rebuild of a million ids
         // from holding tens of MiB of responses.
         .set("queued.max.messages.kbytes", "2048")

@@ -2,8 +2,8 @@
 //!
 //! Each worker owns readers (`--sweep-readers`), consumers outside the group that are assigned a
 //! job's partitions (dealt among them, read at once) only while it sweeps them and nothing in
-//! between, so slice partitions cost the broker no fetches between their sweeps (a waiting fetch
-//! costs this broker a read of every partition in it, several times per wait). The group's consumer
+//! between, so slice partitions cost no fetches between their sweeps and the group's fetches carry
+//! only the ingest partitions, whose records are wanted at once. The group's consumer
 //! keeps them assigned and paused: it decides which instance owns them and commits their offsets.
 //! Receives job ids from the planner and the control task; sends records to the outbox and the
 //! timer; reports each job on the board. A failed sweep is retried with backoff and jitter until it
