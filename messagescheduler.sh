@@ -340,7 +340,11 @@ kafka_setup() {
     return 0
   fi
   local cluster
-  cluster="$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+  # As Kafka's own Uuid.randomUuid: never starting with '-', which StorageTool would take for an
+  # option.
+  cluster="$(python3 -c 'import base64, uuid
+while (c := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"): pass
+print(c)')"
   kafka_java "$dir"
   "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" \
     --standalone >>"$dir/logs/format.log" 2>&1 ||

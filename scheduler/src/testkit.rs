@@ -259,20 +259,29 @@ impl Broker {
             .replace("@CONTROLLER_PORT@", &controller_port.to_string())
             .replace("@DATA_DIR@", &dir.join("data").to_string_lossy());
         std::fs::write(dir.join("server.properties"), properties).expect("server.properties");
-        let cluster_id = {
+        // As Kafka's own Uuid.randomUuid: base64 of 16 random bytes, never starting with '-'
+        // (StorageTool would read it as an option, one format in 64).
+        let cluster_id = loop {
             use base64::Engine;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+            let id =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
+            if !id.starts_with('-') {
+                break id;
+            }
         };
         let format = Broker::java(&dir)
             .args(["kafka.tools.StorageTool", "format", "--standalone", "-t"])
             .arg(&cluster_id)
             .arg("-c")
             .arg(dir.join("server.properties"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .output()
             .expect("java runs (./messagescheduler.sh --stack installs it)");
-        assert!(format.success(), "formatting {} failed", dir.display());
+        assert!(
+            format.status.success(),
+            "formatting {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&format.stderr)
+        );
         let child = Broker::spawn(&dir, port);
         Broker { child, dir, port }
     }
