@@ -397,7 +397,8 @@ start_broker() {
   local name=$1 dir=$2 port=$3 cport=$4
   ensure_kafka
   ensure_secantus
-  port_free_for "$name" "$cport" || die "$name: the controller port 127.0.0.1:$cport is held by a broker this checkout did not start; set SM_KAFKA_CONTROLLER_PORT"
+  pid_ours "$name" || port_free_for "$name" "$cport" ||
+    die "$name: the controller port 127.0.0.1:$cport is held by a broker this checkout did not start; set SM_KAFKA_CONTROLLER_PORT"
   kafka_setup "$dir" "$port" "$cport"
   kafka_java "$dir"
   SERVER_LOG="$dir/logs/server.log" start "$name" "$port" "$dir" "${KAFKA_JAVA[@]}" kafka.Kafka \

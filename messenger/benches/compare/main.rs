@@ -33,15 +33,11 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Rates of due records per second for the precision runs, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     rates: Vec<usize>,
     /// Rates (records/s) of the steps that find the highest rate whose p99 stays within 1.5× the
     /// broker alone's (Kafka only; rates also in `--rates` are measured once).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "1000,2000,3000,4000,5000"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000,10000,20000")]
     step_rates: Vec<usize>,
     /// Seconds of producing at each rate.
     #[arg(long, default_value_t = 10)]
@@ -56,7 +52,7 @@ struct Args {
     #[arg(long, default_value_t = 100_000)]
     burst: usize,
     /// Also measure memory with every pending record carrying an `id` (and the index's rebuild):
-    /// on a slow broker this doubles the section's time.
+    /// this doubles the section's time.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     memory_with_ids: bool,
     /// Records of the past-due backlog for the memory-under-load figure.
@@ -78,7 +74,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     recovery_seconds: u64,
     /// Rates (records/s) of the ordinary client (Python's confluent-kafka, default settings).
-    #[arg(long, value_delimiter = ',', default_value = "1000,2000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     client_rates: Vec<usize>,
     /// Run only these sections (default: all).
     #[arg(long, value_delimiter = ',')]
@@ -509,85 +505,34 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
 }
 
 /// What limits each figure, as far as this machine showed.
-const LIMITS: &str = "## Why the scheduler slowed the broker for its own clients (the diagnosis)
+const LIMITS: &str = "## What limits these figures
 
-Measured on a fresh broker with the ordinary client of section 0 (1,000 records/s for 10 s), with
-the broker's CPU time read from /proc, its requests counted per client with tshark, and its CPU
-sampled with perf:
-
-- **What the broker spends its time on.** perf on nisshi: SQLite parsing and planning each
-  statement afresh (`wherePathSolver`, `resolveExprStep`, `sqlite3RunParser`, `yy_reduce`,
-  `whereScanNext`...: about a fifth of all samples), malloc, mutexes and thread wake-ups. Its cost is
-  per statement: one or more per partition each time a fetch reads it, and one per record and per
-  header written or read.
-- **A waiting fetch reads every partition in it, again and again.** nisshi answers a fetch that
-  finds nothing by sleeping half the time left and reading every partition again (about log2 of the
-  wait in rounds). Idle, the old scheduler's consumer (16 ingest + 4 level-0 partitions fetched
-  continuously, `fetch.wait.max.ms` 50) cost the broker 11.7 s of CPU per 20 s; the same consumer on
-  the 16 ingest partitions alone 9.9 s; at 250 ms, 3.9 s; at 500 ms, 2.4 s. Slice partitions were
-  paused in that same consumer, so every sweep added its partitions to the ingest fetches.
-- **Partitions, not the scheduler, set the broker alone's limit.** The same producer and reader
-  with no scheduler at all: to a 4-partition topic the producer kept 0.91-0.97 of 1,000/s (p99
-  0.7-1.2 s on arrival); to a 16-partition topic (what `SCHEDULED_MESSAGES` has by default) 0.40,
-  p99 14.7 s, and the broker used a whole core. A one-hop relay beside it: 0.65-0.79 (4 partitions),
-  0.22 (16).
-- **Every hop is paid twice** (a produce and a fetch, each a statement per record and header). At
-  1,000/s the broker alone is at about one core, so any path that produces each record twice
-  (ingest, then target) cannot keep the offered rate on this broker: the relay does not either.
-
-What the redesign changed (commit \"Engine: stages with their own clients\"): sweeps read with
-readers of their own, assigned only while they run (no slice partition in any fetch between
-sweeps); level 0 is gone from the fetches; records due within the hold horizon take one hop
-(ingest → timer → target) instead of three; slice copies carry one internal header instead of
-six plus the user's `time`/`topic`/`id`; slice writes use a producer of their own that batches
-longer; the ingest consumer waits 250 ms. With 4 ingest partitions at 1,000/s, due 5 s ahead:
-scheduler 0.50-0.52 of the offered rate (p50 156-187 ms after due) against the relay's 0.65 in the
-same setting; the old scheduler made each of these records three hops.
-
-## What the earlier profile showed, and what changed then
-
-| finding | fix | effect |
-| --- | --- | --- |
-| sweep lookups (ListOffsets, OffsetFetch), one pair per partition, queued in front of the consumer's fetches on the broker; the start-up catch-up of 224 slice partitions stalled ingestion | a separate lookup client, a few requests per job | catch-up jobs of levels 3-8: about 9 s → about 20 ms each |
-| a write routed into a window just before its sweep was acknowledged after the sweep read the end, and waited a turn of the ring (28 s) | a sweep first waits for this process's writes into its window | publish p99 23.8 s → 4 ms |
-| sweeps wrote records to level 0, which streamed them straight back into the timer; level-1 sweeps outlasted their 2 s lead | sweeps put them into the timer directly | sweeps of ~2,600 records 2.5 s → 0.6-0.9 s; late into the timer 208 → 0 |
-| resident memory grew with the ingest backlog (librdkafka prefetch, unbounded sends) | 8 MB prefetch, sends bounded (now by the byte budget) | over 200 MiB and rising → 129-135 MiB, not growing with the number pending |
-| nisshi ran many times slower when RUST_LOG (meant for our services) reached it | scripts start it with RUST_LOG=warn | 1,000/s produce-and-read p50 24 s → 30 ms |
-
-## What limits these figures
-
-- **Two cores for everything.** The broker, MariaDB, the scheduler or the db-scheduler, and the
-  benchmark's producers and readers share them; every figure is a floor for this machine, not for
-  the design. The broker is the busiest process throughout, and it uses about one core at most.
-- **The broker is nisshi with SQLite storage**, not Apache Kafka (see the diagnosis above). On
-  arrival, the Kafka path's tail is that of the broker; *at publish* (the record's timestamp, set
-  when the scheduler produced it, minus the due time) is the scheduler's own lateness.
+- **Two cores for everything.** The broker (a JVM), MariaDB, the scheduler or the db-scheduler,
+  and the benchmark's producers and readers share them; every figure is a floor for this machine,
+  not for the design.
+- **One broker, no replication.** `acks=all` is one local append to the page cache (Kafka does not
+  fsync per write); durability beyond a process crash needs the replicas a one-node broker does
+  not have. Each section starts a fresh broker, so its JIT is cold for the first seconds.
+- **On arrival vs at publish.** On arrival includes the reader's fetch from the broker; *at
+  publish* (the record's timestamp, set when the scheduler produced it, minus the due time) is the
+  scheduler's own lateness.
 - **Throughput (1)** is the rate at which records already due leave the ingest topic for their
-  target, the same single hop the relay makes, with the same consumer and producer settings
+  target: the same single hop the relay makes, with the same consumer and producer settings
   (idempotent, `acks=all`).
 - **Precision (2)**: records due 5 s after they are produced are within the hold horizon (6 s):
-  they wait in memory from ingest and take one hop. At 5,000/s this broker cannot carry even one
-  hop per record beside the producer and the reader: the scheduler's reading of the ingest topic
-  falls behind and records are past due when read (`sm_past_due_total`). The broker-alone row is a
-  single produce and fetch. The MySQL baseline is bounded by its poll interval, as expected.
+  they wait in memory from ingest and take one hop. The MySQL baseline is bounded by its poll
+  interval, as expected.
 - **Memory (3)**: nothing pending is held in memory; the records are in the slice topics. The
   resident set is the working set of filing records at full speed (sends in flight within the
-  memory budget, librdkafka's queues, capped prefetch), which the allocator keeps.
-- **Memory under load (4b)**: a heap profile (heaptrack) of a 60,000-record past-due backlog at
-  the earlier 64 MiB budget peaked at 74 MB of heap in a 119 MB process: librdkafka's fetch
-  buffers 16 MB, its message copies 4 MB, a task per send 9 MB, the records' copies; glibc's
-  per-thread arenas kept the rest. Capped fetches, one copy of each record in flight, two arenas
-  and a 32 MiB budget brought the figures of this section under 100 MiB.
-- **Burst (4)**: the burst sits in one level-2 window (16 s wide); its sweep moves what it reads
-  in time into a level-1 window and the rest straight into the timer. The timer holds what the
-  memory budget admits (about 12,000 records of 200 B); the rest is read after the instant by the
-  sweep's two readers, each waiting for its fetches, which this broker assembles record by record.
-  Records read after their due time count in `sm_timer_late_total`; nothing is lost or early.
+  memory budget, librdkafka's queues, capped prefetch), which the allocator gives back once quiet.
+- **Burst (4)**: the burst sits in one slice window; its sweep moves what it reads in time into
+  a finer window and the rest straight into the timer, which holds what the memory budget admits;
+  records read after their due time count in `sm_timer_late_total`.
 - **Recovery (5)**: after `kill -9` the scheduler is restarted at once with the same
   `--instance-id` (static membership); *resume* is the first record the new process published.
-  Duplicates are the records delivered after the last commit point (commits every 100 ms, up to the
-  lowest record not yet acknowledged; records held in memory hold their offset). After the broker's
-  restart, *resume* is the first record a reader saw after it came back.
+  Duplicates are the records delivered after the last commit point. After the broker's restart
+  (a JVM start and log recovery of every partition it holds), *resume* is the first record a
+  reader saw after it came back.
 ";
 
 /// A histogram bucket bound in ms, as "≤ X ms" ("n/a" without observations).
