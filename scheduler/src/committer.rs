@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
@@ -43,14 +44,50 @@ impl Shared {
 
     /// Commits every partition's safe point that moved, and marks them committed once the broker
     /// has acknowledged the commit; a failed commit is offered again on the next tick.
-    pub(crate) fn commit(&self) {
+    pub(crate) fn commit(&self) -> Result<(), KafkaError> {
         let points = lock(&self.tracker).commit_points();
         if points.is_empty() {
-            return;
+            return Ok(());
         }
         match commit_offsets(&*self.consumer, &points) {
-            Ok(()) => lock(&self.tracker).committed(&points),
-            Err(e) => tracing::warn!(error = %e, "commit failed; retrying"),
+            Ok(()) => {
+                lock(&self.tracker).committed(&points);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "commit failed; retrying");
+                Err(e)
+            }
+        }
+    }
+
+    /// The last commit of a clean stop, tried again (with jitter) until `end`: a commit refused
+    /// once (a coordinator moving or loading, a request timing out under load) would otherwise
+    /// leave delivered records uncommitted, and the next owner would send them again.
+    pub(crate) async fn commit_before(self: &Arc<Self>, end: tokio::time::Instant) {
+        let attempt = || {
+            let me = self.clone();
+            async move {
+                tokio::task::spawn_blocking(move || me.commit())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let retries = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_millis(500))
+                    .with_max_times(usize::MAX)
+                    .with_jitter(),
+            )
+            .when(|_| tokio::time::Instant::now() < end);
+        if let Err(e) = tokio::time::timeout_at(end, retries)
+            .await
+            .unwrap_or_else(|_| Err("the shutdown timeout passed".into()))
+        {
+            tracing::warn!(error = %e, "the last commit failed; the next owner sends the uncommitted records again");
         }
     }
 

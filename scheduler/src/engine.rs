@@ -313,6 +313,13 @@ impl Engine {
         {
             let _ = tokio::time::timeout_at(deadline, view.changed()).await;
         }
+        let undrained = view.borrow().pending;
+        if undrained > 0 {
+            tracing::info!(
+                records = undrained,
+                "stopping with records still in the timer; they stay uncommitted for the next owner"
+            );
+        }
         s.token.cancel();
         self.tasks.wait().await;
         let state_thread = self.state_thread;
@@ -327,7 +334,8 @@ impl Engine {
                 "sends still unacknowledged at the shutdown timeout; they stay uncommitted"
             );
         }
-        s.commit();
+        // The flushes' 2 s are kept out of `end`; the commit may use up to 1 s of them.
+        s.commit_before(end + Duration::from_secs(1)).await;
         let _ = s.producer.flush(Duration::from_secs(1));
         let _ = s.slice_producer.flush(Duration::from_secs(1));
         s.consumer.unsubscribe();
