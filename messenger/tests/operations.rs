@@ -844,11 +844,27 @@ fn a_rebuilt_binary_is_restarted_by_app() {
         !Path::new(&format!("/proc/{first}")).exists(),
         "the old one stopped"
     );
-    let health = Command::new("curl")
-        .args(["-fsS", &format!("http://127.0.0.1:{port}/healthz")])
-        .output()
-        .unwrap();
-    assert!(health.status.success(), "the new one answers");
+    // The new one answers, and works: it owns partitions (an answer alone comes before that).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let health = Command::new("curl")
+            .args(["-fsS", &format!("http://127.0.0.1:{port}/healthz")])
+            .output()
+            .unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&health.stdout).unwrap_or(serde_json::Value::Null);
+        if health.status.success()
+            && body["status"] == "ok"
+            && body["assigned_partitions"].as_u64().unwrap_or(0) > 0
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rebuilt scheduler never owned partitions: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     stop_and_check_gone(&stack, &env, second);
     let _ = std::fs::remove_dir_all(&stack);

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
@@ -20,7 +20,8 @@ use crate::engine::{Shared, BROKER_TIMEOUT};
 use crate::kafka::{lock, Fatal};
 use crate::metrics as m;
 use crate::offsets::CommitPoint;
-use crate::status::Status;
+use crate::outbox::backoff_builder;
+use crate::status::{FailingTarget, Status};
 use crate::time::format_millis;
 
 impl Shared {
@@ -52,10 +53,19 @@ impl Shared {
         match commit_offsets(&*self.consumer, &points) {
             Ok(()) => {
                 lock(&self.tracker).committed(&points);
+                lock(&self.commits_failing).take();
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(error = %e, "commit failed; retrying");
+                metrics::counter!(m::COMMIT_FAILURES).increment(1);
+                let mut failing = lock(&self.commits_failing);
+                let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
+                if failing.is_none() {
+                    tracing::warn!(error = %e, "commit failed; retrying");
+                } else {
+                    tracing::debug!(error = %e, "commit failed again; retrying");
+                }
+                *failing = Some((since, e.to_string()));
                 Err(e)
             }
         }
@@ -64,7 +74,7 @@ impl Shared {
     /// The last commit of a clean stop, tried again (with jitter) until `end`: a commit refused
     /// once (a coordinator moving or loading, a request timing out under load) would otherwise
     /// leave delivered records uncommitted, and the next owner would send them again.
-    pub(crate) async fn commit_before(self: &Arc<Self>, end: tokio::time::Instant) {
+    pub(crate) async fn commit_before(self: &Arc<Self>, end: tokio::time::Instant) -> bool {
         let attempt = || {
             let me = self.clone();
             async move {
@@ -75,19 +85,20 @@ impl Shared {
             }
         };
         let retries = attempt
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_millis(500))
-                    .with_max_times(usize::MAX)
-                    .with_jitter(),
-            )
+            .retry(backoff_builder(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+            ))
             .when(|_| tokio::time::Instant::now() < end);
-        if let Err(e) = tokio::time::timeout_at(end, retries)
+        match tokio::time::timeout_at(end, retries)
             .await
             .unwrap_or_else(|_| Err("the shutdown timeout passed".into()))
         {
-            tracing::warn!(error = %e, "the last commit failed; the next owner sends the uncommitted records again");
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the last commit failed; the next owner sends the uncommitted records again");
+                false
+            }
         }
     }
 
@@ -100,11 +111,30 @@ impl Shared {
         let timer = *self.timer_view.borrow();
         let behind = self.sweeps_behind.load(Ordering::SeqCst);
         let fatal = lock(&self.fatal).clone();
+        let failing: Vec<FailingTarget> = lock(&self.targets)
+            .troubles(std::time::Instant::now())
+            .into_iter()
+            .map(|t| FailingTarget {
+                topic: t.topic,
+                for_secs: t.for_.as_secs(),
+                error: t.error,
+            })
+            .collect();
+        // Commits refused for a while (a coordinator away, the group gone): what is delivered
+        // meanwhile would be delivered again after a restart. Said after 30 s, not at the first
+        // refusal, which a coordinator moving causes.
+        let commits = lock(&self.commits_failing)
+            .as_ref()
+            .map(|(since, e)| (since.elapsed().as_secs(), e.clone()))
+            .filter(|(secs, _)| *secs >= 30);
         let (status, reason) = Status::health(
             fatal.as_ref().map(Fatal::reason),
             self.intake.is_cancelled(),
             behind,
+            &failing,
+            commits.as_ref().map(|(secs, e)| (*secs, e.as_str())),
         );
+        metrics::gauge!(m::FAILING_TARGETS).set(failing.len() as f64);
         metrics::gauge!(m::TIMER_PENDING).set(timer.pending as f64);
         metrics::gauge!(m::NEXT_DUE).set(timer.next_due.map_or(0.0, |d| d as f64 / 1000.0));
         metrics::gauge!(m::IN_FLIGHT).set(in_flight as f64);
@@ -120,6 +150,7 @@ impl Shared {
             memory_used: self.budget.used(),
             memory_budget: self.settings.config.memory_budget,
             sweeps_behind: behind,
+            failing_targets: failing,
         });
     }
 

@@ -141,6 +141,14 @@ pub struct Config {
     #[arg(long, env = "SM_COMMIT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub commit_interval: Duration,
 
+    /// How long a target topic may keep refusing deliveries (or leave them unacknowledged) while
+    /// the broker itself answers, before its records go to the DLQ as `target-unavailable`. Its
+    /// records wait meanwhile in a lane of their own; it shows on `/healthz` after 5 s. A lane
+    /// that holds a quarter of the memory budget gives up sooner, so that one target never holds
+    /// the budget every other target needs. While the broker is away nothing is given up.
+    #[arg(long, env = "SM_TARGET_GIVE_UP", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub target_give_up: Duration,
+
     /// The longest a clean stop (SIGTERM, Ctrl-C) takes: the timer publishes what it holds and
     /// in-flight sends finish within it; what does not stays uncommitted and is sent again by
     /// the next owner. `messagescheduler.sh` waits this long plus 10 s before SIGKILL.
@@ -201,7 +209,12 @@ pub enum ConfigError {
     TooLong(&'static str, String),
     #[error("slice retention {retention} is shorter than the longest a record can wait in one slice topic ({wait}: a turn of the top level's ring) plus an hour; records would be deleted before their sweep. Raise --slice-retention")]
     RetentionTooShort { retention: String, wait: String },
+    #[error("hold-horizon {0} is over {MAX_HOLD}: records held that long keep their ingest offsets uncommitted for as long, and a restart reads all of it again; let the slices hold them")]
+    HoldTooLong(String),
 }
+
+/// The longest `--hold-horizon`: one hour.
+const MAX_HOLD: &str = "1h";
 
 /// Validated settings.
 #[derive(Debug, Clone)]
@@ -275,6 +288,11 @@ impl Settings {
         let hold_ms = config
             .hold_horizon
             .map_or(ladder.width(1) + ladder.lead(1), millis);
+        if hold_ms > 3_600_000 {
+            return Err(ConfigError::HoldTooLong(
+                humantime::format_duration(Duration::from_millis(hold_ms as u64)).to_string(),
+            ));
+        }
         Ok(Settings {
             config,
             ladder,
@@ -340,6 +358,7 @@ impl Settings {
             slice_retention_ms: millis(c.slice_retention),
             commit_interval_ms: millis(c.commit_interval),
             shutdown_timeout_ms: millis(c.shutdown_timeout),
+            target_give_up_ms: millis(c.target_give_up),
             kafka_properties: c
                 .kafka_properties
                 .iter()
@@ -407,6 +426,7 @@ pub struct ConfigView {
     pub slice_retention_ms: i64,
     pub commit_interval_ms: i64,
     pub shutdown_timeout_ms: i64,
+    pub target_give_up_ms: i64,
     pub kafka_properties: Vec<(String, String)>,
 }
 
@@ -479,6 +499,9 @@ mod tests {
             "w1 + lead1 by default"
         );
         assert_eq!(parse(&["--hold-horizon", "0s"]).unwrap().hold_ms, 0);
+        assert_eq!(parse(&["--hold-horizon", "1h"]).unwrap().hold_ms, 3_600_000);
+        let too_long = parse(&["--hold-horizon", "61m"]).unwrap_err();
+        assert!(too_long.contains("over 1h"), "{too_long}");
     }
 
     #[test]

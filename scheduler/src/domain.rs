@@ -209,6 +209,12 @@ pub enum Rejection {
     UnknownTopic(String),
     #[error("the broker refused the record: {0}")]
     RefusedByBroker(String),
+    #[error("the target topic {topic:?} took no record for {for_secs} s while the broker answered: {error}")]
+    TargetUnavailable {
+        topic: String,
+        for_secs: u64,
+        error: String,
+    },
     #[error("a 'cancel' record needs an 'id' header: the id to cancel")]
     MissingId,
     #[error("the 'cancel' header must be exactly \"true\" (got {0:?})")]
@@ -229,6 +235,7 @@ impl Rejection {
             Rejection::CorruptInternal(_) => "corrupt-internal-record",
             Rejection::UnknownTopic(_) => "unknown-topic",
             Rejection::RefusedByBroker(_) => "refused-by-broker",
+            Rejection::TargetUnavailable { .. } => "target-unavailable",
             Rejection::MissingId => "missing-id",
             Rejection::InvalidCancel(_) => "invalid-cancel",
         }
@@ -269,7 +276,7 @@ impl SliceCopy {
             "{};{};{};{};{};{}",
             Self::VERSION,
             s.due.as_millis(),
-            s.hops + 1,
+            s.hops.saturating_add(1),
             s.origin.encode(),
             s.target.as_str(),
             if s.explicit_id { s.id.as_str() } else { "" }

@@ -41,6 +41,7 @@ use crate::slice::{Ladder, SliceId};
 use crate::state::State;
 use crate::status::Status;
 use crate::sweep::{Cursor, SliceWrites};
+use crate::targets::TargetHealth;
 use crate::time::Clock;
 use crate::timer::{self, Timed, TimerCmd, TimerView};
 use crate::Error;
@@ -96,12 +97,22 @@ pub(crate) struct Shared {
     pub(crate) fatal: Mutex<Option<Fatal>>,
     /// Sends waiting for a retry, per topic, in their first order (see [`crate::lanes`]).
     pub(crate) lanes: Mutex<Lanes<Tracked>>,
+    /// Since when commits have been refused, and the last error (`None` while they succeed).
+    pub(crate) commits_failing: Mutex<Option<(std::time::Instant, String)>>,
+    /// Records the timer released that the publisher has not published yet.
+    pub(crate) publisher_backlog: AtomicUsize,
+    /// Which targets are failing (see [`crate::targets`]).
+    pub(crate) targets: Mutex<TargetHealth>,
     /// The order in which sends were handed over, for the lanes.
     pub(crate) send_seq: AtomicU64,
     /// Sweep attempts to fail on purpose (test builds only), to drive the retry path without
     /// a broker fault.
     #[cfg(feature = "testkit")]
     pub(crate) injected_sweep_failures: AtomicUsize,
+    /// Target topics whose deliveries fail on purpose, after the given time (test builds only),
+    /// as a target whose partition leader is away would.
+    #[cfg(feature = "testkit")]
+    pub(crate) injected_refusals: Mutex<HashMap<String, Duration>>,
     /// Sweeps failing and being retried now (the process is `degraded` while any are).
     pub(crate) sweeps_behind: AtomicUsize,
     pub(crate) status: watch::Sender<Status>,
@@ -203,6 +214,7 @@ impl Engine {
         let (view_tx, view_rx) = watch::channel(TimerView::default());
         let budget = Budget::new(settings.config.memory_budget);
         let levels = settings.ladder.levels();
+        let give_up = settings.config.target_give_up;
         let (in_flight, in_flight_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             settings,
@@ -225,9 +237,14 @@ impl Engine {
             token,
             fatal: Mutex::new(None),
             lanes: Mutex::default(),
+            targets: Mutex::new(TargetHealth::new(give_up)),
+            commits_failing: Mutex::new(None),
+            publisher_backlog: AtomicUsize::new(0),
             send_seq: AtomicU64::new(0),
             #[cfg(feature = "testkit")]
             injected_sweep_failures: AtomicUsize::new(0),
+            #[cfg(feature = "testkit")]
+            injected_refusals: Mutex::default(),
             sweeps_behind: AtomicUsize::new(0),
             status: watch::channel(Status::default()).0,
             state,
@@ -236,11 +253,17 @@ impl Engine {
 
         m::register_counters();
         let tasks = TaskTracker::new();
+        // Every stage ends where it waits once its token is cancelled (budget, a full queue, a
+        // broker round trip): no stage can hold a stop up by waiting for what never comes.
+        let (intake, token) = (shared.intake.clone(), shared.token.clone());
+        let until = |stop: &CancellationToken, work| spawn_until(&tasks, stop.clone(), work);
         let (jobs_tx, jobs_rx) = mpsc::channel::<u64>(1024);
         let jobs_rx = Arc::new(tokio::sync::Mutex::new(jobs_rx));
         let collector = tokio::spawn(shared.clone().collect(in_flight_rx));
-        tasks.spawn(shared.clone().consume());
+        until(&intake, Box::pin(shared.clone().consume()));
         let (due_tx, due_rx) = mpsc::channel(1024);
+        // The timer ends with the token; the publisher when the timer is gone and it has
+        // published what the timer released before (a clean stop's drain counts on it).
         tasks.spawn(timer::run(
             shared.clock.clone(),
             timer_rx,
@@ -249,15 +272,24 @@ impl Engine {
             shared.token.clone(),
         ));
         tasks.spawn(shared.clone().run_publisher(due_rx));
-        tasks.spawn(shared.clone().run_committer());
-        tasks.spawn(shared.clone().run_planner(jobs_tx.clone()));
-        tasks.spawn(shared.clone().run_control(events_rx, jobs_tx));
-        tasks.spawn(shared.clone().run_stats());
-        tasks.spawn(shared.clone().run_janitor());
+        until(&token, Box::pin(shared.clone().run_committer()));
+        until(
+            &intake,
+            Box::pin(shared.clone().run_planner(jobs_tx.clone())),
+        );
+        until(
+            &intake,
+            Box::pin(shared.clone().run_control(events_rx, jobs_tx)),
+        );
+        until(&intake, Box::pin(shared.clone().run_stats()));
+        until(&intake, Box::pin(shared.clone().run_janitor()));
         let state_thread = state_reader.spawn(&shared)?;
         for (n, readers) in worker_readers.into_iter().enumerate() {
             let id = format!("{}-w{}", std::process::id(), n + 1);
-            tasks.spawn(shared.clone().run_worker(id, jobs_rx.clone(), readers));
+            until(
+                &intake,
+                Box::pin(shared.clone().run_worker(id, jobs_rx.clone(), readers)),
+            );
         }
         tasks.close();
         tracing::info!(
@@ -307,13 +339,18 @@ impl Engine {
             Duration::from_millis((held + ladder.margin_ms()) as u64) + Duration::from_secs(1);
         let deadline = (started + drain).min(end);
         let mut view = s.timer_view.clone();
-        while view.borrow_and_update().pending > 0
+        let backlog = || {
+            s.publisher_backlog
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        while (view.borrow_and_update().pending > 0 || backlog() > 0)
             && !s.token.is_cancelled()
             && tokio::time::Instant::now() < deadline
         {
-            let _ = tokio::time::timeout_at(deadline, view.changed()).await;
+            // The timer's view tells its changes; the publisher's backlog is looked at often.
+            let _ = tokio::time::timeout(Duration::from_millis(10), view.changed()).await;
         }
-        let undrained = view.borrow().pending;
+        let undrained = view.borrow().pending + backlog();
         if undrained > 0 {
             tracing::info!(
                 records = undrained,
@@ -321,30 +358,75 @@ impl Engine {
             );
         }
         s.token.cancel();
-        self.tasks.wait().await;
+        let mut left = Vec::new();
+        if tokio::time::timeout_at(end, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            left.push("a stage did not end".to_string());
+        }
         let state_thread = self.state_thread;
-        let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
+        let joined = tokio::task::spawn_blocking(move || state_thread.join());
+        if tokio::time::timeout_at(end, joined).await.is_err() {
+            left.push("the state reader did not end".to_string());
+        }
         let mut collector = self.collector;
         let settled = tokio::time::timeout_at(end, &mut collector).await.is_ok();
         collector.abort();
         s.acks.close();
-        if !settled || tokio::time::timeout_at(end, s.acks.wait()).await.is_err() {
-            tracing::warn!(
-                ?timeout,
-                "sends still unacknowledged at the shutdown timeout; they stay uncommitted"
-            );
+        let unanswered = lock(&s.targets).in_flight();
+        if !settled || tokio::time::timeout_at(end, s.acks.wait()).await.is_err() || unanswered > 0
+        {
+            left.push(format!("{unanswered} deliveries unacknowledged"));
+        }
+        let waiting = lock(&s.lanes).held();
+        if waiting > 0 {
+            left.push(format!("{waiting} record(s) waiting in retry lanes"));
         }
         // The flushes' 2 s are kept out of `end`; the commit may use up to 1 s of them.
-        s.commit_before(end + Duration::from_secs(1)).await;
-        let _ = s.producer.flush(Duration::from_secs(1));
-        let _ = s.slice_producer.flush(Duration::from_secs(1));
-        s.consumer.unsubscribe();
+        if !s.commit_before(end + Duration::from_secs(1)).await {
+            left.push("the last commit failed".to_string());
+        }
+        // librdkafka's flush and unsubscribe block their thread: off the async ones.
+        let me = s.clone();
+        let closing = tokio::task::spawn_blocking(move || {
+            let _ = me.producer.flush(Duration::from_millis(500));
+            let _ = me.slice_producer.flush(Duration::from_millis(500));
+            me.consumer.unsubscribe();
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
         match lock(&s.fatal).clone() {
             Some(Fatal::Fenced(reason)) => Err(Error::Fenced(reason)),
             Some(Fatal::Other(reason)) => Err(Error::Fatal(reason)),
-            None => Ok(()),
+            None if left.is_empty() => Ok(()),
+            None => {
+                let uncommitted = lock(&s.tracker).in_flight();
+                let what = format!(
+                    "{} when the stop ended (its timeout: {}); {uncommitted} record(s) stay \
+                     uncommitted and their next owner sends them again",
+                    left.join(", "),
+                    humantime::format_duration(timeout)
+                );
+                tracing::warn!("{what}");
+                Err(Error::Unfinished(what))
+            }
         }
     }
+}
+
+/// Spawns `work` on `tasks`; it is dropped where it waits once `until` is cancelled.
+fn spawn_until(
+    tasks: &TaskTracker,
+    until: CancellationToken,
+    work: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + std::marker::Send>>,
+) {
+    tasks.spawn(async move {
+        tokio::select! {
+            biased;
+            _ = until.cancelled() => {}
+            _ = work => {}
+        }
+    });
 }
 
 impl Shared {
@@ -379,6 +461,11 @@ impl Shared {
         let mut fresh = self.state.fresh.clone();
         let mut parked: std::collections::VecDeque<TimerEntry> = Default::default();
         loop {
+            // What the timer released and is not published yet: a clean stop waits for it.
+            self.publisher_backlog.store(
+                due.len() + parked.len(),
+                std::sync::atomic::Ordering::SeqCst,
+            );
             tokio::select! {
                 entry = due.recv() => {
                     let Some(entry) = entry else { return };

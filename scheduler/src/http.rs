@@ -166,7 +166,7 @@ async fn cancel_schedule(State(api): State<Api>, Path(id): Path<String>) -> impl
             "status": "cancelled",
             "previous": before,
             "version": version.encode(),
-            "honoured_if_due_after": rfc3339(now + shared.settings.cancel_lead_ms()),
+            "honoured_if_due_after": rfc3339(now.saturating_add(shared.settings.cancel_lead_ms())),
         })),
     )
 }

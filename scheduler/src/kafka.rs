@@ -162,6 +162,12 @@ impl Lookup {
         })
     }
 
+    /// Whether the broker answers a metadata request for `topic` within `timeout`: tells a
+    /// target's own trouble (the broker answers) from the broker's (it does not).
+    pub fn answers(&self, topic: &str, timeout: Duration) -> KafkaResult<()> {
+        self.client.fetch_metadata(Some(topic), timeout).map(drop)
+    }
+
     /// The earliest and the latest offset of each partition: two requests, however many
     /// partitions.
     pub fn watermarks(

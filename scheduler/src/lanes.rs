@@ -75,6 +75,31 @@ impl<T> Lanes<T> {
         }
     }
 
+    /// The first record of `topic`'s lane (a probe), taken out of it.
+    pub fn take_first(&mut self, topic: &str) -> Option<(u64, T)> {
+        self.open.get_mut(topic)?.pop_first()
+    }
+
+    /// Takes out of `topic`'s lane the records `pick` chooses, in order.
+    pub fn take_where(&mut self, topic: &str, mut pick: impl FnMut(&T) -> bool) -> Vec<T> {
+        let Some(lane) = self.open.get_mut(topic) else {
+            return Vec::new();
+        };
+        let chosen: Vec<u64> = lane
+            .iter()
+            .filter(|(_, t)| pick(t))
+            .map(|(seq, _)| *seq)
+            .collect();
+        chosen.iter().filter_map(|seq| lane.remove(seq)).collect()
+    }
+
+    /// The sum of `weight` over the records `topic`'s lane holds.
+    pub fn weigh(&self, topic: &str, weight: impl Fn(&T) -> u64) -> u64 {
+        self.open
+            .get(topic)
+            .map_or(0, |lane| lane.values().map(weight).sum())
+    }
+
     /// True when no lane is open: every send goes straight to the producer.
     pub fn is_empty(&self) -> bool {
         self.open.is_empty()

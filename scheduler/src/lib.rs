@@ -25,6 +25,7 @@ pub mod slice;
 mod state;
 pub mod status;
 mod sweep;
+pub mod targets;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod time;
@@ -56,6 +57,9 @@ pub enum Error {
     /// The consumer group fenced this process's static member id (see [`kafka::Fatal::Fenced`]).
     #[error("fenced: {0}")]
     Fenced(String),
+    /// A clean stop ran out of time with work left (what, and what stays uncommitted).
+    #[error("stopped with work left: {0}")]
+    Unfinished(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -107,6 +111,17 @@ impl Scheduler {
             .shared
             .injected_sweep_failures
             .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes every delivery to `topic` fail after `after` (test builds only), as a target whose
+    /// partition leader is away would; `None` lets it take records again.
+    #[cfg(feature = "testkit")]
+    pub fn refuse_target(&self, topic: &str, after: Option<std::time::Duration>) {
+        let mut refusals = kafka::lock(&self.engine.shared.injected_refusals);
+        match after {
+            Some(after) => refusals.insert(topic.to_string(), after),
+            None => refusals.remove(topic),
+        };
     }
 
     /// Runs one round of the janitor of ids as if the clock said `now_ms` (test builds only):

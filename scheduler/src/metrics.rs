@@ -54,6 +54,11 @@ pub const SLICE_DATA_LOST: &str = "sm_slice_records_lost_total";
 pub const SLICE_READ_ERRORS: &str = "sm_slice_read_errors_total";
 /// Counter: engine restarts with new Kafka clients inside the process, label `reason` (`fenced`).
 pub const ENGINE_RESTARTS: &str = "sm_engine_restarts_total";
+/// Counter: offset commits the broker refused (retried on the next tick).
+pub const COMMIT_FAILURES: &str = "sm_commit_failures_total";
+/// Gauge: target topics that refuse deliveries or leave them unacknowledged now (`/healthz`
+/// names them).
+pub const FAILING_TARGETS: &str = "sm_failing_targets";
 /// Gauge: bytes of the memory budget in use (records in the timer and sends in flight).
 pub const MEMORY_USED: &str = "sm_memory_used_bytes";
 /// Counter: writes the producer acknowledged without an offset, sent again (see
@@ -141,6 +146,7 @@ pub fn register_counters() {
         SLICE_DATA_LOST,
         SLICE_READ_ERRORS,
         UNCONFIRMED_ACKS,
+        COMMIT_FAILURES,
         HELD_FOR_FRESHNESS,
         STATE_FACTS_READ,
         STATE_MALFORMED,

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -18,12 +18,13 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::domain::{Outgoing, Rejection, Scheduled};
-use crate::engine::Shared;
+use crate::engine::{Shared, BROKER_TIMEOUT};
 use crate::facts::Fact;
 use crate::kafka::{self, TopicSpec};
 use crate::metrics as m;
 use crate::offsets::Ticket;
 use crate::sweep::{ActiveSweep, Placed, SliceWrite};
+use crate::targets::Mode;
 
 /// Sends of one record retried this many times for an error code [`fate`] does not know, before
 /// the record is dead-lettered (a target) or the process halts (our own topics).
@@ -285,6 +286,24 @@ pub(crate) struct Tracked {
     send: Send,
     seq: u64,
     unknown_attempts: usize,
+    /// When it was first handed over: a record waits at most `--target-give-up` for a target
+    /// in trouble.
+    born: Instant,
+}
+
+impl Tracked {
+    fn new(send: Send, seq: u64) -> Tracked {
+        Tracked {
+            send,
+            seq,
+            unknown_attempts: 0,
+            born: Instant::now(),
+        }
+    }
+
+    fn to_target(&self) -> bool {
+        matches!(self.send.then, Then::Deliver { .. })
+    }
 }
 
 /// How a send handed to the producer ended.
@@ -321,20 +340,80 @@ impl Shared {
     /// joins the lane instead, behind the records that failed before it.
     pub(crate) async fn send(self: &Arc<Self>, send: Send) {
         let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
-        let tracked = Tracked {
-            send,
-            seq,
-            unknown_attempts: 0,
-        };
-        self.dispatch(tracked).await;
+        self.dispatch(Tracked::new(send, seq)).await;
     }
 
     /// Sends a record at once, unless its topic's lane is open (then it joins the lane).
     async fn dispatch(self: &Arc<Self>, t: Tracked) {
         let Some(t) = self.divert(t) else { return };
+        self.send_now(t).await;
+    }
+
+    /// Hands a send to the producer, past any lane.
+    async fn send_now(self: &Arc<Self>, t: Tracked) {
+        #[cfg(feature = "testkit")]
+        let Some(t) = self.inject_refusal(t) else {
+            return;
+        };
         match enqueue(self.producer_for(t.send.then), &t.send.out).await {
-            Ok(delivery) => self.await_ack(t, delivery),
+            Ok(delivery) => {
+                self.handed(&t);
+                self.await_ack(t, delivery);
+            }
             Err(e) => self.settle(t, Outcome::Failed(e)),
+        }
+    }
+
+    /// A delivery to a target a test made refuse (test builds only): it goes nowhere, and fails
+    /// as librdkafka reports a record its partition's leader never took, after the time the test
+    /// chose, so that the stall, the lane, the probe and the give-up run as they would.
+    #[cfg(feature = "testkit")]
+    fn inject_refusal(self: &Arc<Self>, t: Tracked) -> Option<Tracked> {
+        let after = kafka::lock(&self.injected_refusals)
+            .get(&t.send.out.topic)
+            .copied();
+        let Some(after) = after.filter(|_| t.to_target()) else {
+            return Some(t);
+        };
+        self.handed(&t);
+        let me = self.clone();
+        self.acks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {}
+                _ = me.token.cancelled() => return,
+            }
+            let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+            me.settle(t, Outcome::Failed(timed_out));
+        });
+        None
+    }
+
+    /// Tells the target health a delivery went to the producer.
+    fn handed(&self, t: &Tracked) {
+        if t.to_target() {
+            kafka::lock(&self.targets).sent(&t.send.out.topic, Instant::now());
+        }
+    }
+
+    /// Tells the target health how a delivery ended.
+    fn ended(&self, t: &Tracked, outcome: &Outcome) {
+        if !t.to_target() {
+            return;
+        }
+        let topic = &t.send.out.topic;
+        let mut targets = kafka::lock(&self.targets);
+        match outcome {
+            Outcome::Acknowledged => {
+                if targets.acknowledged(topic, Instant::now()) {
+                    tracing::info!(%topic, "target takes records again");
+                }
+            }
+            Outcome::Failed(e) => {
+                if targets.failed(topic, &e.to_string(), Instant::now()) {
+                    tracing::warn!(%topic, error = %e, "a target refuses deliveries; its records wait in a lane of their own");
+                }
+            }
+            Outcome::Abandoned => targets.abandoned(topic),
         }
     }
 
@@ -347,7 +426,10 @@ impl Shared {
             .producer_for(t.send.then)
             .send_result(kafka::record(&t.send.out))
         {
-            Ok(delivery) => self.await_ack(t, delivery),
+            Ok(delivery) => {
+                self.handed(&t);
+                self.await_ack(t, delivery)
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 let me = self.clone();
                 self.acks.spawn(async move { me.dispatch(t).await });
@@ -356,14 +438,30 @@ impl Shared {
         }
     }
 
-    /// The send back, unless its topic has an open retry lane, which takes it.
-    fn divert(&self, t: Tracked) -> Option<Tracked> {
-        let mut lanes = kafka::lock(&self.lanes);
-        if lanes.is_empty() {
-            return Some(t);
+    /// The send back, unless its topic has an open retry lane, which takes it, or is a target in
+    /// trouble, whose lane it opens: a record for a target that takes nothing must not join the
+    /// producer's queue (and hold its share of the budget there) behind records it never takes.
+    fn divert(self: &Arc<Self>, t: Tracked) -> Option<Tracked> {
+        let t = {
+            let mut lanes = kafka::lock(&self.lanes);
+            if lanes.is_empty() {
+                t
+            } else {
+                let topic = t.send.out.topic.clone();
+                lanes.divert(&topic, t.seq, t)?
+            }
+        };
+        if t.to_target() {
+            let held = {
+                let targets = kafka::lock(&self.targets);
+                targets.any() && targets.holds(&t.send.out.topic, Instant::now())
+            };
+            if held {
+                self.hold(t);
+                return None;
+            }
         }
-        let topic = t.send.out.topic.clone();
-        lanes.divert(&topic, t.seq, t)
+        Some(t)
     }
 
     /// Hands a send the producer took to the collector. Should the collector be gone (the
@@ -375,6 +473,7 @@ impl Shared {
     /// Does what a send's outcome says. An acknowledgement is handled here, at once; a failure
     /// (rare, and it may wait: a backoff, creating a topic) in a task of its own.
     fn settle(self: &Arc<Self>, t: Tracked, outcome: Outcome) {
+        self.ended(&t, &outcome);
         match outcome {
             Outcome::Acknowledged => self.acknowledged(t.send),
             Outcome::Abandoned => {}
@@ -454,23 +553,8 @@ impl Shared {
         match fate {
             Fate::DeadLetter(why) => {
                 tracing::warn!(topic = %t.send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
-                let mut send = t.send;
-                let dlq = &self.settings.internal.dlq;
-                send.out = match send.scheduled.as_mut() {
-                    Some(s) => {
-                        s.restore_body(&mut send.out);
-                        s.to_dlq(dlq, &why)
-                    }
-                    None => send.out,
-                };
-                send.then = Then::DeadLetter { reason: why.code() };
-                send.slice_write = None;
-                let dead = Tracked {
-                    send,
-                    seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
-                    unknown_attempts: 0,
-                };
-                self.follow_up(dead);
+                let send = t.send;
+                self.dead_letter_send(send, &why);
                 false
             }
             // The record stays uncommitted; the next owner (after a fix) sends it again.
@@ -488,12 +572,34 @@ impl Shared {
                 true
             }
             Fate::Retry | Fate::RetryFew => {
-                tracing::warn!(topic = %t.send.out.topic, error = %err, "send failed; retrying");
+                if t.to_target() {
+                    // The target's health says it once, when the target gets into trouble.
+                    tracing::debug!(topic = %t.send.out.topic, error = %err, "send failed; retrying");
+                } else {
+                    tracing::warn!(topic = %t.send.out.topic, error = %err, "send failed; retrying");
+                }
                 metrics::counter!(m::SEND_RETRIES).increment(1);
                 self.hold(t);
                 true
             }
         }
+    }
+
+    /// Sends a record that its destination will not take to the DLQ with the reason, in place
+    /// of the original (its share of the budget and its ticket go with it).
+    fn dead_letter_send(self: &Arc<Self>, mut send: Send, why: &Rejection) {
+        let dlq = &self.settings.internal.dlq;
+        send.out = match send.scheduled.as_mut() {
+            Some(s) => {
+                s.restore_body(&mut send.out);
+                s.to_dlq(dlq, why)
+            }
+            None => send.out,
+        };
+        send.then = Then::DeadLetter { reason: why.code() };
+        send.slice_write = None;
+        let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
+        self.follow_up(Tracked::new(send, seq));
     }
 
     /// Puts a failed send in its topic's retry lane, starting the lane's task if it was closed.
@@ -516,15 +622,33 @@ impl Shared {
             if wait && !self.pause(&mut delays).await {
                 return;
             }
-            let batch = kafka::lock(&self.lanes).take(&topic);
+            wait = false;
+            self.expire(&topic).await;
+            let mode = kafka::lock(&self.targets).mode(&topic, Instant::now());
+            let batch = match mode {
+                Mode::Resend => kafka::lock(&self.lanes).take(&topic),
+                Mode::Wait => {
+                    wait = true;
+                    Vec::new()
+                }
+                Mode::Probe => {
+                    self.probe(&topic).await;
+                    wait = true;
+                    Vec::new()
+                }
+            };
             let mut queued = Vec::with_capacity(batch.len());
             for (_, t) in batch {
                 let q = enqueue(self.producer_for(t.send.then), &t.send.out).await;
+                if q.is_ok() {
+                    self.handed(&t);
+                }
                 queued.push((t, q));
             }
-            wait = false;
             for (t, q) in queued {
-                match outcome(q).await {
+                let outcome = outcome(q).await;
+                self.ended(&t, &outcome);
+                match outcome {
                     Outcome::Acknowledged => self.acknowledged(t.send),
                     Outcome::Abandoned => return,
                     // Back in the lane: wait a backoff before the next round.
@@ -537,6 +661,59 @@ impl Shared {
             if !wait {
                 delays = retry_delays();
             }
+        }
+    }
+
+    /// Sends the lane's first record alone, past the lane: its answer says whether the target
+    /// takes records again (an acknowledgement turns the lane back to [`Mode::Resend`]).
+    async fn probe(self: &Arc<Self>, topic: &str) {
+        let first = kafka::lock(&self.lanes).take_first(topic);
+        if let Some((_, t)) = first {
+            self.send_now(t).await;
+        }
+    }
+
+    /// Dead-letters, as `target-unavailable`, each record of a target in trouble that has waited
+    /// `--target-give-up` since it was first handed over (every record, once the lane holds a
+    /// quarter of the memory budget, so that one target never holds what the others need), but
+    /// only once the broker is known to answer: when it does not, every target fails alike, and
+    /// the records wait for the broker instead.
+    async fn expire(self: &Arc<Self>, topic: &str) {
+        let now = Instant::now();
+        let quarter = u64::from(self.budget.total) / 4;
+        let (due, trouble) = {
+            let targets = kafka::lock(&self.targets);
+            let Some(trouble) = targets.troubles(now).into_iter().find(|t| t.topic == topic) else {
+                return;
+            };
+            let lanes = kafka::lock(&self.lanes);
+            let full = lanes.weigh(topic, |t| t.send._permit.num_permits() as u64) > quarter;
+            let oldest_expired = lanes.weigh(topic, |t| {
+                u64::from(targets.expired(topic, t.born, full, now))
+            }) > 0;
+            (oldest_expired.then_some(full), trouble)
+        };
+        let Some(full) = due else { return };
+        let name = topic.to_string();
+        if let Err(e) = self.look(move |l| l.answers(&name, BROKER_TIMEOUT)).await {
+            tracing::warn!(%topic, error = %e, "a target is in trouble and the broker does not answer: its records wait for the broker");
+            return;
+        }
+        let why = Rejection::TargetUnavailable {
+            topic: topic.to_string(),
+            for_secs: trouble.for_.as_secs(),
+            error: trouble.error,
+        };
+        let expired = {
+            let targets = kafka::lock(&self.targets);
+            let now = Instant::now();
+            kafka::lock(&self.lanes).take_where(topic, |t| {
+                t.to_target() && targets.expired(topic, t.born, full, now)
+            })
+        };
+        tracing::warn!(%topic, records = expired.len(), reason = why.code(), detail = %why, "dead-lettering records a target did not take");
+        for t in expired {
+            self.dead_letter_send(t.send, &why);
         }
     }
 
@@ -591,12 +768,8 @@ impl Shared {
                         slice_write: None,
                         _permit: send._permit,
                     };
-                    let tracked = Tracked {
-                        send: fact,
-                        seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
-                        unknown_attempts: 0,
-                    };
-                    self.follow_up(tracked);
+                    let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
+                    self.follow_up(Tracked::new(fact, seq));
                     return;
                 }
                 Some(Placed::Timer)

@@ -454,7 +454,9 @@ impl Shared {
     /// A record with an id due at `due_ms` entered the timer: the reader proves freshness often
     /// until it is published.
     pub(crate) fn id_due_at(&self, due_ms: i64) {
-        let until = due_ms.saturating_add(self.settings.cancel_lead_ms() + 1_000);
+        let until = due_ms
+            .saturating_add(self.settings.cancel_lead_ms())
+            .saturating_add(1_000);
         self.state
             .busy_until
             .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
@@ -463,6 +465,6 @@ impl Shared {
     /// Whether the index is fresh enough to judge a copy due at `due_ms`: it holds every fact
     /// acknowledged up to the cancel lead before it.
     pub(crate) fn fresh_for(&self, due_ms: i64) -> bool {
-        *self.state.fresh.borrow() >= due_ms - self.settings.cancel_lead_ms()
+        *self.state.fresh.borrow() >= due_ms.saturating_sub(self.settings.cancel_lead_ms())
     }
 }

@@ -40,6 +40,17 @@ pub struct Status {
     pub memory_budget: u64,
     /// Sweeps failing and being retried now.
     pub sweeps_behind: usize,
+    /// Target topics that refuse deliveries or leave them unacknowledged, longest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failing_targets: Vec<FailingTarget>,
+}
+
+/// A target topic in trouble (see `targets`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailingTarget {
+    pub topic: String,
+    pub for_secs: u64,
+    pub error: String,
 }
 
 impl Status {
@@ -48,15 +59,34 @@ impl Status {
         fatal: Option<&str>,
         stopping: bool,
         sweeps_behind: usize,
+        failing: &[FailingTarget],
+        commits_failing: Option<(u64, &str)>,
     ) -> (Health, Option<String>) {
-        match (fatal, stopping, sweeps_behind) {
-            (Some(reason), _, _) => (Health::Failed, Some(reason.to_string())),
-            (None, true, _) => (Health::Stopping, None),
-            (None, false, 0) => (Health::Ok, None),
-            (None, false, n) => (
-                Health::Degraded,
-                Some(format!("{n} sweep(s) failing and being retried")),
-            ),
+        if let Some(reason) = fatal {
+            return (Health::Failed, Some(reason.to_string()));
+        }
+        if stopping {
+            return (Health::Stopping, None);
+        }
+        let mut why = Vec::new();
+        if let Some((secs, error)) = commits_failing {
+            why.push(format!("offset commits failing for {secs} s: {error}"));
+        }
+        if sweeps_behind > 0 {
+            why.push(format!(
+                "{sweeps_behind} sweep(s) failing and being retried"
+            ));
+        }
+        why.extend(failing.iter().map(|t| {
+            format!(
+                "target {} failing for {} s: {}",
+                t.topic, t.for_secs, t.error
+            )
+        }));
+        if why.is_empty() {
+            (Health::Ok, None)
+        } else {
+            (Health::Degraded, Some(why.join("; ")))
         }
     }
 }
@@ -67,10 +97,39 @@ mod tests {
 
     #[test]
     fn failed_outranks_stopping_which_outranks_degraded() {
-        assert_eq!(Status::health(None, false, 0), (Health::Ok, None));
-        assert_eq!(Status::health(None, false, 2).0, Health::Degraded);
-        assert_eq!(Status::health(None, true, 2).0, Health::Stopping);
-        let (h, why) = Status::health(Some("the DLQ refused a record"), true, 1);
+        let failing = [FailingTarget {
+            topic: "orders".into(),
+            for_secs: 7,
+            error: "Broker: Not enough in-sync replicas".into(),
+        }];
+        assert_eq!(
+            Status::health(None, false, 0, &[], None),
+            (Health::Ok, None)
+        );
+        assert_eq!(
+            Status::health(None, false, 2, &[], None).0,
+            Health::Degraded
+        );
+        let (h, why) = Status::health(None, false, 0, &failing, None);
+        assert_eq!(h, Health::Degraded);
+        assert_eq!(
+            why.as_deref(),
+            Some("target orders failing for 7 s: Broker: Not enough in-sync replicas")
+        );
+        assert_eq!(
+            Status::health(None, true, 2, &failing, None).0,
+            Health::Stopping
+        );
+        let (h, why) = Status::health(
+            None,
+            false,
+            0,
+            &[],
+            Some((45, "Broker: Coordinator not available")),
+        );
+        assert_eq!(h, Health::Degraded);
+        assert!(why.unwrap().starts_with("offset commits failing for 45 s"));
+        let (h, why) = Status::health(Some("the DLQ refused a record"), true, 1, &failing, None);
         assert_eq!(h, Health::Failed);
         assert_eq!(why.as_deref(), Some("the DLQ refused a record"));
         let json = serde_json::to_value(Status::default()).unwrap();

@@ -251,13 +251,23 @@ impl Broker {
     /// Formats a new data directory and starts a broker on free ports; returns once it answers a
     /// metadata request.
     pub fn start() -> Broker {
+        Broker::start_with(&[])
+    }
+
+    /// [`Broker::start`] with more `server.properties` lines (`key=value`), as an operator's
+    /// cluster might differ from the stack's (e.g. `auto.create.topics.enable=false`).
+    pub fn start_with(extra: &[&str]) -> Broker {
         let dir = std::env::temp_dir().join(unique("broker"));
         std::fs::create_dir_all(dir.join("logs")).expect("broker directory");
         let (port, controller_port) = (free_port(), free_port());
-        let properties = SERVER_PROPERTIES
+        let mut properties = SERVER_PROPERTIES
             .replace("@PORT@", &port.to_string())
             .replace("@CONTROLLER_PORT@", &controller_port.to_string())
             .replace("@DATA_DIR@", &dir.join("data").to_string_lossy());
+        for line in extra {
+            properties.push_str(line);
+            properties.push('\n');
+        }
         std::fs::write(dir.join("server.properties"), properties).expect("server.properties");
         // As Kafka's own Uuid.randomUuid: base64 of 16 random bytes, never starting with '-'
         // (StorageTool would read it as an option, one format in 64).
@@ -439,13 +449,18 @@ pub async fn produce(
 /// Schedules records `(id, due_ms)` to the test's target through its ingest topic, all at once
 /// (key and `id` header = the id), and waits for every acknowledgement.
 pub async fn schedule_records(names: &Names, records: &[(String, i64)]) {
+    schedule_records_to(names, &names.target, records).await
+}
+
+/// [`schedule_records`] to the target topic `target`.
+pub async fn schedule_records_to(names: &Names, target: &str, records: &[(String, i64)]) {
     let p = producer();
     futures::future::join_all(records.iter().map(|(id, due)| {
         let (p, time) = (&p, due.to_string());
         async move {
             let headers = [
                 ("time", time.as_bytes()),
-                ("topic", names.target.as_bytes()),
+                ("topic", target.as_bytes()),
                 ("id", id.as_bytes()),
             ];
             produce(
@@ -705,12 +720,27 @@ pub async fn collect_all<'a>(
     before: Vec<Received>,
     deadline: Duration,
 ) -> Vec<Received> {
+    let arrived: std::collections::HashSet<String> = before.iter().map(Received::id).collect();
+    let (after, _) = collect_ids(
+        consumer,
+        expected.into_iter().filter(|id| !arrived.contains(*id)),
+        deadline,
+    )
+    .await;
+    let rest = drain_to_end(consumer).await;
+    before.into_iter().chain(after).chain(rest).collect()
+}
+
+/// Reads until every id in `expected` has arrived or `deadline` passes: what was read, and the
+/// ids still missing.
+pub async fn collect_ids<'a>(
+    consumer: &StreamConsumer,
+    expected: impl IntoIterator<Item = &'a String>,
+    deadline: Duration,
+) -> (Vec<Received>, std::collections::HashSet<String>) {
     let mut waiting: std::collections::HashSet<String> = expected.into_iter().cloned().collect();
-    for r in &before {
-        waiting.remove(&r.id());
-    }
     let mut seen = 0;
-    let after = collect(consumer, deadline, |r| {
+    let got = collect(consumer, deadline, |r| {
         for x in &r[seen..] {
             waiting.remove(&x.id());
         }
@@ -718,8 +748,56 @@ pub async fn collect_all<'a>(
         waiting.is_empty()
     })
     .await;
-    let tail = collect(consumer, Duration::from_millis(1_500), |_| false).await;
-    before.into_iter().chain(after).chain(tail).collect()
+    (got, waiting)
+}
+
+/// Reads until the reader has every record its partitions held when called (their high
+/// watermarks then): after the writers stopped, that is everything there is, duplicates
+/// included, with no guessed pause. Panics if that takes over 60 s.
+pub async fn drain_to_end(consumer: &StreamConsumer) -> Vec<Received> {
+    let assignment = consumer.assignment().expect("the reader's assignment");
+    let positions = consumer.position().expect("the reader's positions");
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    for e in assignment.elements() {
+        let tp = (e.topic().to_string(), e.partition());
+        let (_, high) = tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10))
+        })
+        .expect("high watermark");
+        let at = positions
+            .find_partition(&tp.0, tp.1)
+            .and_then(|p| p.offset().to_raw())
+            .filter(|&o| o >= 0)
+            .unwrap_or(0);
+        ends.insert(tp.clone(), high);
+        next.insert(tp, at);
+    }
+    let mut seen = 0;
+    let reached =
+        |next: &HashMap<(String, i32), i64>| ends.iter().all(|(tp, high)| next[tp] >= *high);
+    if reached(&next) {
+        return Vec::new();
+    }
+    let topic = ends
+        .keys()
+        .next()
+        .map(|tp| tp.0.clone())
+        .unwrap_or_default();
+    let got = collect(consumer, Duration::from_secs(60), |r| {
+        for x in &r[seen..] {
+            let n = next.entry((topic.clone(), x.partition)).or_insert(0);
+            *n = (*n).max(x.offset + 1);
+        }
+        seen = r.len();
+        reached(&next)
+    })
+    .await;
+    assert!(
+        reached(&next),
+        "the reader did not reach the end of {topic} in 60 s"
+    );
+    got
 }
 
 /// Fails the test if any expected id never arrived.

@@ -106,7 +106,8 @@ async fn cancels_and_reschedules_hold_across_a_sigkill_and_two_processes() {
                 produce(&p, &names.ingest, Some(b"someone-else"), b"", &headers).await;
             }
             Change::CancelOverHttp => {
-                let port = if i % 2 == 0 { a_http } else { b_http };
+                // Every HTTP cancel has i % 4 == 1: alternate on the next bit, so both processes take them.
+                let port = if (i / 4) % 2 == 0 { a_http } else { b_http };
                 let r = client
                     .delete(format!("http://127.0.0.1:{port}/api/schedules/{id}"))
                     .send()

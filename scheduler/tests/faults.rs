@@ -6,6 +6,18 @@ use std::time::Duration;
 
 use scheduler::testkit::*;
 
+/// The group's committed offset of ingest partition 0 (`None` when nothing is committed).
+fn committed_ingest(names: &Names, flags: &[&str]) -> Option<i64> {
+    let settings = names.settings_with(flags);
+    let lookup = scheduler::kafka::Lookup::new(&settings).expect("lookup client");
+    let tp = (names.ingest.clone(), 0);
+    let committed = tokio::task::block_in_place(|| {
+        lookup.committed(std::slice::from_ref(&tp), Duration::from_secs(10))
+    })
+    .expect("committed offsets");
+    committed.get(&tp).copied()
+}
+
 /// Hostile records through the real broker: huge and many headers, bytes that are not UTF-8,
 /// years 9999 and 1960, numbers out of range, empty keys and values. None crashes the scheduler;
 /// each is delivered (or parked, if far ahead) or dead-lettered with a reason.
@@ -255,16 +267,10 @@ async fn a_record_the_dlq_refuses_halts_the_process_and_stays_uncommitted() {
         "{stopped:?}"
     );
 
-    let settings = names.settings_with(&flags);
-    let lookup = scheduler::kafka::Lookup::new(&settings).expect("lookup client");
-    let tp = (names.ingest.clone(), 0);
-    let committed = tokio::task::block_in_place(|| {
-        lookup.committed(std::slice::from_ref(&tp), Duration::from_secs(10))
-    })
-    .expect("committed offsets");
+    let committed = committed_ingest(&names, &flags);
     assert_eq!(
-        committed.get(&tp),
-        Some(&1),
+        committed,
+        Some(1),
         "committed up to the refused record (offset 1), not past it"
     );
     let rest = collect(&reader, Duration::from_secs(2), |_| false).await;
@@ -510,4 +516,159 @@ async fn a_fenced_static_member_rejoins_once_then_stops_honestly() {
         "{result:?}"
     );
     drop(stop);
+}
+
+/// One target takes nothing (as when its partitions' leader is away: librdkafka keeps each
+/// record and reports it timed out much later; injected here, a delay of 8 s per attempt, since
+/// one broker cannot lose a topic's leader alone) while another takes records as usual. With a
+/// memory budget of a few hundred records, the refused ones would hold all of it: the healthy
+/// target's records must still all arrive, `/healthz` must name the failing target (degraded)
+/// within 10 s of its first due record, the refused records must reach the DLQ as
+/// `target-unavailable` once the give-up time has passed, and once the target takes records
+/// again, new ones are delivered to it. Nothing lost, nothing early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_keeps_failing_is_named_dead_lettered_and_holds_no_one_else() {
+    let names = Names::new("failing-target");
+    let bad = format!("{}-refusing", names.target);
+    create_topic(&names.target, 2).await;
+    create_topic(&bad, 2).await;
+    let flags = ["--memory-budget", "1MiB", "--target-give-up", "5s"];
+    let sched = start_in_process_with(&names, &flags).await;
+    sched.refuse_target(&bad, Some(Duration::from_secs(8)));
+    let http = sched.http_addr.to_string();
+
+    let first_due = now_ms() + 1_000;
+    let refused: Vec<(String, i64)> = (0..1_000)
+        .map(|i| (format!("bad-{i}"), first_due + i * 5))
+        .collect();
+    let good: Vec<(String, i64)> = (0..600)
+        .map(|i| (format!("good-{i}"), first_due + 500 + i * 5))
+        .collect();
+    schedule_records_to(&names, &bad, &refused).await;
+    schedule_records(&names, &good).await;
+
+    let health = health_reaches(&http, "degraded", Duration::from_secs(30)).await;
+    let named_after = now_ms() - first_due;
+    let reason = health["reason"].as_str().unwrap_or_default().to_string();
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(reason.contains(&bad), "{reason}");
+    assert!(
+        named_after <= 10_000,
+        "named {named_after} ms after its first due record"
+    );
+    assert_eq!(
+        health["failing_targets"][0]["topic"],
+        bad.as_str(),
+        "{health}"
+    );
+    assert!(metric_sum(&http, "sm_failing_targets").await >= 1.0);
+
+    let due: HashMap<String, i64> = good.iter().cloned().collect();
+    let delivered = collect_all(
+        &reader(&names.target, 2),
+        due.keys(),
+        Vec::new(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_all_arrived(due.keys(), &delivered);
+    for r in &delivered {
+        assert!(r.timestamp_ms >= due[&r.id()], "{} early", r.id());
+    }
+
+    let refused_ids: Vec<String> = refused.iter().map(|(id, _)| id.clone()).collect();
+    let (dead, waiting) = collect_ids(
+        &reader(&names.dlq, 4),
+        &refused_ids,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(
+        waiting.is_empty(),
+        "{} refused records never reached the DLQ, e.g. {:?}",
+        waiting.len(),
+        waiting.iter().take(3).collect::<Vec<_>>()
+    );
+    for r in &dead {
+        assert_eq!(
+            r.header("sm-error").as_deref(),
+            Some("target-unavailable"),
+            "{}",
+            r.id()
+        );
+        assert!(r
+            .header("sm-error-detail")
+            .is_some_and(|d| d.contains(&bad)));
+    }
+
+    // The target takes records again: the next probe succeeds, and new records are delivered.
+    sched.refuse_target(&bad, None);
+    let later = now_ms() + 500;
+    let back: Vec<(String, i64)> = (0..20).map(|i| (format!("back-{i}"), later + i)).collect();
+    schedule_records_to(&names, &bad, &back).await;
+    let back_ids: Vec<String> = back.iter().map(|(id, _)| id.clone()).collect();
+    let (_, waiting) = collect_ids(&reader(&bad, 2), &back_ids, Duration::from_secs(60)).await;
+    assert!(
+        waiting.is_empty(),
+        "{} never delivered after the target recovered",
+        waiting.len()
+    );
+    let health = health_reaches(&http, "ok", Duration::from_secs(10)).await;
+    assert_eq!(health["status"], "ok", "{health}");
+    sched.stop().await.expect("clean stop");
+}
+
+/// A clean stop ends within `--shutdown-timeout` even when a stage waits for what never comes:
+/// deliveries to a target that answers nothing (injected), a give-up time far away, and a budget
+/// so small that ingest waits for room that nothing frees. The stop returns in time with an
+/// error that says what was left, and commits nothing of the records it could not deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_ends_within_its_timeout_and_says_what_was_left() {
+    let names = Names::new("stuck-stop");
+    create_topic(&names.target, 2).await;
+    let flags = [
+        "--memory-budget",
+        "1MiB",
+        "--target-give-up",
+        "1h",
+        "--shutdown-timeout",
+        "4s",
+        "--ingest-partitions",
+        "1",
+    ];
+    let sched = start_in_process_with(&names, &flags).await;
+    sched.refuse_target(&names.target, Some(Duration::from_secs(3_600)));
+    let http = sched.http_addr.to_string();
+    let due = now_ms();
+    let records: Vec<(String, i64)> = (0..2_000).map(|i| (format!("s-{i}"), due)).collect();
+    schedule_records(&names, &records).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut health = healthz(&http).await;
+    while health["memory_used"].as_u64().unwrap_or(0) < 1_000_000
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        health = healthz(&http).await;
+    }
+    assert!(
+        health["memory_used"].as_u64().unwrap_or(0) >= 1_000_000,
+        "the budget never filled: {health}"
+    );
+
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(30), sched.stop())
+        .await
+        .expect("the stop ends");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "the stop took {took:?}");
+    assert!(
+        matches!(&result, Err(scheduler::Error::Unfinished(what)) if what.contains("unacknowledged") || what.contains("lanes")),
+        "{result:?}"
+    );
+
+    let committed = committed_ingest(&names, &flags);
+    assert!(
+        committed.is_none_or(|c| c <= 0),
+        "nothing undelivered is committed: {committed:?}"
+    );
 }

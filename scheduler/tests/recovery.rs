@@ -77,8 +77,9 @@ async fn a_scheduler_killed_mid_run_and_restarted_loses_nothing() {
         &format!("{}-second.log", names.group),
         &static_member,
     );
-    let all = collect_all(&reader, expected.keys(), before, Duration::from_secs(90)).await;
+    let mut all = collect_all(&reader, expected.keys(), before, Duration::from_secs(90)).await;
     kill9(&mut second);
+    all.extend(drain_to_end(&reader).await);
     let dups = check(&expected, &all);
     let mut dup_due: Vec<i64> = by_id(&all)
         .iter()
@@ -162,8 +163,9 @@ async fn two_processes_share_the_work_and_survive_one_being_killed() {
     let reader = reader(&names.target, TARGET_PARTITIONS);
     let before = collect(&reader, Duration::from_secs(30), |r| r.len() >= 200).await;
     kill9(&mut a);
-    let all = collect_all(&reader, expected.keys(), before, Duration::from_secs(90)).await;
+    let mut all = collect_all(&reader, expected.keys(), before, Duration::from_secs(90)).await;
     kill9(&mut b);
+    all.extend(drain_to_end(&reader).await);
     check(&expected, &all);
 }
 
@@ -179,8 +181,9 @@ async fn a_clean_stop_and_restart_delivers_everything_exactly_once() {
     let before = collect(&reader, Duration::from_secs(30), |r| r.len() >= 300).await;
     first.stop().await.expect("clean stop");
     let second = start_in_process(&names).await;
-    let all = collect_all(&reader, expected.keys(), before, Duration::from_secs(60)).await;
+    let mut all = collect_all(&reader, expected.keys(), before, Duration::from_secs(60)).await;
     second.stop().await.expect("clean stop");
+    all.extend(drain_to_end(&reader).await);
     assert_eq!(
         check(&expected, &all),
         0,

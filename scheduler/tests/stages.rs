@@ -92,8 +92,8 @@ async fn health_answers_and_deliveries_go_on_through_repeated_rebalances() {
 }
 
 /// 4,000 records of 2 KiB (8 MiB) fall due in the same instant, against a 1 MiB budget: the
-/// memory the scheduler holds for them (in the timer and in flight, as `/healthz` reports it)
-/// never exceeds the budget, and every record is still delivered, none early.
+/// records the scheduler holds at once (read and not yet placed, as `/healthz` reports them)
+/// never exceed what the budget admits, and every record is still delivered, none early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_larger_than_the_memory_budget_is_delivered_within_it() {
     let names = Names::new("budget");
@@ -121,13 +121,17 @@ async fn a_burst_larger_than_the_memory_budget_is_delivered_within_it() {
     .await;
 
     let reader = reader(&names.target, 2);
+    // Records read and not yet placed, counted by the offset tracker, which knows nothing of
+    // the budget: if any stage read records without taking their share, this would pass the
+    // bound. Each record holds at least its value three times (see `outbox::in_memory`).
+    let bound = budget / (3 * value.len() as u64);
     let mut peak = 0u64;
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut seen = std::collections::HashSet::new();
     while seen.len() < ids.len() && Instant::now() < deadline {
         let h = healthz(&http).await;
-        peak = peak.max(h["memory_used"].as_u64().expect("memory_used"));
+        peak = peak.max(h["in_flight"].as_u64().expect("in_flight"));
         assert_eq!(h["memory_budget"], budget);
         let batch = collect(&reader, Duration::from_millis(50), |r| r.len() >= 500).await;
         seen.extend(batch.iter().map(|r| r.id()));
@@ -137,8 +141,14 @@ async fn a_burst_larger_than_the_memory_budget_is_delivered_within_it() {
     for r in &got {
         assert!(r.timestamp_ms >= instant, "{} early", r.id());
     }
-    assert!(peak > 0, "the budget was in use");
-    assert!(peak <= budget, "held {peak} bytes, budget {budget}");
+    assert!(
+        peak >= bound / 4,
+        "the budget was in use: {peak} held at most"
+    );
+    assert!(
+        peak <= bound,
+        "held {peak} records of 2 KiB at once; the 1 MiB budget admits {bound}"
+    );
     sched.stop().await.expect("clean stop");
 }
 
