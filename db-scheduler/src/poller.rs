@@ -11,7 +11,7 @@ use rdkafka::producer::FutureProducer;
 use scheduler::domain::{header, InternalTopics, Outgoing};
 use scheduler::kafka;
 use scheduler::metrics as m;
-use scheduler::outbox::{self, fate, Destination, Fate};
+use scheduler::outbox::{fate, Destination, Fate};
 use scheduler::Clock;
 use tokio_util::sync::CancellationToken;
 
@@ -160,7 +160,8 @@ impl Poller {
     /// Polls every `interval` until `stop`; a full batch is followed by another poll at once, so
     /// a backlog drains at the table's speed, not one batch per interval.
     pub async fn run(self, stop: CancellationToken) {
-        let failing = || outbox::backoff(Duration::from_millis(100), Duration::from_secs(5));
+        let failing =
+            || scheduler::retry::backoff(Duration::from_millis(100), Duration::from_secs(5));
         let mut delays = failing();
         loop {
             let started = tokio::time::Instant::now();

@@ -23,7 +23,7 @@ pub fn batches<T>(
 }
 
 /// Runs `attempt` until it succeeds, waiting between tries from 100 ms doubling to 5 s, with
-/// jitter (the workspace's one retry schedule, [`scheduler::outbox::backoff`]).
+/// jitter (the workspace's one retry schedule, [`scheduler::retry::backoff`]).
 pub async fn retry_until_ok<F, Fut, T, E>(what: &str, attempt: F)
 where
     F: FnMut() -> Fut,
@@ -31,7 +31,7 @@ where
     E: std::fmt::Display,
 {
     let forever =
-        scheduler::outbox::backoff_builder(Duration::from_millis(100), Duration::from_secs(5));
+        scheduler::retry::backoff_builder(Duration::from_millis(100), Duration::from_secs(5));
     // Without a limit on tries, the retry ends only in success.
     let _ = attempt
         .retry(forever)

@@ -105,7 +105,7 @@ pub(crate) struct Workload<'a> {
 
 /// The retries of one send: 5 tries in all, with backoff and jitter.
 fn tries() -> backon::ExponentialBuilder {
-    scheduler::outbox::backoff_builder(Duration::from_millis(100), Duration::from_secs(5))
+    scheduler::retry::backoff_builder(Duration::from_millis(100), Duration::from_secs(5))
         .with_max_times(4)
 }
 
@@ -160,7 +160,7 @@ async fn send_once(
     });
     let headers = if cancel {
         headers.insert(Header {
-            key: scheduler::facts::CANCEL,
+            key: scheduler::domain::CANCEL,
             value: Some("true"),
         })
     } else {

@@ -12,15 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
-use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::{Offset, TopicPartitionList};
 
-use crate::engine::{Shared, BROKER_TIMEOUT};
-use crate::kafka::{lock, Fatal};
+use crate::engine::Shared;
+use crate::kafka::{commit_offsets, lock, Fatal, BROKER_TIMEOUT};
 use crate::metrics as m;
-use crate::offsets::CommitPoint;
-use crate::outbox::backoff_builder;
+use crate::retry::backoff_builder;
 use crate::status::{FailingTarget, Status};
 use crate::time::format_millis;
 
@@ -123,6 +120,14 @@ impl Shared {
         // Commits refused for a while (a coordinator away, the group gone): what is delivered
         // meanwhile would be delivered again after a restart. Said after 30 s, not at the first
         // refusal, which a coordinator moving causes.
+        // The publish gate holding records with ids for over 10 s: the index of ids is not fresh
+        // (the state topic unread, or the reader stuck); they are late, never wrong.
+        let gate = (*lock(&self.gate_held))
+            .map(|(n, since)| (n, since.elapsed().as_secs()))
+            .filter(|(_, secs)| *secs >= 10)
+            .map(|(n, secs)| {
+                format!("{n} record(s) with ids held {secs} s for the index of ids to catch up")
+            });
         let commits = lock(&self.commits_failing)
             .as_ref()
             .map(|(since, e)| (since.elapsed().as_secs(), e.clone()))
@@ -133,6 +138,7 @@ impl Shared {
             behind,
             &failing,
             commits.as_ref().map(|(secs, e)| (*secs, e.as_str())),
+            gate.as_deref(),
         );
         metrics::gauge!(m::FAILING_TARGETS).set(failing.len() as f64);
         metrics::gauge!(m::TIMER_PENDING).set(timer.pending as f64);
@@ -198,18 +204,6 @@ impl Shared {
         }
         Ok((per_level, ingest))
     }
-}
-
-/// Commits the points synchronously: returns once the broker acknowledged (or refused) them.
-pub(crate) fn commit_offsets<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
-    consumer: &C,
-    points: &[CommitPoint],
-) -> Result<(), KafkaError> {
-    let mut tpl = TopicPartitionList::new();
-    for p in points {
-        tpl.add_partition_offset(&p.tp.0, p.tp.1, Offset::Offset(p.offset))?;
-    }
-    consumer.commit(&tpl, CommitMode::Sync)
 }
 
 /// When to hand freed memory back to the system: once the process has held almost nothing of its

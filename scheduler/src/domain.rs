@@ -4,7 +4,7 @@
 //! Parsing happens once, here; everything downstream holds a [`Scheduled`] whose due time and
 //! target are already valid. Internal headers are rebuilt on every hop, never appended.
 
-use crate::facts::{Command, Version};
+use crate::facts::Version;
 use crate::time::{DueTime, TimeError, Zone};
 
 /// Header names. Everything starting with `sm-` is reserved for the scheduler.
@@ -76,6 +76,16 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// Bytes of key, value and headers: what a copy of it holds in memory.
+    pub fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        self.payload.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len) + headers
+    }
+
     /// The last header with this name (Kafka's `lastHeader` convention for repeated names).
     fn last(&self, name: &str) -> Option<&RawHeader> {
         self.headers
@@ -242,6 +252,33 @@ impl Rejection {
     }
 }
 
+/// Header that turns a record with an `id` into a cancel of that id.
+pub const CANCEL: &str = "cancel";
+
+/// What a record asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Deliver it at its time (with an id: the id's newest schedule).
+    Schedule,
+    /// Cancel every older version of this id; the record's key, value, `time` and `topic` are
+    /// ignored, so a client may send the original back with one header added.
+    Cancel,
+}
+
+/// Reads the `cancel` header. Absent: a schedule (a null value is never a cancel: a scheduled
+/// tombstone for a compacted target is a real use). `true`: a cancel, which needs an id. Any other
+/// value is refused, so that a typo never turns into a reschedule carrying the cancel's payload.
+pub fn command(cancel: Option<&[u8]>, has_id: bool) -> Result<Command, Rejection> {
+    match cancel {
+        None => Ok(Command::Schedule),
+        Some(b"true") if has_id => Ok(Command::Cancel),
+        Some(b"true") => Err(Rejection::MissingId),
+        Some(other) => Err(Rejection::InvalidCancel(
+            String::from_utf8_lossy(other).chars().take(64).collect(),
+        )),
+    }
+}
+
 /// A record accepted for scheduling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scheduled {
@@ -359,11 +396,9 @@ impl Ingested {
         });
         // A `cancel` header with a null value is a malformed cancel, not an absent one.
         let cancel = rec
-            .last(crate::facts::CANCEL)
+            .last(CANCEL)
             .map(|h| h.value.as_deref().unwrap_or_default());
-        if let (Command::Cancel, Some(version)) =
-            (crate::facts::command(cancel, explicit_id)?, version)
-        {
+        if let (Command::Cancel, Some(version)) = (command(cancel, explicit_id)?, version) {
             return Ok(Ingested::Cancel { id, version });
         }
         let time = rec
@@ -884,6 +919,20 @@ mod tests {
                 Err(e) => { let _ = dlq_original(&r, "DLQ", &e); }
             }
             let _ = Scheduled::from_slice(&r, &internal());
+        }
+    }
+
+    #[test]
+    fn a_null_value_with_a_time_is_a_schedule_and_cancel_needs_true_and_an_id() {
+        assert_eq!(command(None, false), Ok(Command::Schedule));
+        assert_eq!(command(None, true), Ok(Command::Schedule));
+        assert_eq!(command(Some(b"true"), true), Ok(Command::Cancel));
+        assert_eq!(command(Some(b"true"), false), Err(Rejection::MissingId));
+        for typo in [&b"True"[..], b"yes", b"1", b"", b"false"] {
+            assert!(
+                matches!(command(Some(typo), true), Err(Rejection::InvalidCancel(_))),
+                "{typo:?}"
+            );
         }
     }
 }

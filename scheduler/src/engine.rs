@@ -46,9 +46,6 @@ use crate::time::Clock;
 use crate::timer::{self, Timed, TimerCmd, TimerView};
 use crate::Error;
 
-/// Timeout of the broker round trips a sweep makes (watermarks, committed offsets).
-pub(crate) const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A record waiting in the timer, with the ticket that releases its source offset once
 /// published and its share of the memory budget.
 pub(crate) struct TimerEntry {
@@ -99,6 +96,11 @@ pub(crate) struct Shared {
     pub(crate) lanes: Mutex<Lanes<Tracked>>,
     /// Since when commits have been refused, and the last error (`None` while they succeed).
     pub(crate) commits_failing: Mutex<Option<(std::time::Instant, String)>>,
+    /// When each slice topic found missing was last created again (see `outbox::failed`).
+    pub(crate) slices_recreated: Mutex<HashMap<String, std::time::Instant>>,
+    /// Records with ids the publish gate holds (how many, since when the oldest): a gate that
+    /// holds them for long says the index of ids is not read (see `committer::publish_status`).
+    pub(crate) gate_held: Mutex<Option<(usize, std::time::Instant)>>,
     /// Records the timer released that the publisher has not published yet.
     pub(crate) publisher_backlog: AtomicUsize,
     /// Which targets are failing (see [`crate::targets`]).
@@ -240,6 +242,8 @@ impl Engine {
             targets: Mutex::new(TargetHealth::new(give_up)),
             commits_failing: Mutex::new(None),
             publisher_backlog: AtomicUsize::new(0),
+            gate_held: Mutex::new(None),
+            slices_recreated: Mutex::default(),
             send_seq: AtomicU64::new(0),
             #[cfg(feature = "testkit")]
             injected_sweep_failures: AtomicUsize::new(0),
@@ -459,13 +463,16 @@ impl Shared {
     /// themselves; records without an id never wait.
     async fn run_publisher(self: Arc<Self>, mut due: mpsc::Receiver<TimerEntry>) {
         let mut fresh = self.state.fresh.clone();
-        let mut parked: std::collections::VecDeque<TimerEntry> = Default::default();
+        // Each with the time it was parked: a gate that holds records for long is reported.
+        let mut parked: std::collections::VecDeque<(std::time::Instant, TimerEntry)> =
+            Default::default();
         loop {
             // What the timer released and is not published yet: a clean stop waits for it.
             self.publisher_backlog.store(
                 due.len() + parked.len(),
                 std::sync::atomic::Ordering::SeqCst,
             );
+            *lock(&self.gate_held) = parked.front().map(|(at, _)| (parked.len(), *at));
             tokio::select! {
                 entry = due.recv() => {
                     let Some(entry) = entry else { return };
@@ -476,7 +483,7 @@ impl Shared {
                         && (!parked.is_empty() || !self.fresh_for(entry.scheduled.due.as_millis()));
                     if waits {
                         metrics::counter!(m::HELD_FOR_FRESHNESS).increment(1);
-                        parked.push_back(entry);
+                        parked.push_back((std::time::Instant::now(), entry));
                     } else {
                         self.publish(entry).await;
                     }
@@ -487,9 +494,9 @@ impl Shared {
                     }
                     while parked
                         .front()
-                        .is_some_and(|e| self.fresh_for(e.scheduled.due.as_millis()))
+                        .is_some_and(|(_, e)| self.fresh_for(e.scheduled.due.as_millis()))
                     {
-                        if let Some(entry) = parked.pop_front() {
+                        if let Some((_, entry)) = parked.pop_front() {
                             if lock(&self.tracker).is_current(&entry.ticket) {
                                 self.publish(entry).await;
                             }

@@ -13,11 +13,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::domain::Rejection;
-
-/// Header that turns a record with an `id` into a cancel of that id.
-pub const CANCEL: &str = "cancel";
-
 /// The order of the records of one id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
@@ -46,30 +41,6 @@ impl Version {
             partition: parts.next()?.parse().ok()?,
             offset: parts.next()?.parse().ok()?,
         })
-    }
-}
-
-/// What a record asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// Deliver it at its time (with an id: the id's newest schedule).
-    Schedule,
-    /// Cancel every older version of this id; the record's key, value, `time` and `topic` are
-    /// ignored, so a client may send the original back with one header added.
-    Cancel,
-}
-
-/// Reads the `cancel` header. Absent: a schedule (a null value is never a cancel: a scheduled
-/// tombstone for a compacted target is a real use). `true`: a cancel, which needs an id. Any other
-/// value is refused, so that a typo never turns into a reschedule carrying the cancel's payload.
-pub fn command(cancel: Option<&[u8]>, has_id: bool) -> Result<Command, Rejection> {
-    match cancel {
-        None => Ok(Command::Schedule),
-        Some(b"true") if has_id => Ok(Command::Cancel),
-        Some(b"true") => Err(Rejection::MissingId),
-        Some(other) => Err(Rejection::InvalidCancel(
-            String::from_utf8_lossy(other).chars().take(64).collect(),
-        )),
     }
 }
 
@@ -225,20 +196,6 @@ mod tests {
             timestamp_ms,
             partition,
             offset,
-        }
-    }
-
-    #[test]
-    fn a_null_value_with_a_time_is_a_schedule_and_cancel_needs_true_and_an_id() {
-        assert_eq!(command(None, false), Ok(Command::Schedule));
-        assert_eq!(command(None, true), Ok(Command::Schedule));
-        assert_eq!(command(Some(b"true"), true), Ok(Command::Cancel));
-        assert_eq!(command(Some(b"true"), false), Err(Rejection::MissingId));
-        for typo in [&b"True"[..], b"yes", b"1", b"", b"false"] {
-            assert!(
-                matches!(command(Some(typo), true), Err(Rejection::InvalidCancel(_))),
-                "{typo:?}"
-            );
         }
     }
 

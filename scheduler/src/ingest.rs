@@ -147,8 +147,8 @@ impl Shared {
         sweep: Option<Arc<ActiveSweep>>,
     ) {
         let out = dlq_original(rec, &self.settings.internal.dlq, why);
-        let size = rec.payload.as_ref().map_or(0, Vec::len) + rec.key.as_ref().map_or(0, Vec::len);
-        let permit = self.budget.reserve(in_memory(size)).await;
+        // Its headers too: a DLQ copy carries all of the original's, which may be most of it.
+        let permit = self.budget.reserve(in_memory(rec.size())).await;
         self.send(Send {
             out,
             then: Then::DeadLetter { reason: why.code() },

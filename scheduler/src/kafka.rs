@@ -8,7 +8,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header as KafkaHeader, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::Settings;
 use crate::domain::{Header, Incoming, Outgoing, RawHeader};
-use crate::offsets::{OffsetTracker, Tp};
+use crate::offsets::{CommitPoint, OffsetTracker, Tp};
 use crate::Error;
 
 /// The base configuration every client shares: bootstrap servers, then the pass-through
@@ -531,7 +531,7 @@ impl ConsumerContext for EngineContext {
             let revoked = tps(list);
             let points = lock(&self.tracker).revoke(revoked.iter());
             if !points.is_empty() {
-                if let Err(e) = crate::committer::commit_offsets(consumer, &points) {
+                if let Err(e) = commit_offsets(consumer, &points) {
                     tracing::warn!(error = %e, "commit before revoke failed; the next owner re-reads from the previous commit");
                 }
             }
@@ -568,6 +568,21 @@ impl ConsumerContext for EngineContext {
 /// behind these locks stays consistent between statements.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Timeout of the broker round trips the engine makes (watermarks, committed offsets, metadata).
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Commits the points synchronously: returns once the broker acknowledged (or refused) them.
+pub(crate) fn commit_offsets<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    points: &[CommitPoint],
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in points {
+        tpl.add_partition_offset(&p.tp.0, p.tp.1, Offset::Offset(p.offset))?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync)
 }
 
 #[cfg(test)]

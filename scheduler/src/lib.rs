@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod outbox;
 mod planner;
+pub mod retry;
 pub mod slice;
 mod state;
 pub mod status;

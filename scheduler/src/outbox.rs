@@ -11,18 +11,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::domain::{Outgoing, Rejection, Scheduled};
-use crate::engine::{Shared, BROKER_TIMEOUT};
+use crate::engine::Shared;
 use crate::facts::Fact;
-use crate::kafka::{self, TopicSpec};
+use crate::kafka::{self, TopicSpec, BROKER_TIMEOUT};
 use crate::metrics as m;
 use crate::offsets::Ticket;
+use crate::retry::backoff;
 use crate::sweep::{ActiveSweep, Placed, SliceWrite};
 use crate::targets::Mode;
 
@@ -260,22 +260,6 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
     }
 }
 
-/// The workspace's one retry schedule: delays doubling from `min` to `max`, without a limit on
-/// tries, with jitter so that many failures (sends, sweeps, writers) do not retry in step. Limit
-/// the tries with `with_max_times` where giving up is the right end.
-pub fn backoff_builder(min: Duration, max: Duration) -> ExponentialBuilder {
-    ExponentialBuilder::new()
-        .with_min_delay(min)
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
-}
-
-/// [`backoff_builder`]'s delays, for loops that pace themselves.
-pub fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
-    backoff_builder(min, max).build()
-}
-
 /// Delays between retries of one send: 100 ms doubling to 5 s.
 fn retry_delays() -> impl Iterator<Item = Duration> {
     backoff(Duration::from_millis(100), Duration::from_secs(5))
@@ -408,11 +392,19 @@ impl Shared {
                     tracing::info!(%topic, "target takes records again");
                 }
             }
-            Outcome::Failed(e) => {
-                if targets.failed(topic, &e.to_string(), Instant::now()) {
-                    tracing::warn!(%topic, error = %e, "a target refuses deliveries; its records wait in a lane of their own");
+            // Only what says something of the target: broker trouble with it (retried), or the
+            // topic missing. A record refused for itself (too large) says nothing of the others.
+            Outcome::Failed(e) => match fate(e, Destination::Target, topic) {
+                Fate::Retry | Fate::RetryFew => {
+                    if targets.failed(topic, &e.to_string(), Instant::now()) {
+                        tracing::warn!(%topic, error = %e, "a target refuses deliveries; its records wait in a lane of their own");
+                    }
                 }
-            }
+                Fate::DeadLetter(Rejection::UnknownTopic(_)) => {
+                    targets.missing(topic, &e.to_string(), Instant::now())
+                }
+                _ => targets.abandoned(topic),
+            },
             Outcome::Abandoned => targets.abandoned(topic),
         }
     }
@@ -563,10 +555,25 @@ impl Shared {
                 false
             }
             Fate::RecreateSlice => {
-                tracing::warn!(topic = %t.send.out.topic, "slice topic missing; creating it again");
-                let spec = self.slice_spec(&t.send.out.topic);
-                if let Err(e) = kafka::ensure_topics(&self.settings, &[spec]).await {
-                    tracing::warn!(error = %e, "could not create the slice topic");
+                // Once per topic per 10 s: every write to a deleted slice fails alike, and each
+                // creation is an admin client and a broker round trip.
+                let due = {
+                    let mut last = kafka::lock(&self.slices_recreated);
+                    let now = Instant::now();
+                    let fresh = last
+                        .get(&t.send.out.topic)
+                        .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(10));
+                    if !fresh {
+                        last.insert(t.send.out.topic.clone(), now);
+                    }
+                    !fresh
+                };
+                if due {
+                    tracing::warn!(topic = %t.send.out.topic, "slice topic missing; creating it again");
+                    let spec = self.slice_spec(&t.send.out.topic);
+                    if let Err(e) = kafka::ensure_topics(&self.settings, &[spec]).await {
+                        tracing::warn!(error = %e, "could not create the slice topic");
+                    }
                 }
                 self.hold(t);
                 true

@@ -25,9 +25,10 @@ use tokio::sync::watch;
 use futures::StreamExt;
 
 use crate::domain::Outgoing;
-use crate::engine::{Shared, BROKER_TIMEOUT};
+use crate::engine::Shared;
 use crate::facts::{fact_key, parse_fact_key, Fact, Version};
 use crate::index::{Entry, Index, Learnt};
+use crate::kafka::BROKER_TIMEOUT;
 use crate::kafka::{self, Fatal};
 use crate::metrics as m;
 use crate::offsets::Tp;
@@ -189,7 +190,7 @@ impl Reader {
     /// broker's metadata yet: asked again with backoff for up to [`BROKER_TIMEOUT`] × 3.
     fn partitions(&self, topic: &str, shared: &Shared) -> Result<i32, String> {
         let until = Instant::now() + BROKER_TIMEOUT * 3;
-        let mut delays = crate::outbox::backoff(Duration::from_millis(100), Duration::from_secs(2));
+        let mut delays = crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let found = self
                 .consumer

@@ -61,6 +61,7 @@ impl Status {
         sweeps_behind: usize,
         failing: &[FailingTarget],
         commits_failing: Option<(u64, &str)>,
+        gate_held: Option<&str>,
     ) -> (Health, Option<String>) {
         if let Some(reason) = fatal {
             return (Health::Failed, Some(reason.to_string()));
@@ -72,6 +73,7 @@ impl Status {
         if let Some((secs, error)) = commits_failing {
             why.push(format!("offset commits failing for {secs} s: {error}"));
         }
+        why.extend(gate_held.map(str::to_string));
         if sweeps_behind > 0 {
             why.push(format!(
                 "{sweeps_behind} sweep(s) failing and being retried"
@@ -103,21 +105,21 @@ mod tests {
             error: "Broker: Not enough in-sync replicas".into(),
         }];
         assert_eq!(
-            Status::health(None, false, 0, &[], None),
+            Status::health(None, false, 0, &[], None, None),
             (Health::Ok, None)
         );
         assert_eq!(
-            Status::health(None, false, 2, &[], None).0,
+            Status::health(None, false, 2, &[], None, None).0,
             Health::Degraded
         );
-        let (h, why) = Status::health(None, false, 0, &failing, None);
+        let (h, why) = Status::health(None, false, 0, &failing, None, None);
         assert_eq!(h, Health::Degraded);
         assert_eq!(
             why.as_deref(),
             Some("target orders failing for 7 s: Broker: Not enough in-sync replicas")
         );
         assert_eq!(
-            Status::health(None, true, 2, &failing, None).0,
+            Status::health(None, true, 2, &failing, None, None).0,
             Health::Stopping
         );
         let (h, why) = Status::health(
@@ -126,10 +128,30 @@ mod tests {
             0,
             &[],
             Some((45, "Broker: Coordinator not available")),
+            None,
         );
         assert_eq!(h, Health::Degraded);
         assert!(why.unwrap().starts_with("offset commits failing for 45 s"));
-        let (h, why) = Status::health(Some("the DLQ refused a record"), true, 1, &failing, None);
+        let (h, why) = Status::health(
+            None,
+            false,
+            0,
+            &[],
+            None,
+            Some("3 record(s) with ids held 12 s"),
+        );
+        assert_eq!(
+            (h, why.as_deref()),
+            (Health::Degraded, Some("3 record(s) with ids held 12 s"))
+        );
+        let (h, why) = Status::health(
+            Some("the DLQ refused a record"),
+            true,
+            1,
+            &failing,
+            None,
+            None,
+        );
         assert_eq!(h, Health::Failed);
         assert_eq!(why.as_deref(), Some("the DLQ refused a record"));
         let json = serde_json::to_value(Status::default()).unwrap();

@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::config::Settings;
 use crate::domain::Scheduled;
-use crate::engine::{Shared, BROKER_TIMEOUT};
+use crate::engine::Shared;
 use crate::jobs::{Job, JobCounts, JobKind};
+use crate::kafka::BROKER_TIMEOUT;
 use crate::kafka::{self, lock};
 use crate::metrics as m;
 use crate::offsets::Tp;
@@ -201,7 +202,7 @@ fn deal<T>(items: Vec<T>, hands: usize) -> Vec<Vec<T>> {
 
 /// Delays between attempts of a failed sweep: 200 ms doubling to 10 s, with jitter.
 fn sweep_retry_delays() -> impl Iterator<Item = Duration> {
-    crate::outbox::backoff(Duration::from_millis(200), Duration::from_secs(10))
+    crate::retry::backoff(Duration::from_millis(200), Duration::from_secs(10))
 }
 
 impl Shared {

@@ -5,7 +5,9 @@
 //! ended. A target is *in trouble* when a delivery to it failed, or when it has had sends in
 //! flight and none acknowledged for [`TargetHealth::STALL_AFTER`] (librdkafka retries a refused
 //! record inside the client until `message.timeout.ms`, 30 s, without telling anyone; a stall
-//! is seen long before that). While a target is in trouble its new records wait in its retry
+//! is seen long before that). A target the broker says does not exist is named too, for a minute
+//! after the last record that found it missing, but holds nothing: its records go to the DLQ as
+//! `unknown-topic` at once. While a target is in trouble its new records wait in its retry
 //! lane instead of joining the producer's queue, and the lane asks [`TargetHealth::mode`] what
 //! to do each round. A record that has waited `--target-give-up` for a target in trouble (all of
 //! them, once the lane holds a quarter of the memory budget) goes to the DLQ as
@@ -45,6 +47,10 @@ struct Target {
     progress: Instant,
     /// The first failure since the last acknowledgement, and the last error.
     failing: Option<(Instant, String)>,
+    /// The topic does not exist (the broker will not create it): since when, the last time a
+    /// record found it missing, and the error. Its records go to the DLQ at once, so nothing is
+    /// held for it; `/healthz` names it while records keep finding it missing.
+    gone: Option<(Instant, Instant, String)>,
 }
 
 /// The health of every target topic that had a delivery.
@@ -59,6 +65,9 @@ impl TargetHealth {
     /// a healthy broker's acknowledgement time (milliseconds) and a leader election's (a few
     /// hundred), far below librdkafka's own retry limit.
     pub const STALL_AFTER: Duration = Duration::from_secs(5);
+
+    /// How long a missing target stays named after the last record that found it missing.
+    pub const GONE_SHOWN: Duration = Duration::from_secs(60);
 
     pub fn new(give_up: Duration) -> TargetHealth {
         TargetHealth {
@@ -83,6 +92,7 @@ impl TargetHealth {
                         in_flight: 1,
                         progress: now,
                         failing: None,
+                        gone: None,
                     },
                 );
             }
@@ -99,6 +109,7 @@ impl TargetHealth {
         t.in_flight = t.in_flight.saturating_sub(1);
         t.progress = now;
         t.failing = None;
+        t.gone = None;
         if t.in_flight == 0 {
             self.targets.remove(topic);
         }
@@ -107,11 +118,7 @@ impl TargetHealth {
 
     /// A delivery to `topic` failed with `error`; true when this put the target in trouble.
     pub fn failed(&mut self, topic: &str, error: &str, now: Instant) -> bool {
-        let t = self.targets.entry(topic.to_string()).or_insert(Target {
-            in_flight: 1,
-            progress: now,
-            failing: None,
-        });
+        let t = self.entry(topic, now);
         t.in_flight = t.in_flight.saturating_sub(1);
         let newly = t.failing.is_none() && !t.stalled(now);
         let since = t.failing.as_ref().map_or(t.progress.min(now), |f| f.0);
@@ -119,11 +126,29 @@ impl TargetHealth {
         newly
     }
 
-    /// A delivery to `topic` ended without an answer (the engine stopped).
+    /// A delivery to `topic` found the topic missing (its record goes to the DLQ).
+    pub fn missing(&mut self, topic: &str, error: &str, now: Instant) {
+        let t = self.entry(topic, now);
+        t.in_flight = t.in_flight.saturating_sub(1);
+        let since = t.gone.as_ref().map_or(now, |g| g.0);
+        t.gone = Some((since, now, error.to_string()));
+    }
+
+    fn entry(&mut self, topic: &str, now: Instant) -> &mut Target {
+        self.targets.entry(topic.to_string()).or_insert(Target {
+            in_flight: 1,
+            progress: now,
+            failing: None,
+            gone: None,
+        })
+    }
+
+    /// A delivery to `topic` ended saying nothing of the target: no answer (the engine
+    /// stopped), or the record itself was refused (too large for it).
     pub fn abandoned(&mut self, topic: &str) {
         if let Some(t) = self.targets.get_mut(topic) {
             t.in_flight = t.in_flight.saturating_sub(1);
-            if t.in_flight == 0 && t.failing.is_none() {
+            if t.in_flight == 0 && t.failing.is_none() && t.gone.is_none() {
                 self.targets.remove(topic);
             }
         }
@@ -182,6 +207,15 @@ impl TargetHealth {
             .targets
             .iter()
             .filter_map(|(topic, t)| {
+                if let Some((since, last, error)) = &t.gone {
+                    if now.saturating_duration_since(*last) < Self::GONE_SHOWN {
+                        return Some(Trouble {
+                            topic: topic.clone(),
+                            for_: now.saturating_duration_since(*since),
+                            error: error.clone(),
+                        });
+                    }
+                }
                 let since = t.trouble_since(now)?;
                 let error = t.failing.as_ref().map_or_else(
                     || format!("{} record(s) unacknowledged", t.in_flight),
@@ -279,6 +313,31 @@ mod tests {
         assert_eq!(h.mode("bad", at(t0, 40_000)), Mode::Resend);
         assert!(!h.expired("bad", t0, false, at(t0, 40_000)));
         assert!(h.troubles(at(t0, 40_000)).is_empty());
+    }
+
+    #[test]
+    fn a_missing_target_is_named_but_holds_nothing_and_is_forgotten_a_minute_after() {
+        let t0 = Instant::now();
+        let mut h = TargetHealth::new(Duration::from_secs(30));
+        h.sent("gone", t0);
+        h.missing("gone", "Broker: Unknown topic or partition", at(t0, 100));
+        h.sent("gone", at(t0, 200));
+        h.missing("gone", "Broker: Unknown topic or partition", at(t0, 300));
+        assert!(
+            !h.holds("gone", at(t0, 300)),
+            "its records go to the DLQ at once"
+        );
+        assert_eq!(h.mode("gone", at(t0, 300)), Mode::Resend);
+        let t = &h.troubles(at(t0, 10_000))[0];
+        assert_eq!(
+            (t.topic.as_str(), t.for_),
+            ("gone", Duration::from_millis(9_900))
+        );
+        assert!(h.troubles(at(t0, 60_299)).len() == 1);
+        assert!(
+            h.troubles(at(t0, 60_300)).is_empty(),
+            "nothing found it missing for a minute"
+        );
     }
 
     #[test]
