@@ -70,12 +70,14 @@ def consumer(bootstrap, role, settings=None):
 
 
 class Reader(threading.Thread):
-    """Reads the target topic from its beginning and stamps each record's arrival."""
+    """Reads the target topics from their beginning and stamps each record's arrival."""
 
-    def __init__(self, bootstrap, topic, partitions):
+    def __init__(self, bootstrap, topics, partitions):
         super().__init__(daemon=True)
         self.consumer = consumer(bootstrap, "reader", {"enable.auto.commit": False})
-        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        self.consumer.assign(
+            [TopicPartition(t, p, 0) for t in topics for p in range(partitions)]
+        )
         self.arrivals = {}  # index -> [lateness ms, ...]
         self.stop = threading.Event()
         self.last_arrival = time.time()
@@ -161,7 +163,7 @@ def main():
     source = f"steady-source-{run}"
     create_topics(args.bootstrap, [target, source], args.partitions)
 
-    reader = Reader(args.bootstrap, target, args.partitions)
+    reader = Reader(args.bootstrap, [target], args.partitions)
     reader.start()
     relay = None
     if args.mode == "relay":

@@ -63,7 +63,8 @@ pub struct Binaries {
 
 /// Builds the scheduler and the db-scheduler (a no-op when they are up to date): the benchmark
 /// runs them as child processes. Release builds for measuring; the smoke test under `cargo test`
-/// uses the debug builds the test run has already made.
+/// uses the debug builds the test run has already made. `SM_BENCH_SCHEDULER` names another
+/// scheduler binary to measure instead (an earlier commit's build).
 pub fn build(release: bool) -> Binaries {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
@@ -82,7 +83,9 @@ pub fn build(release: bool) -> Binaries {
         .unwrap_or_else(|_| root.join("target"))
         .join(if release { "release" } else { "debug" });
     Binaries {
-        scheduler: target.join("scheduler"),
+        // Another build of the scheduler (an earlier commit's, for a before-and-after run).
+        scheduler: std::env::var_os("SM_BENCH_SCHEDULER")
+            .map_or_else(|| target.join("scheduler"), PathBuf::from),
         db_scheduler: target.join("db-scheduler"),
     }
 }
@@ -191,6 +194,19 @@ impl Service {
         if let Some(mut c) = self.child.take() {
             kill9(&mut c);
         }
+    }
+
+    /// SIGTERM without waiting first: the time until the process exited, and its exit code.
+    pub async fn terminate(&mut self) -> (Duration, Option<i32>) {
+        let Some(mut c) = self.child.take() else {
+            return (Duration::ZERO, None);
+        };
+        let started = std::time::Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let status = tokio::task::block_in_place(|| c.wait());
+        (started.elapsed(), status.ok().and_then(|s| s.code()))
     }
 
     /// Keeps its final `/metrics` beside its log (`<log>.metrics`, for a closer look), then

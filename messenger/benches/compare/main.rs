@@ -76,6 +76,18 @@ struct Args {
     /// Rates (records/s) of the ordinary client (Python's confluent-kafka, default settings).
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     client_rates: Vec<usize>,
+    /// Records per second of the ordinary client in the isolation runs (ten targets).
+    #[arg(long, default_value_t = 2_000)]
+    isolation_rate: usize,
+    /// Seconds of each isolation run; the target is deleted a third of the way in.
+    #[arg(long, default_value_t = 30)]
+    isolation_seconds: u64,
+    /// Clean stops (SIGTERM) under full load.
+    #[arg(long, default_value_t = 20)]
+    stop_tries: usize,
+    /// Records produced at once before each stop, due over the next 3 s.
+    #[arg(long, default_value_t = 20_000)]
+    stop_records: usize,
     /// Run only these sections (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<Section>,
@@ -100,6 +112,8 @@ enum Section {
     Burst,
     Pressure,
     Recovery,
+    Isolation,
+    Stops,
 }
 
 impl Args {
@@ -129,6 +143,11 @@ impl Args {
             self.large_burst_bytes,
             self.recovery_rate,
             self.recovery_seconds
+        );
+        let _ = write!(
+            c,
+            " --isolation-rate {} --isolation-seconds {} --stop-tries {} --stop-records {}",
+            self.isolation_rate, self.isolation_seconds, self.stop_tries, self.stop_records
         );
         if !self.only.is_empty() {
             let only: Vec<String> = self
@@ -206,6 +225,10 @@ async fn main() {
             large_burst: 200,
             recovery_rate: 200,
             recovery_seconds: 4,
+            isolation_rate: 200,
+            isolation_seconds: 6,
+            stop_tries: 2,
+            stop_records: 1_000,
             out: None,
             ..a
         };
@@ -477,6 +500,93 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
             );
         }
         emit(&mut out, &format!("{text}\n"));
+    }
+    if a.runs(Section::Isolation) {
+        let iso = sections::isolation(&bins, a.isolation_rate, a.isolation_seconds).await;
+        let v = |j: &serde_json::Value, k: &str| match &j[k] {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::Number(n) => format!("{:.0}", n.as_f64().unwrap_or(f64::NAN)),
+            other => other.to_string(),
+        };
+        let ratio = iso.deleted["healthy_p99"].as_f64().unwrap_or(f64::NAN)
+            / iso.baseline["healthy_p99"].as_f64().unwrap_or(f64::NAN);
+        let mut text = format!(
+            "## 6. One target deleted mid-run: an ordinary client at {}/s to ten targets, {} s, due 2 s later
+
+A broker that does not create topics on demand (`auto.create.topics.enable=false`, as operators run Kafka; the stack's broker would create the deleted target again at the next write). The first target is deleted a third of the way in. *Healthy* is the nine other targets (all ten in the run without a fault); lateness is on arrival, against the due time. *Named* is how long after the deletion `/healthz` first named the deleted topic.
+
+| run | achieved/s | healthy p50 ms | p99 ms | max ms | missing | early | deleted target: records | delivered | dead-lettered | missing | named after |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            a.isolation_rate, a.isolation_seconds
+        );
+        for (name, j) in [
+            ("no fault", &iso.baseline),
+            ("one target deleted", &iso.deleted),
+        ] {
+            let _ = write!(
+                text,
+                "\n| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                v(j, "achieved"),
+                v(j, "healthy_p50"),
+                v(j, "healthy_p99"),
+                v(j, "healthy_max"),
+                v(j, "healthy_missing"),
+                v(j, "healthy_early"),
+                v(j, "dead_records"),
+                v(j, "dead_delivered"),
+                j["dead_dlq"],
+                v(j, "dead_missing"),
+                j["named_after_s"]
+                    .as_f64()
+                    .map_or("-".into(), |s| format!("{s:.1} s")),
+            );
+        }
+        let _ = write!(
+            text,
+            "\n\nThe nine healthy targets' p99 with the fault ÷ without: {ratio:.2}.\n"
+        );
+        emit(&mut out, &text);
+        for j in [&iso.baseline, &iso.deleted] {
+            outcomes.push((
+                "isolation".into(),
+                Outcome {
+                    early: j["healthy_early"].as_u64().unwrap_or(0) as usize,
+                    missing: (j["healthy_missing"].as_u64().unwrap_or(0)
+                        + j["dead_missing"].as_u64().unwrap_or(0))
+                        as usize,
+                    ..Outcome::default()
+                },
+            ));
+        }
+    }
+    if a.runs(Section::Stops) {
+        let s = sections::stops(&bins, a.stop_tries, a.stop_records).await;
+        let mut times = s.exit_s.clone();
+        times.sort_by(f64::total_cmp);
+        let o = &s.outcome;
+        let text = format!(
+            "## 7. Clean stops under full load: {} tries
+
+Each try starts a scheduler, produces {} records due over the next 3 s at once, and sends SIGTERM 1 s later, while it delivers at full speed; the time to its exit is measured (the shutdown timeout is {:.0} s). A last scheduler then delivers what is left.
+
+| tries | exit s: min | median | max | exited 0 | lost | duplicated | early |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |
+",
+            s.exit_s.len(),
+            a.stop_records,
+            s.timeout_s,
+            s.exit_s.len(),
+            times.first().copied().unwrap_or(f64::NAN),
+            sections::median(times.clone()),
+            times.last().copied().unwrap_or(f64::NAN),
+            s.clean,
+            o.missing,
+            o.duplicates,
+            o.early,
+        );
+        emit(&mut out, &text);
+        outcomes.push(("stops".into(), s.outcome));
     }
     emit(&mut out, LIMITS);
     goals.early = outcomes.iter().map(|(_, o)| o.early).sum();

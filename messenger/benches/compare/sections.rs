@@ -1061,6 +1061,27 @@ fn python() -> String {
     })
 }
 
+/// Runs a Python script of the benches (`args[0]`) and parses the JSON line it prints last.
+async fn python_json<T: serde::de::DeserializeOwned>(args: &[String]) -> (T, String) {
+    let script = args[0].rsplit('/').next().unwrap_or_default().to_string();
+    let out = tokio::process::Command::new(python())
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("python with confluent-kafka (./messagescheduler.sh --stack installs it)");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default().to_string();
+    let parsed =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{script} printed {line:?}: {e}"));
+    (parsed, line)
+}
+
 /// Runs `steady_client.py` in `mode` and reads its figures.
 async fn steady_client(
     broker: &Broker,
@@ -1088,21 +1109,7 @@ async fn steady_client(
         "--broker-pid".into(),
         broker.pid().to_string(),
     ];
-    let out = tokio::process::Command::new(python())
-        .args(&args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("python with confluent-kafka (./messagescheduler.sh --stack installs it)");
-    assert!(
-        out.status.success(),
-        "steady_client.py {mode} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or_default();
-    let figures: ClientFigures = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("steady_client.py printed {line:?}: {e}"));
+    let (figures, line): (ClientFigures, String) = python_json(&args).await;
     note(format!("{mode} at {rate}/s: {line}"));
     figures
 }
@@ -1133,5 +1140,115 @@ pub async fn ordinary_client(
         alone,
         relay,
         scheduler,
+    }
+}
+
+// ---- 9. one target failing, and stops under load -------------------------------------------------
+
+/// Two runs of `isolation.py` (an ordinary client scheduling to ten targets) against one
+/// scheduler: without a fault, then with the first target deleted a third of the way in.
+pub struct Isolation {
+    pub baseline: serde_json::Value,
+    pub deleted: serde_json::Value,
+}
+
+/// On a broker that does not create topics on demand (as operators run Kafka; on the stack's
+/// broker a deleted target is simply created again by the next write), an ordinary client
+/// schedules `rate` records/s for `seconds` to ten targets, due 2 s later; in the second run the
+/// first target is deleted a third of the way in. A shorter run before both warms up.
+pub async fn isolation(bins: &Binaries, rate: usize, seconds: u64) -> Isolation {
+    let broker = Broker::start_with(&["auto.create.topics.enable=false"]);
+    let names = Names::new("bench-isolation");
+    let mut sched = Service::scheduler(
+        &bins.scheduler,
+        &scheduler_args(&broker, &names, &[]),
+        &log_name(&names, "isolation"),
+    )
+    .await;
+    let http = sched.http.trim_start_matches("http://").to_string();
+    let run = |seconds: u64, delete_after: u64| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/isolation.py");
+        let args = [
+            script.to_string(),
+            "--bootstrap".into(),
+            broker.bootstrap(),
+            "--ingest".into(),
+            names.ingest.clone(),
+            "--dlq".into(),
+            names.dlq.clone(),
+            "--http".into(),
+            http.clone(),
+            "--rate".into(),
+            rate.to_string(),
+            "--seconds".into(),
+            seconds.to_string(),
+            "--delete-after".into(),
+            delete_after.to_string(),
+        ];
+        async move {
+            let (figures, line): (serde_json::Value, String) = python_json(&args).await;
+            note(format!("isolation (delete after {delete_after} s): {line}"));
+            figures
+        }
+    };
+    // A first run warms the broker's JIT and the scheduler's connections up; not reported.
+    run(seconds.min(10), 0).await;
+    let baseline = run(seconds, 0).await;
+    let deleted = run(seconds, (seconds / 3).max(1)).await;
+    sched.stop().await;
+    Isolation { baseline, deleted }
+}
+
+/// `tries` clean stops (SIGTERM) of a scheduler under full load, each started afresh: how long
+/// each took to exit, with which status, and what a last process then delivered.
+pub struct Stops {
+    pub exit_s: Vec<f64>,
+    /// Exits with status 0 (a non-zero exit says what was left).
+    pub clean: usize,
+    pub outcome: Outcome,
+    pub timeout_s: f64,
+}
+
+/// Each try: a scheduler starts, `per_try` records due over the next 3 s are produced at once
+/// (the scheduler delivers at full speed), and 1 s later it gets SIGTERM; the time to its exit is
+/// measured. A last scheduler then delivers whatever is left; every record must arrive.
+pub async fn stops(bins: &Binaries, tries: usize, per_try: usize) -> Stops {
+    let (broker, names) = set_up("bench-stops").await;
+    let bootstrap = broker.bootstrap();
+    create_topic_on(&bootstrap, &names.ingest, 16, &[]).await;
+    let p = bulk_producer(&bootstrap);
+    let args = scheduler_args(&broker, &names, &[]);
+    let timeout_s = 20.0;
+    let (mut due, mut exit_s, mut clean) = (HashMap::new(), Vec::new(), 0);
+    for t in 0..tries {
+        let mut sched = Service::scheduler(
+            &bins.scheduler,
+            &args,
+            &log_name(&names, &format!("stop-{t}")),
+        )
+        .await;
+        let now = now_ms();
+        let records = (0..per_try).map(|i| (format!("s{t}-{i}"), now + (i as i64 * 7) % 3_000));
+        due.extend(produce_bulk(&p, &names.ingest, &names.target, records).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (took, status) = sched.terminate().await;
+        exit_s.push(took.as_secs_f64());
+        clean += usize::from(status == Some(0));
+    }
+    let reading = start_reading(
+        &bootstrap,
+        &names.target,
+        TARGET_PARTITIONS,
+        due.keys().cloned().collect(),
+        Duration::from_secs(300),
+    );
+    let mut last = Service::scheduler(&bins.scheduler, &args, &log_name(&names, "stop-last")).await;
+    let got = reading.await.expect("reader");
+    last.stop().await;
+    Stops {
+        exit_s,
+        clean,
+        outcome: Outcome::of(&got, &due),
+        timeout_s,
     }
 }
