@@ -1,173 +1,252 @@
-//! The committer: commits, per partition, up to the lowest record not yet acknowledged in its
-//! next place (the [`OffsetTracker`] says where), and only marks a point committed once the broker
-//! acknowledged the commit. It also publishes the status snapshot the HTTP API reads, and the
-//! pending-records statistics, and hands freed memory back to the system once the process has gone
-//! quiet ([`Trimmer`]).
+//! The committer: owns the offset tracker and commits, per partition, up to the lowest record not
+//! yet acknowledged in its next place, marking a point committed only once the broker has
+//! acknowledged the commit. It also hands freed memory back to the system once the process has
+//! gone quiet ([`Trimmer`]); the pending-records statistics ([`Stats`]) live here too.
 //!
-//! Receives nothing but ticks; reads the tracker, the timer's view and the budget; sends the
-//! [`Status`] on a watch channel.
+//! Runs on a thread of its own, not a task: librdkafka's rebalance callback must have the revoked
+//! partitions' commit points before it returns, on the thread that polls the consumer (an async
+//! worker), and a thread can answer it while that worker waits. The commits themselves (blocking
+//! broker round trips) run on a second thread, so a slow commit never holds up an answer.
+//!
+//! Owns the [`OffsetTracker`] and the record of failing commits. Receives [`Note`]s, in order:
+//! "assigned" and "revoked" from the rebalance callback, "begun", "also" and "finished" from the
+//! stages, "commit now" from a clean stop. Sends commits to the broker, the failing commits and
+//! the count of records in flight on `watch` channels for the status stage.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::KafkaResult;
+use tokio::sync::{oneshot, watch};
 
-use crate::engine::Shared;
-use crate::kafka::{commit_offsets, lock, Fatal, BROKER_TIMEOUT};
+use crate::config::Settings;
+use crate::kafka::{commit_offsets, EngineContext, Lookup, BROKER_TIMEOUT};
+use crate::lifecycle::Lifecycle;
+use crate::memory::release_free_memory;
 use crate::metrics as m;
+use crate::offsets::{CommitOutcome, CommitPoint, Note, OffsetTracker, Offsets};
+use crate::outbox::Budget;
 use crate::retry::backoff_builder;
-use crate::status::{FailingTarget, Status};
-use crate::time::format_millis;
 
-impl Shared {
-    pub(crate) async fn run_committer(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.settings.config.commit_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Since when commits have been refused, and the last error (`None` while they succeed).
+pub(crate) type CommitsFailing = Option<(Instant, String)>;
+
+pub(crate) struct Committer {
+    pub consumer: Arc<StreamConsumer<EngineContext>>,
+    pub notes: mpsc::Receiver<Note>,
+    /// Its own handle: the commit thread sends each commit's outcome back as a note.
+    pub offsets: Offsets,
+    pub budget: Budget,
+    pub interval: Duration,
+    pub failing: watch::Sender<CommitsFailing>,
+    /// Records begun and not yet finished, after each commit and tick.
+    pub in_flight: watch::Sender<usize>,
+}
+
+/// The committer's loop state besides the tracker: the commit in flight, if any, and who waits
+/// for commits.
+#[derive(Default)]
+struct Commits {
+    running: bool,
+    /// Waiting for the commit now running.
+    answering: Vec<oneshot::Sender<CommitOutcome>>,
+    /// Asked while a commit was running: answered by the next one, which starts when it ends.
+    queued: Vec<oneshot::Sender<CommitOutcome>>,
+}
+
+impl Committer {
+    /// Starts the committer's thread. It ends on [`Offsets::close`].
+    pub(crate) fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("sm-committer".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(self) {
+        let (points_tx, points_rx) = mpsc::sync_channel::<Vec<CommitPoint>>(1);
+        let consumer = self.consumer.clone();
+        let back = self.offsets.clone();
+        // The broker round trips: one commit at a time, its outcome sent back as a note.
+        let sender = std::thread::Builder::new()
+            .name("sm-commit".into())
+            .spawn(move || {
+                for points in points_rx {
+                    let result = commit_offsets(&*consumer, &points).map_err(|e| e.to_string());
+                    back.committed(points, result);
+                }
+            });
+        if let Err(e) = sender {
+            tracing::error!(error = %e, "could not start the commit thread; nothing is committed");
+            return;
+        }
+        let mut tracker = OffsetTracker::default();
+        let mut commits = Commits::default();
         let mut trimmer = Trimmer::default();
+        let mut next_tick = Instant::now() + self.interval;
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.token.cancelled() => break,
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.notes.recv_timeout(wait) {
+                Ok(Note::Close) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(note) => self.apply(note, &mut tracker, &mut commits, &points_tx),
+                Err(RecvTimeoutError::Timeout) => {}
             }
-            let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.commit()).await;
-            self.publish_status();
-            if trimmer.should_trim(self.budget.used(), Instant::now()) {
-                let _ = tokio::task::spawn_blocking(crate::release_free_memory).await;
+            // Checked after every note too: a busy channel never times out.
+            if Instant::now() >= next_tick {
+                if !commits.running {
+                    self.start(&tracker, &mut commits, &points_tx);
+                }
+                self.in_flight.send_replace(tracker.in_flight());
+                if trimmer.should_trim(self.budget.used(), Instant::now()) {
+                    release_free_memory();
+                }
+                next_tick = Instant::now() + self.interval;
+            }
+        }
+        self.in_flight.send_replace(tracker.in_flight());
+    }
+
+    fn apply(
+        &self,
+        note: Note,
+        tracker: &mut OffsetTracker,
+        commits: &mut Commits,
+        points_tx: &mpsc::SyncSender<Vec<CommitPoint>>,
+    ) {
+        match note {
+            Note::Assigned(list) => tracker.assign(list),
+            Note::Revoked(tps, reply) => {
+                let _ = reply.send(tracker.revoke(&tps));
+            }
+            Note::Begun(ticket) => {
+                tracker.begin(&ticket);
+            }
+            Note::Also(ticket) => {
+                tracker.also(&ticket);
+            }
+            Note::Finished(ticket) => tracker.finish(&ticket),
+            Note::CommitNow(reply) => {
+                commits.queued.push(reply);
+                if !commits.running {
+                    self.start(tracker, commits, points_tx);
+                }
+            }
+            Note::Committed(points, result) => {
+                commits.running = false;
+                let outcome = self.committed(tracker, &points, result);
+                for reply in commits.answering.drain(..) {
+                    let _ = reply.send(outcome.clone());
+                }
+                if !commits.queued.is_empty() {
+                    self.start(tracker, commits, points_tx);
+                }
+                self.in_flight.send_replace(tracker.in_flight());
+            }
+            Note::Close => {}
+        }
+    }
+
+    /// Starts a commit of every partition's safe point that moved, for those waiting in
+    /// `queued`; with nothing to commit they are answered at once.
+    fn start(
+        &self,
+        tracker: &OffsetTracker,
+        commits: &mut Commits,
+        points_tx: &mpsc::SyncSender<Vec<CommitPoint>>,
+    ) {
+        let points = tracker.commit_points();
+        if points.is_empty() {
+            for reply in commits.queued.drain(..) {
+                let _ = reply.send(Ok(tracker.in_flight()));
+            }
+            return;
+        }
+        commits.answering.append(&mut commits.queued);
+        commits.running = points_tx.send(points).is_ok();
+        if !commits.running {
+            for reply in commits.answering.drain(..) {
+                let _ = reply.send(Err("the commit thread has ended".into()));
             }
         }
     }
 
-    /// Commits every partition's safe point that moved, and marks them committed once the broker
-    /// has acknowledged the commit; a failed commit is offered again on the next tick.
-    pub(crate) fn commit(&self) -> Result<(), KafkaError> {
-        let points = lock(&self.tracker).commit_points();
-        if points.is_empty() {
-            return Ok(());
-        }
-        match commit_offsets(&*self.consumer, &points) {
+    /// A commit's outcome: points marked committed once acknowledged; a refusal counted,
+    /// published, and offered again on the next tick.
+    fn committed(
+        &self,
+        tracker: &mut OffsetTracker,
+        points: &[CommitPoint],
+        result: Result<(), String>,
+    ) -> CommitOutcome {
+        match result {
             Ok(()) => {
-                lock(&self.tracker).committed(&points);
-                lock(&self.commits_failing).take();
-                Ok(())
+                tracker.committed(points);
+                self.failing.send_if_modified(|f| f.take().is_some());
+                Ok(tracker.in_flight())
             }
             Err(e) => {
                 metrics::counter!(m::COMMIT_FAILURES).increment(1);
-                let mut failing = lock(&self.commits_failing);
-                let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
-                if failing.is_none() {
-                    tracing::warn!(error = %e, "commit failed; retrying");
-                } else {
-                    tracing::debug!(error = %e, "commit failed again; retrying");
-                }
-                *failing = Some((since, e.to_string()));
+                self.failing.send_modify(|failing| {
+                    let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
+                    if failing.is_none() {
+                        tracing::warn!(error = %e, "commit failed; retrying");
+                    } else {
+                        tracing::debug!(error = %e, "commit failed again; retrying");
+                    }
+                    *failing = Some((since, e.clone()));
+                });
                 Err(e)
             }
         }
     }
+}
 
-    /// The last commit of a clean stop, tried again (with jitter) until `end`: a commit refused
-    /// once (a coordinator moving or loading, a request timing out under load) would otherwise
-    /// leave delivered records uncommitted, and the next owner would send them again.
-    pub(crate) async fn commit_before(self: &Arc<Self>, end: tokio::time::Instant) -> bool {
-        let attempt = || {
-            let me = self.clone();
-            async move {
-                tokio::task::spawn_blocking(move || me.commit())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            }
-        };
-        let retries = attempt
-            .retry(backoff_builder(
-                Duration::from_millis(50),
-                Duration::from_millis(500),
-            ))
-            .when(|_| tokio::time::Instant::now() < end);
-        match tokio::time::timeout_at(end, retries)
-            .await
-            .unwrap_or_else(|_| Err("the shutdown timeout passed".into()))
-        {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "the last commit failed; the next owner sends the uncommitted records again");
-                false
-            }
+/// The last commit of a clean stop, asked of the committer again (with jitter) until `end`: a
+/// commit refused once (a coordinator moving or loading, a request timing out under load) would
+/// otherwise leave delivered records uncommitted, and the next owner would send them again.
+pub(crate) async fn commit_before(offsets: &Offsets, end: tokio::time::Instant) -> bool {
+    let attempt = || offsets.commit_now();
+    let retries = attempt
+        .retry(backoff_builder(
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+        ))
+        .when(|_| tokio::time::Instant::now() < end);
+    match tokio::time::timeout_at(end, retries)
+        .await
+        .unwrap_or_else(|_| Err("the shutdown timeout passed".into()))
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the last commit failed; the next owner sends the uncommitted records again");
+            false
         }
     }
+}
 
-    /// Publishes the status snapshot (and the gauges that mirror it).
-    pub(crate) fn publish_status(&self) {
-        let (assigned, in_flight) = {
-            let t = lock(&self.tracker);
-            (t.owned_count(), t.in_flight())
-        };
-        let timer = *self.timer_view.borrow();
-        let behind = self.sweeps_behind.load(Ordering::SeqCst);
-        let fatal = lock(&self.fatal).clone();
-        let failing: Vec<FailingTarget> = lock(&self.targets)
-            .troubles(std::time::Instant::now())
-            .into_iter()
-            .map(|t| FailingTarget {
-                topic: t.topic,
-                for_secs: t.for_.as_secs(),
-                error: t.error,
-            })
-            .collect();
-        // Commits refused for a while (a coordinator away, the group gone): what is delivered
-        // meanwhile would be delivered again after a restart. Said after 30 s, not at the first
-        // refusal, which a coordinator moving causes.
-        // The publish gate holding records with ids for over 10 s: the index of ids is not fresh
-        // (the state topic unread, or the reader stuck); they are late, never wrong.
-        let gate = (*lock(&self.gate_held))
-            .map(|(n, since)| (n, since.elapsed().as_secs()))
-            .filter(|(_, secs)| *secs >= 10)
-            .map(|(n, secs)| {
-                format!("{n} record(s) with ids held {secs} s for the index of ids to catch up")
-            });
-        let commits = lock(&self.commits_failing)
-            .as_ref()
-            .map(|(since, e)| (since.elapsed().as_secs(), e.clone()))
-            .filter(|(secs, _)| *secs >= 30);
-        let (status, reason) = Status::health(
-            fatal.as_ref().map(Fatal::reason),
-            self.intake.is_cancelled(),
-            behind,
-            &failing,
-            commits.as_ref().map(|(secs, e)| (*secs, e.as_str())),
-            gate.as_deref(),
-        );
-        metrics::gauge!(m::FAILING_TARGETS).set(failing.len() as f64);
-        metrics::gauge!(m::TIMER_PENDING).set(timer.pending as f64);
-        metrics::gauge!(m::NEXT_DUE).set(timer.next_due.map_or(0.0, |d| d as f64 / 1000.0));
-        metrics::gauge!(m::IN_FLIGHT).set(in_flight as f64);
-        metrics::gauge!(m::MEMORY_USED).set(self.budget.used() as f64);
-        metrics::gauge!(m::SWEEPS_BEHIND).set(behind as f64);
-        self.status.send_replace(Status {
-            status,
-            reason,
-            assigned_partitions: assigned,
-            in_flight,
-            timer_pending: timer.pending,
-            next_due: timer.next_due.map(format_millis),
-            memory_used: self.budget.used(),
-            memory_budget: self.settings.config.memory_budget,
-            sweeps_behind: behind,
-            failing_targets: failing,
-        });
-    }
+/// The pending-records statistics.
+pub(crate) struct Stats {
+    pub offsets: Offsets,
+    pub lookup: Arc<Lookup>,
+    pub settings: Arc<Settings>,
+    pub life: Arc<Lifecycle>,
+    /// slice topic -> (level, slot)
+    pub slices: Arc<HashMap<String, (usize, i64)>>,
+}
 
+impl Stats {
     /// Pending records per level in the slices this process owns (high watermark minus the
     /// committed offset), every 30 s: one round trip per partition, so not more often.
-    pub(crate) async fn run_stats(self: Arc<Self>) {
+    pub(crate) async fn run(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = self.intake.cancelled() => break,
+                _ = self.life.intake().cancelled() => break,
             }
             let me = self.clone();
             let Ok(Ok((per_level, ingest_lag))) =
@@ -185,9 +264,9 @@ impl Shared {
     /// Records not yet committed in the partitions this process owns: per slice level, and in
     /// the ingest topic (the consumer lag).
     fn pending(&self) -> KafkaResult<(Vec<i64>, i64)> {
-        let mut per_level = vec![0i64; self.ladder().levels()];
+        let mut per_level = vec![0i64; self.settings.ladder.levels()];
         let mut ingest = 0;
-        let owned = lock(&self.tracker).owned();
+        let owned = self.offsets.owned();
         if owned.is_empty() {
             return Ok((per_level, ingest));
         }

@@ -15,15 +15,27 @@ use serde_json::json;
 
 use tokio::sync::watch;
 
-use crate::engine::Shared;
-use crate::status::{Health, Status};
+use rdkafka::producer::FutureProducer;
 
+use crate::config::Settings;
+use crate::jobs::Board;
+use crate::state::Ids;
+use crate::status::{Health, Status};
+use crate::time::Clock;
+
+/// What the API reads; it holds no engine object.
 #[derive(Clone)]
 pub(crate) struct Api {
-    /// For the job board (display data behind its own short lock) and the settings.
-    pub shared: Arc<Shared>,
     /// The engine's status snapshot: read without any engine lock.
     pub status: watch::Receiver<Status>,
+    /// The job board (display data behind its own short lock).
+    pub board: Arc<Board>,
+    /// The index of ids, for the schedules by id.
+    pub ids: Ids,
+    /// Writes a cancel's fact.
+    pub producer: FutureProducer,
+    pub settings: Arc<Settings>,
+    pub clock: Arc<dyn Clock>,
     pub prometheus: PrometheusHandle,
 }
 
@@ -44,19 +56,19 @@ pub(crate) fn router(api: Api) -> Router {
 }
 
 async fn job_queue(State(api): State<Api>) -> impl IntoResponse {
-    Json(json!({ "job_queue": api.shared.board.queue() }))
+    Json(json!({ "job_queue": api.board.queue() }))
 }
 
 async fn worker_queue(State(api): State<Api>) -> impl IntoResponse {
-    Json(json!({ "worker_queue": api.shared.board.workers() }))
+    Json(json!({ "worker_queue": api.board.workers() }))
 }
 
 async fn job_log(State(api): State<Api>) -> impl IntoResponse {
-    Json(json!({ "job_log": api.shared.board.log() }))
+    Json(json!({ "job_log": api.board.log() }))
 }
 
 async fn config(State(api): State<Api>) -> impl IntoResponse {
-    Json(api.shared.settings.view())
+    Json(api.settings.view())
 }
 
 /// 200 while `ok` or `degraded` (the process works, perhaps late), 503 once `failed` or
@@ -93,9 +105,8 @@ async fn schedule_status(State(api): State<Api>, Path(id): Path<String>) -> impl
     if let Err(e) = valid_id(&id) {
         return e;
     }
-    let state = &api.shared.state;
-    let fresh = *state.fresh.borrow();
-    let facts = match state.index.facts(&id) {
+    let fresh = api.ids.fresh_as_of();
+    let facts = match api.ids.facts(&id) {
         Ok(facts) => facts,
         Err(e) => {
             return (
@@ -130,22 +141,20 @@ async fn cancel_schedule(State(api): State<Api>, Path(id): Path<String>) -> impl
     if let Err(e) = valid_id(&id) {
         return e;
     }
-    let shared = &api.shared;
-    let before = shared
-        .state
-        .index
+    let before = api
+        .ids
         .facts(&id)
         .ok()
         .and_then(|f| crate::facts::status(&f))
         .map_or("unknown", |s| s.status);
-    let now = shared.clock.now_ms();
+    let now = api.clock.now_ms();
     let version = crate::facts::Version {
         timestamp_ms: now,
         partition: crate::facts::Version::HTTP,
         offset: i64::from(rand::random::<u32>()),
     };
-    let out = shared.fact_record(&id, version, &crate::facts::Fact::Cancelled);
-    let sent = shared
+    let out = api.ids.record(&id, version, &crate::facts::Fact::Cancelled);
+    let sent = api
         .producer
         .send(
             crate::kafka::record(&out),
@@ -166,7 +175,7 @@ async fn cancel_schedule(State(api): State<Api>, Path(id): Path<String>) -> impl
             "status": "cancelled",
             "previous": before,
             "version": version.encode(),
-            "honoured_if_due_after": rfc3339(now.saturating_add(shared.settings.cancel_lead_ms())),
+            "honoured_if_due_after": rfc3339(now.saturating_add(api.settings.cancel_lead_ms())),
         })),
     )
 }

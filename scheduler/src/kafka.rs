@@ -14,11 +14,12 @@ use rdkafka::message::{BorrowedMessage, Header as KafkaHeader, Message, OwnedHea
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::domain::{Header, Incoming, Outgoing, RawHeader};
-use crate::offsets::{CommitPoint, OffsetTracker, Tp};
-use crate::Error;
+use crate::error::Error;
+use crate::offsets::{CommitPoint, Offsets, Owned, Tp};
 
 /// The base configuration every client shares: bootstrap servers, then the pass-through
 /// properties (TLS, SASL...), which may override anything.
@@ -505,13 +506,16 @@ pub enum RebalanceEvent {
     Revoked(Vec<Tp>),
 }
 
-/// The consumer context. It keeps the offset tracker's idea of ownership in step with the group
-/// synchronously (so no record of a newly assigned partition is read while it is unknown, and no
-/// ack for a revoked one is committed), pauses slice partitions the moment they are assigned (they
+/// The consumer context. It keeps the ownership every stage reads ([`Owned`]) and the committer's
+/// tracker in step with the group synchronously (so no record of a newly assigned partition is
+/// read while it is unknown, and no ack for a revoked one is committed), pauses slice partitions the moment they are assigned (they
 /// are read only during their sweeps), commits what is safe before a revoke, and reports each
 /// change to the engine as an event.
 pub struct EngineContext {
-    pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// Tells the committer's tracker of assignments and asks it for revoked commit points.
+    pub offsets: Offsets,
+    /// The ownership every stage reads; written here alone.
+    pub owned: watch::Sender<Owned>,
     pub slice_topics: HashSet<String>,
     pub events: UnboundedSender<RebalanceEvent>,
 }
@@ -529,7 +533,10 @@ impl ConsumerContext for EngineContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked = tps(list);
-            let points = lock(&self.tracker).revoke(revoked.iter());
+            // First no stage may begin anything more of them, then the tracker gives their last
+            // safe points (it has every note sent before this one).
+            self.owned.send_modify(|o| o.revoke(&revoked));
+            let points = self.offsets.revoke(revoked.clone(), BROKER_TIMEOUT);
             if !points.is_empty() {
                 if let Err(e) = commit_offsets(consumer, &points) {
                     tracing::warn!(error = %e, "commit before revoke failed; the next owner re-reads from the previous commit");
@@ -555,7 +562,12 @@ impl ConsumerContext for EngineContext {
                         tracing::error!(error = %e, "could not pause slice partitions");
                     }
                 }
-                lock(&self.tracker).assign(assigned.iter().cloned());
+                // The tracker hears of them before any stage can see them as owned, so every
+                // "begun" note of theirs comes after it.
+                let mut owned = self.owned.borrow().clone();
+                self.offsets
+                    .assigned(owned.assign(assigned.iter().cloned()));
+                self.owned.send_replace(owned);
                 let _ = self.events.send(RebalanceEvent::Assigned(assigned));
             }
             Rebalance::Revoke(_) => {}
@@ -568,6 +580,18 @@ impl ConsumerContext for EngineContext {
 /// behind these locks stays consistent between statements.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs a lookup (a broker round trip on the lookup client) off the async threads.
+pub(crate) async fn look<T: Send + 'static>(
+    lookup: &Arc<Lookup>,
+    f: impl FnOnce(&Lookup) -> rdkafka::error::KafkaResult<T> + Send + 'static,
+) -> Result<T, String> {
+    let lookup = lookup.clone();
+    tokio::task::spawn_blocking(move || f(&lookup))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Timeout of the broker round trips the engine makes (watermarks, committed offsets, metadata).
@@ -588,32 +612,6 @@ pub(crate) fn commit_offsets<C: Consumer<X>, X: rdkafka::consumer::ConsumerConte
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An acknowledgement that names no offset (librdkafka's implicit acks, which lost records
-    /// on new partitions here) is a failure the outbox retries: a duplicate, never a loss.
-    #[test]
-    fn an_acknowledgement_without_an_offset_is_sent_again() {
-        use crate::outbox::{fate, Destination, Fate};
-        use rdkafka::producer::future_producer::Delivery;
-        use rdkafka::Timestamp;
-        let delivery = |offset| Delivery {
-            partition: 3,
-            offset,
-            timestamp: Timestamp::NotAvailable,
-        };
-        assert_eq!(confirmed(Ok(delivery(42))), Ok(delivery(42)));
-        let err = confirmed(Ok(delivery(-1001))).expect_err("not confirmed");
-        for to in [
-            Destination::Target,
-            Destination::Slice,
-            Destination::DeadLetter,
-            Destination::State,
-        ] {
-            assert_eq!(fate(&err, to, "t"), Fate::Retry, "{to:?}");
-        }
-        let refused = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
-        assert_eq!(confirmed(Err(refused.clone())), Err(refused));
-    }
 
     #[test]
     fn fencing_authorisation_and_bad_configuration_are_fatal_for_the_consumer() {

@@ -9,6 +9,7 @@ mod committer;
 pub mod config;
 pub mod domain;
 pub mod engine;
+mod error;
 pub mod facts;
 mod http;
 pub mod index;
@@ -17,11 +18,17 @@ pub mod jobs;
 pub mod kafka;
 pub mod lanes;
 pub mod latency;
+mod lifecycle;
+mod memory;
 pub mod metrics;
+mod monitor;
 pub mod offsets;
 pub mod outbox;
 mod planner;
+mod progress;
+mod publisher;
 pub mod retry;
+mod router;
 pub mod slice;
 mod state;
 pub mod status;
@@ -36,34 +43,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-
 pub use config::{Config, Settings};
+pub use error::{Error, Result};
+pub use memory::{release_free_memory, tune_allocator};
 pub use time::{Clock, DueTime, SystemClock, Zone};
-
-/// Errors that stop the scheduler. Per-record problems never become one of these: they go to the
-/// DLQ or are retried.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("configuration: {0}")]
-    Config(#[from] config::ConfigError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error("could not create topic {0}: {1}")]
-    CreateTopic(String, RDKafkaErrorCode),
-    #[error("io: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("fatal: {0}")]
-    Fatal(String),
-    /// The consumer group fenced this process's static member id (see [`kafka::Fatal::Fenced`]).
-    #[error("fenced: {0}")]
-    Fenced(String),
-    /// A clean stop ran out of time with work left (what, and what stays uncommitted).
-    #[error("stopped with work left: {0}")]
-    Unfinished(String),
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A running scheduler: its HTTP address, and a way to stop it.
 pub struct Scheduler {
@@ -81,11 +64,7 @@ impl Scheduler {
         let http_addr = listener.local_addr()?;
         let state_dir = settings.state_dir(http_addr.port());
         let engine = engine::Engine::start(settings, clock, &state_dir).await?;
-        let app = http::router(http::Api {
-            shared: engine.shared.clone(),
-            status: engine.status(),
-            prometheus,
-        });
+        let app = http::router(engine.api(prometheus));
         let http_stop = tokio_util::sync::CancellationToken::new();
         let stop = http_stop.clone();
         let http = tokio::spawn(async move {
@@ -108,28 +87,21 @@ impl Scheduler {
     /// Makes the next `n` sweep attempts fail (test builds only), to drive the retry path.
     #[cfg(feature = "testkit")]
     pub fn fail_next_sweeps(&self, n: usize) {
-        self.engine
-            .shared
-            .injected_sweep_failures
-            .store(n, std::sync::atomic::Ordering::SeqCst);
+        self.engine.fail_next_sweeps(n);
     }
 
     /// Makes every delivery to `topic` fail after `after` (test builds only), as a target whose
     /// partition leader is away would; `None` lets it take records again.
     #[cfg(feature = "testkit")]
     pub fn refuse_target(&self, topic: &str, after: Option<std::time::Duration>) {
-        let mut refusals = kafka::lock(&self.engine.shared.injected_refusals);
-        match after {
-            Some(after) => refusals.insert(topic.to_string(), after),
-            None => refusals.remove(topic),
-        };
+        self.engine.refuse_target(topic, after);
     }
 
     /// Runs one round of the janitor of ids as if the clock said `now_ms` (test builds only):
     /// the number of facts removed.
     #[cfg(feature = "testkit")]
     pub async fn janitor_round(&self, now_ms: i64) -> usize {
-        self.engine.shared.janitor_round(now_ms).await
+        self.engine.janitor_round(now_ms).await
     }
 
     /// Waits for `shutdown` (or a fatal error), then stops cleanly.
@@ -147,32 +119,6 @@ impl Scheduler {
         self.http_stop.cancel();
         let _ = self.http.await;
         result
-    }
-}
-
-/// Bounds glibc's malloc to two arenas (unless `MALLOC_ARENA_MAX` says otherwise). glibc gives
-/// each thread that allocates an arena of its own, up to eight per core, and the scheduler runs
-/// some forty threads, most of them librdkafka's, which allocate buffers that other threads
-/// free: every arena kept its own peak. Call it first in `main`, before any thread starts.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a tunable of the allocator; called before other threads run.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
-/// Hands the pages of freed memory back to the system (glibc's `malloc_trim`). glibc keeps what a
-/// burst of work freed mapped for the next one: after filing a million records at full speed the
-/// process stayed at about 60 MiB resident with nothing held, against 20 MiB before. The engine
-/// calls it once the process has gone quiet (the committer's `Trimmer` decides when).
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free pages to the system; any thread may call it.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -4,8 +4,19 @@
 //! A record is begun when it is read and finished when its next place (a slice, the target, the
 //! DLQ) has acknowledged it; records held by the timer stay unfinished until published. A commit
 //! therefore never passes a record that a crash would lose.
+//!
+//! Two pieces, each with one writer:
+//! - [`Owned`]: which partitions this process owns, under which generation. Written only by the
+//!   rebalance callback, read by every stage through a `watch` (a stage asks "is this mine?").
+//! - [`OffsetTracker`]: what is in flight per partition. Owned by the committer's thread alone;
+//!   the other stages send it [`Note`]s ("begun", "also", "finished") through an [`Offsets`]
+//!   handle, which never waits.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
 
 /// A topic partition.
 pub type Tp = (String, i32);
@@ -29,6 +40,80 @@ pub struct CommitPoint {
     pub generation: u64,
 }
 
+/// The partitions this process owns, each under the generation of its assignment. Published by
+/// the rebalance callback on a `watch`; generations only grow, so a ticket of an earlier
+/// assignment of the same partition never looks current.
+#[derive(Debug, Clone, Default)]
+pub struct Owned {
+    partitions: HashMap<Tp, u64>,
+    generations: u64,
+}
+
+impl Owned {
+    /// Takes newly assigned partitions, each under a fresh generation; returns them with it.
+    pub fn assign(&mut self, tps: impl IntoIterator<Item = Tp>) -> Vec<(Tp, u64)> {
+        tps.into_iter()
+            .map(|tp| {
+                self.generations += 1;
+                self.partitions.insert(tp.clone(), self.generations);
+                (tp, self.generations)
+            })
+            .collect()
+    }
+
+    pub fn revoke<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) {
+        for tp in tps {
+            self.partitions.remove(tp);
+        }
+    }
+
+    /// The generation a partition is owned under, if it is ours.
+    pub fn generation(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.partitions
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
+
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.generation(topic, partition).is_some()
+    }
+
+    /// Whether the ticket belongs to the partition's current assignment.
+    pub fn is_current(&self, ticket: &Ticket) -> bool {
+        self.generation(&ticket.topic, ticket.partition) == Some(ticket.generation)
+    }
+
+    /// A ticket for `offset` under the partition's current generation; `None` when not ours.
+    pub fn ticket(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
+        Some(Ticket {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            generation: self.generation(topic, partition)?,
+        })
+    }
+
+    /// The owned partitions of a topic, in order.
+    pub fn partitions_of(&self, topic: &str) -> Vec<i32> {
+        let mut out: Vec<i32> = self
+            .partitions
+            .keys()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| *p)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    pub fn count(&self) -> usize {
+        self.partitions.len()
+    }
+
+    pub fn list(&self) -> Vec<Tp> {
+        self.partitions.keys().cloned().collect()
+    }
+}
+
 #[derive(Debug)]
 struct PartitionState {
     generation: u64,
@@ -49,21 +134,22 @@ impl PartitionState {
     }
 }
 
+/// The in-flight records of each owned partition. One owner (the committer's thread) applies
+/// the notes in the order they were sent; a note of a partition's earlier assignment (a stale
+/// generation) changes nothing.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     partitions: HashMap<Tp, PartitionState>,
-    generations: u64,
 }
 
 impl OffsetTracker {
-    /// Starts tracking newly assigned partitions, each under a fresh generation.
-    pub fn assign(&mut self, tps: impl IntoIterator<Item = Tp>) {
-        for tp in tps {
-            self.generations += 1;
+    /// Starts tracking newly assigned partitions under the generations [`Owned::assign`] gave.
+    pub fn assign(&mut self, tps: impl IntoIterator<Item = (Tp, u64)>) {
+        for (tp, generation) in tps {
             self.partitions.insert(
                 tp,
                 PartitionState {
-                    generation: self.generations,
+                    generation,
                     in_flight: BTreeMap::new(),
                     next: None,
                     committed: None,
@@ -88,45 +174,16 @@ impl OffsetTracker {
             .collect()
     }
 
-    pub fn owns(&self, topic: &str, partition: i32) -> bool {
-        self.partitions
-            .contains_key(&(topic.to_string(), partition))
-    }
-
-    /// The generation a partition is tracked under, if it is assigned.
-    pub fn generation(&self, topic: &str, partition: i32) -> Option<u64> {
-        self.partitions
-            .get(&(topic.to_string(), partition))
-            .map(|s| s.generation)
-    }
-
-    /// Records that `offset` was read and is on its way; `None` when the partition is not ours.
-    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
-        let state = self.partitions.get_mut(&(topic.to_string(), partition))?;
-        *state.in_flight.entry(offset).or_insert(0) += 1;
-        state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        Some(Ticket {
-            topic: topic.to_string(),
-            partition,
-            offset,
-            generation: state.generation,
-        })
-    }
-
-    /// [`OffsetTracker::begin`], but only under `generation`: a reader that started under an
-    /// earlier assignment of the partition must not begin offsets under the new one (nothing
-    /// would ever finish them, and that assignment's commit point would stop there).
-    pub fn begin_in(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        generation: u64,
-    ) -> Option<Ticket> {
-        if self.generation(topic, partition) != Some(generation) {
-            return None;
-        }
-        self.begin(topic, partition, offset)
+    /// Records that the ticket's record was read and is on its way; false (nothing recorded)
+    /// when the ticket is of another assignment.
+    pub fn begin(&mut self, ticket: &Ticket) -> bool {
+        let Some(state) = self.current_mut(ticket) else {
+            return false;
+        };
+        *state.in_flight.entry(ticket.offset).or_insert(0) += 1;
+        let after = ticket.offset.saturating_add(1);
+        state.next = Some(state.next.map_or(after, |n| n.max(after)));
+        true
     }
 
     /// Records that the ticket's record reached its next place. Stale tickets are ignored.
@@ -142,19 +199,19 @@ impl OffsetTracker {
     }
 
     /// Makes the ticket's record wait for one more acknowledgement (a second place it is
-    /// written to) before its offset may be committed; returns the ticket for that write, or
-    /// `None` when the ticket is stale.
-    pub fn also(&mut self, ticket: &Ticket) -> Option<Ticket> {
-        let state = self.current_mut(ticket)?;
-        *state.in_flight.get_mut(&ticket.offset)? += 1;
-        Some(ticket.clone())
-    }
-
-    /// Whether the ticket belongs to the partition's current assignment.
-    pub fn is_current(&self, ticket: &Ticket) -> bool {
-        self.partitions
-            .get(&(ticket.topic.clone(), ticket.partition))
-            .is_some_and(|s| s.generation == ticket.generation)
+    /// written to) before its offset may be committed; false when the ticket is stale or its
+    /// record already finished.
+    pub fn also(&mut self, ticket: &Ticket) -> bool {
+        let Some(state) = self.current_mut(ticket) else {
+            return false;
+        };
+        match state.in_flight.get_mut(&ticket.offset) {
+            Some(waiting) => {
+                *waiting += 1;
+                true
+            }
+            None => false,
+        }
     }
 
     fn current_mut(&mut self, ticket: &Ticket) -> Option<&mut PartitionState> {
@@ -195,31 +252,167 @@ impl OffsetTracker {
         }
     }
 
-    /// The assigned partitions of a topic, in order.
-    pub fn partitions_of(&self, topic: &str) -> Vec<i32> {
-        let mut out: Vec<i32> = self
-            .partitions
-            .keys()
-            .filter(|(t, _)| t == topic)
-            .map(|(_, p)| *p)
-            .collect();
-        out.sort_unstable();
-        out
-    }
-
-    /// How many partitions this process owns now.
-    pub fn owned_count(&self) -> usize {
-        self.partitions.len()
-    }
-
-    /// The partitions this process owns now.
-    pub fn owned(&self) -> Vec<Tp> {
-        self.partitions.keys().cloned().collect()
-    }
-
     /// Records begun and not yet finished, over all partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(|s| s.in_flight.len()).sum()
+    }
+}
+
+/// The outcome of a commit the committer was asked for: the records still unfinished after it,
+/// or why it failed.
+pub type CommitOutcome = Result<usize, String>;
+
+/// What the committer's thread receives, in the order it was sent.
+#[derive(Debug)]
+pub enum Note {
+    /// Partitions assigned, with their generations (from the rebalance callback, before any
+    /// stage can see them as owned).
+    Assigned(Vec<(Tp, u64)>),
+    /// Partitions revoked: the reply carries their last safe commit points.
+    Revoked(Vec<Tp>, mpsc::SyncSender<Vec<CommitPoint>>),
+    Begun(Ticket),
+    Also(Ticket),
+    Finished(Ticket),
+    /// Commit now (a clean stop's last commit); answered once the broker has answered.
+    CommitNow(oneshot::Sender<CommitOutcome>),
+    /// The committer's own commit came back (sent by the commit it ran off its thread).
+    Committed(Vec<CommitPoint>, Result<(), String>),
+    /// A stop's end, after its last commit: the committer's thread ends.
+    Close,
+}
+
+/// How a stage reaches the offsets: it asks [`Owned`] (a `watch`) whether a partition is its,
+/// and tells the committer's tracker a fact by a [`Note`] on an unbounded channel, so no stage
+/// ever waits on the tracker or locks anything another stage holds. A note is a few words;
+/// what bounds their number is the memory budget, which bounds the records in flight.
+#[derive(Debug, Clone)]
+pub struct Offsets {
+    notes: mpsc::Sender<Note>,
+    owned: watch::Receiver<Owned>,
+}
+
+/// The ends [`Offsets::channel`] makes: the stages' handle, the committer's receiver, and the
+/// rebalance callback's sending end of the ownership.
+pub struct OffsetsEnds {
+    pub offsets: Offsets,
+    pub notes: mpsc::Receiver<Note>,
+    pub owned: watch::Sender<Owned>,
+}
+
+impl Offsets {
+    pub fn channel() -> OffsetsEnds {
+        let (notes_tx, notes) = mpsc::channel();
+        let (owned, owned_rx) = watch::channel(Owned::default());
+        OffsetsEnds {
+            offsets: Offsets {
+                notes: notes_tx,
+                owned: owned_rx,
+            },
+            notes,
+            owned,
+        }
+    }
+
+    fn tell(&self, note: Note) {
+        // Only fails once the committer has ended (after a stop's last commit): nothing is
+        // committed any more, so the note has nobody to change.
+        let _ = self.notes.send(note);
+    }
+
+    /// Records that `offset` was read and is on its way; `None` when the partition is not ours.
+    pub fn begin(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
+        let ticket = self.owned.borrow().ticket(topic, partition, offset)?;
+        self.tell(Note::Begun(ticket.clone()));
+        Some(ticket)
+    }
+
+    /// [`Offsets::begin`], but only under `generation`: a reader that started under an earlier
+    /// assignment of the partition must not begin offsets under the new one (nothing would ever
+    /// finish them, and that assignment's commit point would stop there).
+    pub fn begin_in(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Option<Ticket> {
+        let ticket = self.owned.borrow().ticket(topic, partition, offset)?;
+        (ticket.generation == generation).then(|| {
+            self.tell(Note::Begun(ticket.clone()));
+            ticket
+        })
+    }
+
+    /// Makes the ticket's record wait for a second acknowledgement; returns the ticket for that
+    /// write, or `None` when the ticket is no longer current.
+    pub fn also(&self, ticket: &Ticket) -> Option<Ticket> {
+        self.is_current(ticket).then(|| {
+            self.tell(Note::Also(ticket.clone()));
+            ticket.clone()
+        })
+    }
+
+    /// Records that the ticket's record reached its next place.
+    pub fn finish(&self, ticket: &Ticket) {
+        self.tell(Note::Finished(ticket.clone()));
+    }
+
+    /// Tells the tracker of partitions assigned (the rebalance callback, before it publishes
+    /// them as owned).
+    pub fn assigned(&self, tps: Vec<(Tp, u64)>) {
+        self.tell(Note::Assigned(tps));
+    }
+
+    /// Asks the tracker for revoked partitions' last safe commit points, waiting up to
+    /// `timeout`: the rebalance callback commits them before the partitions move. It runs on
+    /// librdkafka's polling thread and the tracker on a thread of its own, so the wait never
+    /// holds up the task that would answer it.
+    pub fn revoke(&self, tps: Vec<Tp>, timeout: Duration) -> Vec<CommitPoint> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tell(Note::Revoked(tps, tx));
+        rx.recv_timeout(timeout).unwrap_or_default()
+    }
+
+    /// Asks the committer to commit now; `Err` when it failed or the committer has ended.
+    pub async fn commit_now(&self) -> CommitOutcome {
+        let (tx, rx) = oneshot::channel();
+        self.tell(Note::CommitNow(tx));
+        rx.await
+            .unwrap_or_else(|_| Err("the committer has ended".into()))
+    }
+
+    /// A commit's outcome, from the committer's commit thread back to its tracker.
+    pub(crate) fn committed(&self, points: Vec<CommitPoint>, result: Result<(), String>) {
+        self.tell(Note::Committed(points, result));
+    }
+
+    /// Ends the committer's thread (a stop, after its last commit).
+    pub(crate) fn close(&self) {
+        self.tell(Note::Close);
+    }
+
+    pub fn is_current(&self, ticket: &Ticket) -> bool {
+        self.owned.borrow().is_current(ticket)
+    }
+
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.owned.borrow().owns(topic, partition)
+    }
+
+    pub fn generation(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.owned.borrow().generation(topic, partition)
+    }
+
+    pub fn partitions_of(&self, topic: &str) -> Vec<i32> {
+        self.owned.borrow().partitions_of(topic)
+    }
+
+    pub fn owned_count(&self) -> usize {
+        self.owned.borrow().count()
+    }
+
+    pub fn owned(&self) -> Vec<Tp> {
+        self.owned.borrow().list()
     }
 }
 
@@ -235,20 +428,40 @@ mod tests {
         points.iter().map(|p| (p.tp.clone(), p.offset)).collect()
     }
 
+    /// The two writers as the engine runs them: the callback's ownership and the committer's
+    /// tracker, fed the same assignments.
+    #[derive(Default)]
+    struct Both {
+        owned: Owned,
+        t: OffsetTracker,
+    }
+
+    impl Both {
+        fn assign(&mut self, tps: &[Tp]) {
+            let list = self.owned.assign(tps.iter().cloned());
+            self.t.assign(list);
+        }
+        fn revoke(&mut self, tps: &[Tp]) -> Vec<CommitPoint> {
+            self.owned.revoke(tps);
+            self.t.revoke(tps)
+        }
+        fn begin(&mut self, p: i32, offset: i64) -> Option<Ticket> {
+            let ticket = self.owned.ticket("t", p, offset)?;
+            self.t.begin(&ticket).then_some(ticket)
+        }
+    }
+
     #[test]
     fn commits_stop_below_the_lowest_unacknowledged_record() {
-        let mut t = OffsetTracker::default();
-        assert_eq!(
-            t.begin("t", 0, 0),
-            None,
-            "unassigned partitions are not tracked"
-        );
-        t.assign([tp(0)]);
-        let a = t.begin("t", 0, 10).unwrap();
-        let b = t.begin("t", 0, 11).unwrap();
-        let c = t.begin("t", 0, 12).unwrap();
-        t.finish(&b);
-        t.finish(&c);
+        let mut b = Both::default();
+        assert_eq!(b.begin(0, 0), None, "unassigned partitions are not tracked");
+        b.assign(&[tp(0)]);
+        let x = b.begin(0, 10).unwrap();
+        let y = b.begin(0, 11).unwrap();
+        let z = b.begin(0, 12).unwrap();
+        let t = &mut b.t;
+        t.finish(&y);
+        t.finish(&z);
         assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 10)]);
         assert_eq!(
             offsets(&t.commit_points()),
@@ -262,80 +475,105 @@ mod tests {
             vec![],
             "unchanged points are not recommitted"
         );
-        t.finish(&a);
+        t.finish(&x);
         assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 13)]);
         assert_eq!(t.in_flight(), 0);
     }
 
     #[test]
     fn a_record_written_to_two_places_waits_for_both_acknowledgements() {
-        let mut t = OffsetTracker::default();
-        t.assign([tp(0)]);
-        let copy = t.begin("t", 0, 7).unwrap();
-        let fact = t.also(&copy).unwrap();
+        let mut b = Both::default();
+        b.assign(&[tp(0)]);
+        let copy = b.begin(0, 7).unwrap();
+        let t = &mut b.t;
+        assert!(t.also(&copy));
         t.finish(&copy);
         assert_eq!(
             offsets(&t.commit_points()),
             vec![(tp(0), 7)],
             "the fact is not in yet"
         );
-        t.finish(&fact);
+        t.finish(&copy);
         assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 8)]);
-        assert_eq!(
-            t.also(&fact),
-            None,
-            "a finished record takes no more writes"
-        );
+        assert!(!t.also(&copy), "a finished record takes no more writes");
     }
 
     #[test]
     fn a_late_ack_after_reassignment_is_ignored() {
-        let mut t = OffsetTracker::default();
-        t.assign([tp(0)]);
-        let old = t.begin("t", 0, 5).unwrap();
-        assert_eq!(offsets(&t.revoke([&tp(0)])), vec![(tp(0), 5)]);
-        t.assign([tp(0)]);
-        let new = t.begin("t", 0, 5).unwrap();
-        assert!(!t.is_current(&old));
-        t.finish(&old);
+        let mut b = Both::default();
+        b.assign(&[tp(0)]);
+        let old = b.begin(0, 5).unwrap();
+        assert_eq!(offsets(&b.revoke(&[tp(0)])), vec![(tp(0), 5)]);
+        b.assign(&[tp(0)]);
+        let new = b.begin(0, 5).unwrap();
+        assert!(!b.owned.is_current(&old));
+        b.t.finish(&old);
         assert_eq!(
-            offsets(&t.commit_points()),
+            offsets(&b.t.commit_points()),
             vec![(tp(0), 5)],
             "the old ack must not release offset 5"
         );
-        t.finish(&new);
-        assert_eq!(offsets(&t.commit_points()), vec![(tp(0), 6)]);
+        b.t.finish(&new);
+        assert_eq!(offsets(&b.t.commit_points()), vec![(tp(0), 6)]);
     }
 
     #[test]
     fn a_reader_of_an_earlier_assignment_begins_nothing_under_the_new_one() {
-        let mut t = OffsetTracker::default();
-        t.assign([tp(0)]);
-        let old = t.generation("t", 0).unwrap();
-        t.revoke([&tp(0)]);
-        t.assign([tp(0)]);
-        assert_eq!(t.begin_in("t", 0, 3, old), None);
-        assert_eq!(t.in_flight(), 0, "nothing holds the new commit point");
-        let new = t.generation("t", 0).unwrap();
-        assert!(t.begin_in("t", 0, 3, new).is_some());
+        let mut b = Both::default();
+        b.assign(&[tp(0)]);
+        let old = b.owned.ticket("t", 0, 3).unwrap();
+        b.revoke(&[tp(0)]);
+        b.assign(&[tp(0)]);
+        assert!(!b.t.begin(&old), "a ticket of the earlier assignment");
+        assert_eq!(b.t.in_flight(), 0, "nothing holds the new commit point");
+        assert!(b.begin(0, 3).is_some());
     }
 
     #[test]
     fn a_commit_acknowledged_for_an_earlier_assignment_marks_nothing() {
-        let mut t = OffsetTracker::default();
-        t.assign([tp(0)]);
-        let a = t.begin("t", 0, 7).unwrap();
-        t.finish(&a);
-        let stale = t.commit_points();
-        t.revoke([&tp(0)]);
-        t.assign([tp(0)]);
-        let b = t.begin("t", 0, 7).unwrap();
-        t.finish(&b);
-        t.committed(&stale);
+        let mut b = Both::default();
+        b.assign(&[tp(0)]);
+        let x = b.begin(0, 7).unwrap();
+        b.t.finish(&x);
+        let stale = b.t.commit_points();
+        b.revoke(&[tp(0)]);
+        b.assign(&[tp(0)]);
+        let y = b.begin(0, 7).unwrap();
+        b.t.finish(&y);
+        b.t.committed(&stale);
         assert_eq!(
-            offsets(&t.commit_points()),
+            offsets(&b.t.commit_points()),
             vec![(tp(0), 8)],
             "the new assignment's point is still to commit"
         );
+    }
+
+    #[test]
+    fn the_handle_begins_only_what_the_callback_published_as_owned() {
+        let OffsetsEnds {
+            offsets,
+            notes,
+            owned,
+        } = Offsets::channel();
+        assert_eq!(offsets.begin("t", 0, 1), None);
+        let mut next = owned.borrow().clone();
+        let list = next.assign([tp(0)]);
+        offsets.assigned(list);
+        owned.send_replace(next);
+        let ticket = offsets.begin("t", 0, 1).expect("owned now");
+        assert!(offsets.also(&ticket).is_some());
+        offsets.finish(&ticket);
+        let mut t = OffsetTracker::default();
+        for note in notes.try_iter() {
+            match note {
+                Note::Assigned(list) => t.assign(list),
+                Note::Begun(k) => assert!(t.begin(&k)),
+                Note::Also(k) => assert!(t.also(&k)),
+                Note::Finished(k) => t.finish(&k),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(t.in_flight(), 1, "begun, written twice, acknowledged once");
+        assert_eq!(offsets.begin_in("t", 0, 2, ticket.generation + 1), None);
     }
 }

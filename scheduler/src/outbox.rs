@@ -7,31 +7,40 @@
 //! retried in place with backoff and jitter, dead-lettered with a reason, the missing slice topic
 //! created again, or the process halted (a refused DLQ write, a fatal client error): never dropped.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 
+use crate::config::Settings;
 use crate::domain::{Outgoing, Rejection, Scheduled};
-use crate::engine::Shared;
 use crate::facts::Fact;
-use crate::kafka::{self, TopicSpec, BROKER_TIMEOUT};
+use crate::kafka::{self, Lookup, TopicSpec, BROKER_TIMEOUT};
+use crate::lanes::Lanes;
+use crate::lifecycle::Lifecycle;
 use crate::metrics as m;
-use crate::offsets::Ticket;
+use crate::offsets::{Offsets, Ticket};
+use crate::progress::{ActiveSweep, Placed, SliceWrite};
 use crate::retry::backoff;
-use crate::sweep::{ActiveSweep, Placed, SliceWrite};
-use crate::targets::Mode;
+use crate::state::fact_record;
+use crate::status::FailingTarget;
+use crate::targets::{Mode, TargetHealth};
+use crate::time::Clock;
 
 /// Sends of one record retried this many times for an error code [`fate`] does not know, before
 /// the record is dead-lettered (a target) or the process halts (our own topics).
 const UNKNOWN_ERROR_ATTEMPTS: usize = 5;
 
 /// The bytes of records held in memory at once: in the timer, and sent but not acknowledged.
-/// Reading stops while it is exhausted, so memory follows the budget, not the input.
+/// Reading stops while it is exhausted, so memory follows the budget, not the input. A handle:
+/// clones share one budget.
+#[derive(Clone)]
 pub struct Budget {
     permits: Arc<Semaphore>,
     total: u32,
@@ -311,15 +320,139 @@ async fn outcome(queued: Result<DeliveryFuture, KafkaError>) -> Outcome {
     }
 }
 
-/// A send the producer has taken, waiting for the broker's answer in [`Shared::collect`].
+/// A send the producer has taken, waiting for the broker's answer in [`Outbox::collect`].
 pub(crate) struct InFlight {
     tracked: Tracked,
     delivery: DeliveryFuture,
 }
 
-impl Shared {
+/// The outbox stage. Its state (the retry lanes, the health of each target, the tasks settling
+/// failures) is its own; other stages hand it [`Send`]s through [`Outbox::send`] and ask it
+/// only for what the status and a clean stop report.
+pub(crate) struct Outbox {
+    settings: Arc<Settings>,
+    clock: Arc<dyn Clock>,
+    per_record: Arc<m::PerRecord>,
+    life: Arc<Lifecycle>,
+    /// Told "finished" for each ticket whose record was acknowledged in its next place.
+    offsets: Offsets,
+    budget: Budget,
+    lookup: Arc<Lookup>,
+    /// Deliveries, facts and the DLQ.
+    producer: FutureProducer,
+    /// Slice writes: batched longer, and never in front of a due delivery.
+    slice_producer: FutureProducer,
+    /// The tasks settling failed sends, and the retry lanes: rare, and each may wait.
+    acks: TaskTracker,
+    /// Sends the producer took, to the acknowledgement collector ([`Outbox::collect`]).
+    in_flight: mpsc::UnboundedSender<InFlight>,
+    /// Sends waiting for a retry, per topic, in their first order (see [`crate::lanes`]).
+    lanes: Mutex<Lanes<Tracked>>,
+    /// Which targets are failing (see [`crate::targets`]).
+    targets: Mutex<TargetHealth>,
+    /// The order in which sends were handed over, for the lanes.
+    send_seq: AtomicU64,
+    /// When each slice topic found missing was last created again (see [`Outbox::failed`]).
+    slices_recreated: Mutex<HashMap<String, Instant>>,
+    /// Target topics whose deliveries fail on purpose, after the given time (test builds only),
+    /// as a target whose partition leader is away would.
+    #[cfg(feature = "testkit")]
+    injected_refusals: Mutex<HashMap<String, Duration>>,
+}
+
+/// What the outbox is made of; [`Outbox::new`] adds its own state.
+pub(crate) struct OutboxParts {
+    pub settings: Arc<Settings>,
+    pub clock: Arc<dyn Clock>,
+    pub per_record: Arc<m::PerRecord>,
+    pub life: Arc<Lifecycle>,
+    pub offsets: Offsets,
+    pub budget: Budget,
+    pub lookup: Arc<Lookup>,
+    pub producer: FutureProducer,
+    pub slice_producer: FutureProducer,
+}
+
+impl Outbox {
+    /// The outbox, and the receiving end its collector ([`Outbox::collect`]) runs on.
+    pub(crate) fn new(p: OutboxParts) -> (Arc<Outbox>, mpsc::UnboundedReceiver<InFlight>) {
+        let (in_flight, queued) = mpsc::unbounded_channel();
+        let give_up = p.settings.config.target_give_up;
+        let outbox = Outbox {
+            settings: p.settings,
+            clock: p.clock,
+            per_record: p.per_record,
+            life: p.life,
+            offsets: p.offsets,
+            budget: p.budget,
+            lookup: p.lookup,
+            producer: p.producer,
+            slice_producer: p.slice_producer,
+            acks: TaskTracker::new(),
+            in_flight,
+            lanes: Mutex::default(),
+            targets: Mutex::new(TargetHealth::new(give_up)),
+            send_seq: AtomicU64::new(0),
+            slices_recreated: Mutex::default(),
+            #[cfg(feature = "testkit")]
+            injected_refusals: Mutex::default(),
+        };
+        (Arc::new(outbox), queued)
+    }
+
+    /// The deliveries' producer, for a write that is not a send of the engine's (the HTTP
+    /// cancel's fact, the janitor's tombstones).
+    pub(crate) fn producer(&self) -> FutureProducer {
+        self.producer.clone()
+    }
+
+    /// The targets failing now, for the status.
+    pub(crate) fn failing_targets(&self, now: Instant) -> Vec<FailingTarget> {
+        kafka::lock(&self.targets)
+            .troubles(now)
+            .into_iter()
+            .map(|t| FailingTarget {
+                topic: t.topic,
+                for_secs: t.for_.as_secs(),
+                error: t.error,
+            })
+            .collect()
+    }
+
+    /// What a stop leaves: deliveries the broker has not answered, records in retry lanes.
+    pub(crate) fn left(&self) -> (u64, usize) {
+        let unanswered = kafka::lock(&self.targets).in_flight();
+        let waiting = kafka::lock(&self.lanes).held();
+        (unanswered, waiting)
+    }
+
+    /// Waits until `end` for the failures being settled and the retry lanes (they end with the
+    /// engine's token); false if some did not end.
+    pub(crate) async fn settled_by(&self, end: tokio::time::Instant) -> bool {
+        self.acks.close();
+        tokio::time::timeout_at(end, self.acks.wait()).await.is_ok()
+    }
+
+    /// Flushes both producers (blocking: call it off the async threads).
+    pub(crate) fn flush(&self, timeout: Duration) {
+        use rdkafka::producer::Producer;
+        let _ = self.producer.flush(timeout);
+        let _ = self.slice_producer.flush(timeout);
+    }
+
+    /// Makes every delivery to `topic` fail after `after` (test builds only); `None` lets it
+    /// take records again.
+    #[cfg(feature = "testkit")]
+    pub(crate) fn refuse_target(&self, topic: &str, after: Option<Duration>) {
+        let mut refusals = kafka::lock(&self.injected_refusals);
+        match after {
+            Some(after) => refusals.insert(topic.to_string(), after),
+            None => refusals.remove(topic),
+        };
+    }
+
     /// Enqueues the record now (so records leave in the order they are handed over); the one
-    /// acknowledgement collector ([`Shared::collect`]) awaits the broker's answer, so sends never
+    /// acknowledgement collector ([`Outbox::collect`]) awaits the broker's answer, so sends never
     /// wait on each other. While its topic has an open retry lane ([`crate::lanes`]), the record
     /// joins the lane instead, behind the records that failed before it.
     pub(crate) async fn send(self: &Arc<Self>, send: Send) {
@@ -364,7 +497,7 @@ impl Shared {
         self.acks.spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(after) => {}
-                _ = me.token.cancelled() => return,
+                _ = me.life.token().cancelled() => return,
             }
             let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
             me.settle(t, Outcome::Failed(timed_out));
@@ -409,7 +542,7 @@ impl Shared {
         }
     }
 
-    /// [`Shared::dispatch`] for a send made while settling another (a DLQ copy, a delivered
+    /// [`Outbox::dispatch`] for a send made while settling another (a DLQ copy, a delivered
     /// fact), which must not wait: at once when the producer's queue has room, else from a task
     /// that waits for it.
     fn follow_up(self: &Arc<Self>, t: Tracked) {
@@ -505,7 +638,7 @@ impl Shared {
                 },
                 _ = check.tick() => {
                     let idle = waiting.is_empty() && queued.is_empty() && self.acks.is_empty();
-                    if idle && self.token.is_cancelled() {
+                    if idle && self.life.token().is_cancelled() {
                         return;
                     }
                 }
@@ -551,7 +684,7 @@ impl Shared {
             }
             // The record stays uncommitted; the next owner (after a fix) sends it again.
             Fate::Halt(reason) => {
-                self.fail(kafka::Fatal::Other(reason));
+                self.life.fail(kafka::Fatal::Other(reason));
                 false
             }
             Fate::RecreateSlice => {
@@ -702,7 +835,7 @@ impl Shared {
         };
         let Some(full) = due else { return };
         let name = topic.to_string();
-        if let Err(e) = self.look(move |l| l.answers(&name, BROKER_TIMEOUT)).await {
+        if let Err(e) = kafka::look(&self.lookup, move |l| l.answers(&name, BROKER_TIMEOUT)).await {
             tracing::warn!(%topic, error = %e, "a target is in trouble and the broker does not answer: its records wait for the broker");
             return;
         }
@@ -729,12 +862,12 @@ impl Shared {
         let delay = delays.next().unwrap_or(Duration::from_secs(5));
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,
-            _ = self.token.cancelled() => false,
+            _ = self.life.token().cancelled() => false,
         }
     }
 
     /// The topic spec a slice topic is created with.
-    pub(crate) fn slice_spec(&self, name: &str) -> TopicSpec {
+    fn slice_spec(&self, name: &str) -> TopicSpec {
         TopicSpec {
             name: name.to_string(),
             partitions: self.settings.config.slice_partitions,
@@ -763,7 +896,8 @@ impl Shared {
                     // Delivered: the status API says so once this fact is in. The record's
                     // offset waits for it, so a crash before it delivers the record again
                     // rather than leave its id pending for ever.
-                    let out = self.fact_record(id, version, &Fact::Delivered);
+                    let out =
+                        fact_record(&self.settings.internal.state, id, version, &Fact::Delivered);
                     let fact = Send {
                         out,
                         then: Then::Fact {
@@ -790,7 +924,7 @@ impl Shared {
                 None
             }
         };
-        kafka::lock(&self.tracker).finish(&send.ticket);
+        self.offsets.finish(&send.ticket);
         if let (Some(sweep), Some(placed)) = (&send.sweep, placed) {
             sweep.placed(placed);
         }
@@ -817,6 +951,31 @@ mod tests {
 
     fn of(code: RDKafkaErrorCode, to: Destination) -> Fate {
         fate(&KafkaError::MessageProduction(code), to, "t")
+    }
+
+    /// An acknowledgement that names no offset (librdkafka's implicit acks, which lost records
+    /// on new partitions here) is a failure the outbox retries: a duplicate, never a loss.
+    #[test]
+    fn an_acknowledgement_without_an_offset_is_sent_again() {
+        use rdkafka::producer::future_producer::Delivery;
+        use rdkafka::Timestamp;
+        let delivery = |offset| Delivery {
+            partition: 3,
+            offset,
+            timestamp: Timestamp::NotAvailable,
+        };
+        assert_eq!(kafka::confirmed(Ok(delivery(42))), Ok(delivery(42)));
+        let err = kafka::confirmed(Ok(delivery(-1001))).expect_err("not confirmed");
+        for to in [
+            Destination::Target,
+            Destination::Slice,
+            Destination::DeadLetter,
+            Destination::State,
+        ] {
+            assert_eq!(fate(&err, to, "t"), Fate::Retry, "{to:?}");
+        }
+        let refused = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(kafka::confirmed(Err(refused.clone())), Err(refused));
     }
 
     #[test]

@@ -5,30 +5,47 @@
 //! Receives [`RebalanceEvent`]s from the consumer's context; sends job ids to the workers
 //! ([`crate::sweep`]) and [`TimerCmd::Retain`] to the timer.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Shared, TimerEntry};
-use crate::jobs::{JobKind, JobSpec};
-use crate::kafka::{lock, RebalanceEvent};
+use crate::config::Settings;
+use crate::jobs::{Board, JobKind, JobSpec};
+use crate::kafka::RebalanceEvent;
+use crate::lifecycle::Lifecycle;
+use crate::offsets::Offsets;
+use crate::router::TimerEntry;
 use crate::slice::{Ladder, SliceId};
 use crate::time::Clock;
 use crate::timer::TimerCmd;
 
-impl Shared {
+/// The planner and control stage: it owns no state beyond its loops; jobs go on the board.
+pub(crate) struct Planner {
+    pub settings: Arc<Settings>,
+    pub clock: Arc<dyn Clock>,
+    pub board: Arc<Board>,
+    pub life: Arc<Lifecycle>,
+    /// Asked whether a timer entry's ticket is still current after a revoke.
+    pub offsets: Offsets,
+    pub timer: mpsc::Sender<TimerCmd<TimerEntry>>,
+    /// slice topic -> (level, slot)
+    pub slices: Arc<HashMap<String, (usize, i64)>>,
+}
+
+impl Planner {
     fn sweep_job(&self, level: usize, window: i64) -> u64 {
         let id = SliceId { level, window };
+        let ladder = &self.settings.ladder;
         let spec = JobSpec {
             kind: JobKind::Sweep,
             level,
             window: Some(window),
-            slot_topic: self.slice_topic(id),
-            bounds: Some(self.ladder().bounds(id)),
-            sweep_at: Some(self.ladder().sweep_at(id)),
+            slot_topic: ladder.window_topic(&self.settings.internal.slice_prefix, id),
+            bounds: Some(ladder.bounds(id)),
+            sweep_at: Some(ladder.sweep_at(id)),
         };
         self.board.create(spec, self.clock.now_ms())
     }
@@ -38,9 +55,9 @@ impl Shared {
     /// cover the windows already due.
     pub(crate) async fn run_planner(self: Arc<Self>, jobs: mpsc::Sender<u64>) {
         plan(
-            self.ladder(),
+            &self.settings.ladder,
             &*self.clock,
-            &self.intake,
+            self.life.intake(),
             |id| self.sweep_job(id.level, id.window),
             &jobs,
         )
@@ -55,7 +72,7 @@ impl Shared {
         loop {
             let event = tokio::select! {
                 e = events.recv() => e,
-                _ = self.intake.cancelled() => None,
+                _ = self.life.intake().cancelled() => None,
             };
             match event {
                 None => return,
@@ -63,8 +80,8 @@ impl Shared {
                     tracing::info!(partitions = tps.len(), "partitions revoked");
                     // Drop what revoked partitions handed to the timer; their new owner re-reads
                     // it from the committed offset. Current tickets (a re-assignment) stay.
-                    let tracker = self.tracker.clone();
-                    let keep = move |e: &TimerEntry| lock(&tracker).is_current(&e.ticket);
+                    let offsets = self.offsets.clone();
+                    let keep = move |e: &TimerEntry| offsets.is_current(&e.ticket);
                     let _ = self.timer.send(TimerCmd::Retain(Box::new(keep))).await;
                 }
                 Some(RebalanceEvent::Assigned(tps)) => {

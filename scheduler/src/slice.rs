@@ -263,6 +263,11 @@ impl Ladder {
         format!("{prefix}_{}MS_{slot}", self.widths[level])
     }
 
+    /// The topic a window's records are written to: its level's slot for it.
+    pub fn window_topic(&self, prefix: &str, id: SliceId) -> String {
+        self.topic(prefix, id.level, self.slot(id))
+    }
+
     /// Every slot topic of the ladder, level by level, as `(level, slot, name)`.
     pub fn all_topics(&self, prefix: &str) -> Vec<(usize, i64, String)> {
         (0..self.levels())

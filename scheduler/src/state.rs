@@ -24,15 +24,21 @@ use tokio::sync::watch;
 
 use futures::StreamExt;
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use rdkafka::producer::FutureProducer;
+
+use crate::config::Settings;
 use crate::domain::Outgoing;
-use crate::engine::Shared;
+use crate::error::Error;
 use crate::facts::{fact_key, parse_fact_key, Fact, Version};
-use crate::index::{Entry, Index, Learnt};
+use crate::index::{Entry, Index, IndexError, Learnt};
 use crate::kafka::BROKER_TIMEOUT;
-use crate::kafka::{self, Fatal};
+use crate::kafka::{self, Fatal, Lookup};
+use crate::lifecycle::Lifecycle;
 use crate::metrics as m;
-use crate::offsets::Tp;
-use crate::Settings;
+use crate::offsets::{Offsets, Tp};
+use crate::time::Clock;
 
 /// How often the reader asks the state partitions' end offsets while a record with an id is
 /// due soon: the freshness it can prove lags the clock by about this plus a round trip, well
@@ -50,21 +56,92 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Records applied to the index in one transaction at most.
 const BATCH: usize = 5_000;
 
-/// What the engine knows of the state of ids.
-pub(crate) struct State {
-    pub(crate) index: Arc<Index>,
+/// What the engine knows of the state of ids: a handle on the index the reader keeps, read by the
+/// publish gate and the HTTP API, told by the timer's feeders when a record with an id is due.
+#[derive(Clone)]
+pub(crate) struct Ids {
+    index: Arc<Index>,
     /// Clock time (ms) as of which every acknowledged fact is in the index; `i64::MIN` until the
     /// reader first caught up.
-    pub(crate) fresh: watch::Receiver<i64>,
+    fresh: watch::Receiver<i64>,
     /// Clock time (ms) until which a record with an id waits in the timer: the reader proves
     /// freshness every [`REFRESH`] until then, every [`IDLE_REFRESH`] after.
-    pub(crate) busy_until: std::sync::atomic::AtomicI64,
+    busy_until: Arc<AtomicI64>,
+    /// How long before its due time a fact must be known to stop a copy.
+    cancel_lead_ms: i64,
+    /// The state topic.
+    topic: String,
+}
+
+impl Ids {
+    /// A record with an id due at `due_ms` entered the timer: the reader proves freshness often
+    /// until it is published.
+    pub(crate) fn due_at(&self, due_ms: i64) {
+        let until = due_ms
+            .saturating_add(self.cancel_lead_ms)
+            .saturating_add(1_000);
+        self.busy_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether the index is fresh enough to judge a copy due at `due_ms`: it holds every fact
+    /// acknowledged up to the cancel lead before it.
+    pub(crate) fn fresh_for(&self, due_ms: i64) -> bool {
+        *self.fresh.borrow() >= due_ms.saturating_sub(self.cancel_lead_ms)
+    }
+
+    /// Clock time (ms) as of which every acknowledged fact is in the index.
+    pub(crate) fn fresh_as_of(&self) -> i64 {
+        *self.fresh.borrow()
+    }
+
+    /// Changes of [`Ids::fresh_as_of`], for the publish gate to wait on.
+    pub(crate) fn freshness(&self) -> watch::Receiver<i64> {
+        self.fresh.clone()
+    }
+
+    /// Why a copy of `id` at `version` must not be sent (a newer version, a cancel), if so.
+    pub(crate) fn withheld(
+        &self,
+        id: &str,
+        version: Version,
+    ) -> Result<Option<&'static str>, IndexError> {
+        self.index.withheld(id, version)
+    }
+
+    /// Every fact of `id` the index holds.
+    pub(crate) fn facts(&self, id: &str) -> Result<Vec<(Version, Fact)>, IndexError> {
+        self.index.facts(id)
+    }
+
+    /// The record that writes `fact` of `id` at `version` to the state topic.
+    pub(crate) fn record(&self, id: &str, version: Version, fact: &Fact) -> Outgoing {
+        fact_record(&self.topic, id, version, fact)
+    }
+}
+
+/// The record that writes `fact` of `id` at `version` to the state topic `topic`.
+pub(crate) fn fact_record(topic: &str, id: &str, version: Version, fact: &Fact) -> Outgoing {
+    Outgoing {
+        topic: topic.to_string(),
+        key: Some(fact_key(id, version).into_bytes()),
+        payload: Some(fact.encode()),
+        headers: Vec::new(),
+    }
 }
 
 /// The state topic's reader, before it runs.
 pub(crate) struct Reader {
     consumer: BaseConsumer,
     fresh: watch::Sender<i64>,
+    ids: Ids,
+}
+
+/// What the reader reads with, beside its own consumer.
+pub(crate) struct ReaderParts {
+    pub settings: Arc<Settings>,
+    pub clock: Arc<dyn Clock>,
+    pub lookup: Arc<Lookup>,
+    pub life: Arc<Lifecycle>,
 }
 
 /// The state reader's consumer: outside the group (it reads every partition, assigned), nothing
@@ -93,25 +170,23 @@ fn reader_config(settings: &Settings) -> ClientConfig {
 }
 
 /// Opens the index and connects the reader.
-pub(crate) fn open(
-    settings: &Settings,
-    dir: &std::path::Path,
-) -> Result<(State, Reader), crate::Error> {
-    let index = Index::open(dir).map_err(|e| crate::Error::Fatal(e.to_string()))?;
+pub(crate) fn open(settings: &Settings, dir: &std::path::Path) -> Result<(Ids, Reader), Error> {
+    let index = Index::open(dir).map_err(|e| Error::Fatal(e.to_string()))?;
     tracing::info!(path = %index.path().display(), "state index open");
     let (fresh_tx, fresh) = watch::channel(i64::MIN);
+    let ids = Ids {
+        index: Arc::new(index),
+        fresh,
+        busy_until: Arc::new(AtomicI64::new(i64::MIN)),
+        cancel_lead_ms: settings.cancel_lead_ms(),
+        topic: settings.internal.state.clone(),
+    };
     let reader = Reader {
         consumer: reader_config(settings).create()?,
         fresh: fresh_tx,
+        ids: ids.clone(),
     };
-    Ok((
-        State {
-            index: Arc::new(index),
-            fresh,
-            busy_until: std::sync::atomic::AtomicI64::new(i64::MIN),
-        },
-        reader,
-    ))
+    Ok((ids, reader))
 }
 
 /// A state record as the index stores it; a record that is not a fact is skipped (and counted),
@@ -158,37 +233,28 @@ struct Progress {
 }
 
 impl Reader {
-    /// Reads the state topic into the index on a thread of its own until the engine stops or is
-    /// dropped: it holds the engine only for the length of a step, so an engine dropped without
-    /// a stop (a panicking test) ends it too. An index that cannot be written stops the process:
-    /// the gate could no longer prove anything.
-    pub(crate) fn spawn(
-        self,
-        shared: &Arc<Shared>,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let weak = Arc::downgrade(shared);
+    /// Reads the state topic into the index on a thread of its own until the engine stops (an
+    /// engine dropped without a stop, as in a panicking test, cancels its token too). An index
+    /// that cannot be written stops the process: the gate could no longer prove anything.
+    pub(crate) fn spawn(self, with: ReaderParts) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("sm-state".into())
             .spawn(move || {
-                let mut progress = match weak.upgrade().map(|s| self.start(&s)) {
-                    Some(Ok(p)) => p,
-                    Some(Err(reason)) => return fail(&weak, reason),
-                    None => return,
-                };
-                while let Some(shared) = weak.upgrade() {
-                    if shared.token.is_cancelled() {
-                        return;
+                let result = self.start(&with).and_then(|mut progress| {
+                    while !with.life.token().is_cancelled() {
+                        self.step(&with, &mut progress)?;
                     }
-                    if let Err(reason) = self.step(&shared, &mut progress) {
-                        return shared.fail(Fatal::Other(reason));
-                    }
+                    Ok(())
+                });
+                if let Err(reason) = result {
+                    with.life.fail(Fatal::Other(reason));
                 }
             })
     }
 
     /// The state topic's partition count. A topic created a moment ago may not be in every
     /// broker's metadata yet: asked again with backoff for up to [`BROKER_TIMEOUT`] × 3.
-    fn partitions(&self, topic: &str, shared: &Shared) -> Result<i32, String> {
+    fn partitions(&self, topic: &str, with: &ReaderParts) -> Result<i32, String> {
         let until = Instant::now() + BROKER_TIMEOUT * 3;
         let mut delays = crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(2));
         loop {
@@ -202,7 +268,7 @@ impl Reader {
                 });
             match found {
                 Ok(n) if n > 0 => return Ok(n),
-                _ if Instant::now() >= until || shared.token.is_cancelled() => {
+                _ if Instant::now() >= until || with.life.token().is_cancelled() => {
                     return Err(format!(
                         "the state topic {topic} has no partitions in the metadata: {found:?}"
                     ))
@@ -213,10 +279,10 @@ impl Reader {
     }
 
     /// Assigns every state partition from the positions the index stored.
-    fn start(&self, shared: &Shared) -> Result<Progress, String> {
-        let topic = &shared.settings.internal.state;
-        let partitions = self.partitions(topic, shared)?;
-        let applied = shared.state.index.positions().map_err(|e| e.to_string())?;
+    fn start(&self, with: &ReaderParts) -> Result<Progress, String> {
+        let topic = &with.settings.internal.state;
+        let partitions = self.partitions(topic, with)?;
+        let applied = self.ids.index.positions().map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             let at = applied
@@ -241,19 +307,15 @@ impl Reader {
 
     /// One round: ask the end offsets if it is time, apply what arrived, publish freshness
     /// once every partition reached its end.
-    fn step(&self, shared: &Shared, p: &mut Progress) -> Result<(), String> {
-        let busy = shared.clock.now_ms()
-            <= shared
-                .state
-                .busy_until
-                .load(std::sync::atomic::Ordering::Relaxed);
+    fn step(&self, with: &ReaderParts, p: &mut Progress) -> Result<(), String> {
+        let busy = with.clock.now_ms() <= self.ids.busy_until.load(Ordering::Relaxed);
         let every = if busy { REFRESH } else { IDLE_REFRESH };
         if p.goal.is_none() && p.asked.elapsed() >= every {
             p.asked = Instant::now();
-            let t = shared.clock.now_ms();
+            let t = with.clock.now_ms();
             // The engine's lookup client (a librdkafka client costs memory and connections):
             // its requests never queue in front of any consumer's fetches.
-            match shared.lookup.ends(&p.tps, LOOKUP_TIMEOUT) {
+            match with.lookup.ends(&p.tps, LOOKUP_TIMEOUT) {
                 Ok(ends) => {
                     p.goal = Some((t, ends.into_iter().map(|((_, q), o)| (q, o)).collect()));
                     p.stuck_since = Instant::now();
@@ -277,11 +339,7 @@ impl Reader {
         }
         let batch = self.poll_batch();
         if !batch.is_empty() {
-            shared
-                .state
-                .index
-                .apply(&batch)
-                .map_err(|e| e.to_string())?;
+            self.ids.index.apply(&batch).map_err(|e| e.to_string())?;
             metrics::counter!(m::STATE_FACTS_READ).increment(batch.len() as u64);
             for l in &batch {
                 let next = p.applied.entry(l.partition).or_insert(0);
@@ -303,12 +361,12 @@ impl Reader {
                 *f = (*f).max(t);
                 moved
             });
-            metrics::gauge!(m::STATE_LAG).set((shared.clock.now_ms() - t).max(0) as f64 / 1000.0);
+            metrics::gauge!(m::STATE_LAG).set((with.clock.now_ms() - t).max(0) as f64 / 1000.0);
             p.goal = None;
         } else if batch.is_empty() && p.stuck_since.elapsed() > Duration::from_secs(2) {
             // Nothing comes and a partition is still short of its end: its records before the
             // end may be gone (deleted). Skip to the first offset that exists.
-            self.skip_deleted(shared, &behind, &mut p.applied)?;
+            self.skip_deleted(with, &behind, &mut p.applied)?;
             p.stuck_since = Instant::now();
         }
         Ok(())
@@ -335,13 +393,13 @@ impl Reader {
     /// Moves the partitions in `behind` whose earliest offset is past what was applied up to it.
     fn skip_deleted(
         &self,
-        shared: &Shared,
+        with: &ReaderParts,
         behind: &[i32],
         applied: &mut HashMap<i32, i64>,
     ) -> Result<(), String> {
-        let topic = &shared.settings.internal.state;
+        let topic = &with.settings.internal.state;
         let tps: Vec<Tp> = behind.iter().map(|p| (topic.clone(), *p)).collect();
-        let Ok(marks) = shared.lookup.watermarks(&tps, LOOKUP_TIMEOUT) else {
+        let Ok(marks) = with.lookup.watermarks(&tps, LOOKUP_TIMEOUT) else {
             return Ok(());
         };
         let mut moved = HashMap::new();
@@ -356,17 +414,7 @@ impl Reader {
                 moved.insert(p, low);
             }
         }
-        shared
-            .state
-            .index
-            .advance(&moved)
-            .map_err(|e| e.to_string())
-    }
-}
-
-fn fail(weak: &std::sync::Weak<Shared>, reason: String) {
-    if let Some(shared) = weak.upgrade() {
-        shared.fail(Fatal::Other(reason));
+        self.ids.index.advance(&moved).map_err(|e| e.to_string())
     }
 }
 
@@ -376,23 +424,33 @@ const JANITOR_EVERY: Duration = Duration::from_secs(600);
 /// Tombstones written per janitor round at most (whole ids), so a round stays short.
 const JANITOR_BATCH: usize = 100_000;
 
-impl Shared {
+/// The janitor of ids: removes the facts no copy can need any more.
+pub(crate) struct Janitor {
+    pub ids: Ids,
+    pub offsets: Offsets,
+    pub producer: FutureProducer,
+    pub settings: Arc<Settings>,
+    pub clock: Arc<dyn Clock>,
+    pub life: Arc<Lifecycle>,
+}
+
+impl Janitor {
     /// The janitor: in the process that owns ingest partition 0 (one per group at a time; a
     /// second one during a rebalance only writes the same tombstones twice), every
     /// [`JANITOR_EVERY`] it removes the facts of ids whose every fact was written, and every
     /// pending version fell due, more than the slice retention ago: no copy of any of their
     /// versions can still be in Kafka. Without it the state topic and every index would keep a
     /// record per version of every id for ever.
-    pub(crate) async fn run_janitor(self: Arc<Self>) {
+    pub(crate) async fn run(self: Arc<Self>) {
         let mut tick = tokio::time::interval(JANITOR_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = self.intake.cancelled() => return,
+                _ = self.life.intake().cancelled() => return,
                 _ = tick.tick() => {}
             }
             let ingest = &self.settings.internal.ingest;
-            if kafka::lock(&self.tracker).owns(ingest, 0) {
+            if self.offsets.owns(ingest, 0) {
                 self.janitor_round(self.clock.now_ms()).await;
             }
         }
@@ -400,14 +458,14 @@ impl Shared {
 
     /// One round of the janitor as of `now_ms`: the number of facts removed.
     pub(crate) async fn janitor_round(&self, now_ms: i64) -> usize {
-        let index = self.state.index.clone();
+        let index = self.ids.index.clone();
         let keep = self.settings.retention_ms();
         let expired =
             tokio::task::spawn_blocking(move || index.expired(now_ms, keep, JANITOR_BATCH)).await;
         let expired = match expired {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => {
-                self.fail(Fatal::Other(e.to_string()));
+                self.life.fail(Fatal::Other(e.to_string()));
                 return 0;
             }
             Err(e) => {
@@ -441,31 +499,5 @@ impl Shared {
             tracing::info!(removed, "janitor: facts no copy can need were removed");
         }
         removed
-    }
-
-    pub(crate) fn fact_record(&self, id: &str, version: Version, fact: &Fact) -> Outgoing {
-        Outgoing {
-            topic: self.settings.internal.state.clone(),
-            key: Some(fact_key(id, version).into_bytes()),
-            payload: Some(fact.encode()),
-            headers: Vec::new(),
-        }
-    }
-
-    /// A record with an id due at `due_ms` entered the timer: the reader proves freshness often
-    /// until it is published.
-    pub(crate) fn id_due_at(&self, due_ms: i64) {
-        let until = due_ms
-            .saturating_add(self.settings.cancel_lead_ms())
-            .saturating_add(1_000);
-        self.state
-            .busy_until
-            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether the index is fresh enough to judge a copy due at `due_ms`: it holds every fact
-    /// acknowledged up to the cancel lead before it.
-    pub(crate) fn fresh_for(&self, due_ms: i64) -> bool {
-        *self.state.fresh.borrow() >= due_ms.saturating_sub(self.settings.cancel_lead_ms())
     }
 }

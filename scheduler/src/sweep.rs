@@ -10,153 +10,27 @@
 //! succeeds or its partitions are revoked.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::config::Settings;
 use crate::domain::Scheduled;
-use crate::engine::Shared;
-use crate::jobs::{Job, JobCounts, JobKind};
+use crate::error::Error;
+use crate::jobs::{Board, Job, JobCounts, JobKind};
 use crate::kafka::BROKER_TIMEOUT;
-use crate::kafka::{self, lock};
+use crate::kafka::{self, lock, Lookup};
+use crate::lifecycle::Lifecycle;
 use crate::metrics as m;
-use crate::offsets::Tp;
+use crate::offsets::{Offsets, Tp};
+use crate::progress::{ActiveSweep, STALL};
+use crate::router::Router;
 use crate::slice::{Route, SliceId};
-use crate::Error;
-
-/// How long a sweep may see no progress at all before the attempt fails (and is retried).
-const STALL: Duration = Duration::from_secs(30);
-
-/// Writes into slice windows that this process has sent and the broker has not yet
-/// acknowledged. A window's sweep waits for them before it reads the high watermark: a write routed
-/// just before the sweep time (the safety margin) can take longer than the margin to be
-/// acknowledged on a loaded broker, and would then land behind the sweep and wait a whole turn of
-/// the ring (r+1+f windows) to be found. Writes of other instances are covered by the margin alone.
-#[derive(Default)]
-pub(crate) struct SliceWrites {
-    pending: Mutex<HashMap<SliceId, usize>>,
-    changed: Notify,
-}
-
-impl SliceWrites {
-    pub(crate) fn begin(self: &Arc<Self>, id: SliceId) -> SliceWrite {
-        *lock(&self.pending).entry(id).or_default() += 1;
-        SliceWrite {
-            writes: self.clone(),
-            id,
-        }
-    }
-
-    /// Waits until no write into `id` is unacknowledged, or `timeout`; returns how many remain.
-    async fn settled(&self, id: SliceId, timeout: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let left = lock(&self.pending).get(&id).copied().unwrap_or(0);
-            if left == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return left;
-            }
-        }
-    }
-}
-
-/// One unacknowledged write into a slice window; dropping it (acknowledged, dead-lettered, or
-/// abandoned at shutdown) ends it.
-pub(crate) struct SliceWrite {
-    writes: Arc<SliceWrites>,
-    id: SliceId,
-}
-
-impl Drop for SliceWrite {
-    fn drop(&mut self) {
-        let mut pending = lock(&self.writes.pending);
-        if let Some(n) = pending.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                pending.remove(&self.id);
-            }
-        }
-        drop(pending);
-        self.writes.changed.notify_waiters();
-    }
-}
-
-/// What became of the records one sweep routed: counted as their sends are acknowledged (or as
-/// they enter the timer), so the sweep can wait until every record it read has its next place.
-#[derive(Default)]
-pub(crate) struct ActiveSweep {
-    progress: Mutex<Placement>,
-    wake: Notify,
-}
-
-#[derive(Debug, Default)]
-struct Placement {
-    routed: u64,
-    placed: u64,
-    counts: JobCounts,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Placed {
-    Slice,
-    Timer,
-    DeadLetter,
-}
-
-impl ActiveSweep {
-    fn routed(&self) {
-        let mut p = lock(&self.progress);
-        p.routed += 1;
-        p.counts.records += 1;
-    }
-
-    pub(crate) fn placed(&self, how: Placed) {
-        {
-            let mut p = lock(&self.progress);
-            p.placed += 1;
-            match how {
-                Placed::Slice => p.counts.to_slices += 1,
-                Placed::Timer => p.counts.to_timer += 1,
-                Placed::DeadLetter => p.counts.dead_lettered += 1,
-            }
-        }
-        self.wake.notify_waiters();
-    }
-
-    /// Waits until every routed record is placed; false after [`STALL`] without progress.
-    async fn all_placed(&self, shared: &Shared) -> Result<JobCounts, String> {
-        loop {
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let before = {
-                let p = lock(&self.progress);
-                if p.placed >= p.routed {
-                    return Ok(p.counts);
-                }
-                p.placed
-            };
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep(STALL) => {
-                    if lock(&self.progress).placed == before {
-                        return Err("records not acknowledged in time".into());
-                    }
-                }
-                _ = shared.token.cancelled() => return Err("shutting down".into()),
-            }
-        }
-    }
-}
+use crate::time::Clock;
 
 /// Where a slice partition's next sweep starts, under the assignment generation it was learnt in.
 #[derive(Debug, Default)]
@@ -205,7 +79,60 @@ fn sweep_retry_delays() -> impl Iterator<Item = Duration> {
     crate::retry::backoff(Duration::from_millis(200), Duration::from_secs(10))
 }
 
-impl Shared {
+/// The sweep stage, shared by its workers: the cursors are its own; the rest are handles.
+pub(crate) struct Sweeper {
+    router: Arc<Router>,
+    /// Asked which slice partitions are ours and under which generation; told "begun".
+    offsets: Offsets,
+    board: Arc<Board>,
+    lookup: Arc<Lookup>,
+    settings: Arc<Settings>,
+    clock: Arc<dyn Clock>,
+    life: Arc<Lifecycle>,
+    /// Where each partition's next sweep starts (one lock per partition, held by its sweep).
+    cursors: Mutex<HashMap<Tp, Arc<tokio::sync::Mutex<Cursor>>>>,
+    /// Sweeps failing and being retried now (the process is `degraded` while any are).
+    behind: Arc<AtomicUsize>,
+    /// Sweep attempts to fail on purpose (test builds only), to drive the retry path without
+    /// a broker fault.
+    #[cfg(feature = "testkit")]
+    injected_failures: AtomicUsize,
+}
+
+impl Sweeper {
+    pub(crate) fn new(
+        router: Arc<Router>,
+        offsets: Offsets,
+        board: Arc<Board>,
+        lookup: Arc<Lookup>,
+        life: Arc<Lifecycle>,
+    ) -> Sweeper {
+        Sweeper {
+            settings: router.settings.clone(),
+            clock: router.clock.clone(),
+            router,
+            offsets,
+            board,
+            lookup,
+            life,
+            cursors: Mutex::default(),
+            behind: Arc::default(),
+            #[cfg(feature = "testkit")]
+            injected_failures: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many sweeps are failing and being retried now, for the status.
+    pub(crate) fn behind(&self) -> Arc<AtomicUsize> {
+        self.behind.clone()
+    }
+
+    /// Makes the next `n` sweep attempts fail (test builds only).
+    #[cfg(feature = "testkit")]
+    pub(crate) fn fail_next(&self, n: usize) {
+        self.injected_failures.store(n, Ordering::SeqCst);
+    }
+
     /// A worker: takes jobs one at a time and runs each with its own readers.
     pub(crate) async fn run_worker(
         self: Arc<Self>,
@@ -217,7 +144,7 @@ impl Shared {
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
             let job = tokio::select! {
-                _ = self.intake.cancelled() => break,
+                _ = self.life.intake().cancelled() => break,
                 _ = beat.tick() => {
                     self.board.heartbeat(&id, self.clock.now_ms());
                     continue;
@@ -241,7 +168,7 @@ impl Shared {
         let started = self.clock.now_ms();
         metrics::gauge!(m::WORKERS_BUSY).increment(1.0);
         let outcome = loop {
-            let partitions = lock(&self.tracker).partitions_of(&job.slot_topic);
+            let partitions = self.offsets.partitions_of(&job.slot_topic);
             if partitions.is_empty() {
                 break None; // revoked, or never ours
             }
@@ -249,7 +176,7 @@ impl Shared {
                 .start(job_id, worker, partitions.clone(), self.clock.now_ms());
             match self.sweep_once(&job, &partitions, readers).await {
                 Ok(counts) => break Some(Ok(counts)),
-                Err(e) if self.intake.is_cancelled() => break Some(Err(e)),
+                Err(e) if self.life.intake().is_cancelled() => break Some(Err(e)),
                 Err(e) => {
                     tracing::warn!(job = %job.name, error = %e, "sweep failed; retrying");
                     metrics::counter!(m::SWEEP_FAILURES, "level" => job.level.to_string())
@@ -257,20 +184,18 @@ impl Shared {
                     self.board.attempt_failed(job_id, e);
                     if !behind {
                         behind = true;
-                        self.sweeps_behind
-                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        self.behind.fetch_add(1, Ordering::SeqCst);
                     }
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = self.intake.cancelled() => break Some(Err("shutting down".into())),
+                        _ = self.life.intake().cancelled() => break Some(Err("shutting down".into())),
                     }
                 }
             }
         };
         if behind {
-            self.sweeps_behind
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            self.behind.fetch_sub(1, Ordering::SeqCst);
         }
         metrics::gauge!(m::WORKERS_BUSY).decrement(1.0);
         let now = self.clock.now_ms();
@@ -299,17 +224,13 @@ impl Shared {
     ) -> Result<JobCounts, String> {
         #[cfg(feature = "testkit")]
         if self
-            .injected_sweep_failures
-            .fetch_update(
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-                |n| n.checked_sub(1),
-            )
+            .injected_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
             return Err("injected sweep failure (testkit)".into());
         }
-        let top = job.level + 1 == self.ladder().levels();
+        let top = job.level + 1 == self.settings.ladder.levels();
         // Scheduled sweeps, and catch-ups of the top level (which also holds what lies beyond its
         // horizon, mixed with due windows), rewrite in-place records; other catch-ups stop at them.
         let reappend = job.kind == JobKind::Sweep || top;
@@ -318,7 +239,7 @@ impl Shared {
                 level: job.level,
                 window,
             };
-            let left = self.slice_writes.settled(id, BROKER_TIMEOUT).await;
+            let left = self.router.slice_writes.settled(id, BROKER_TIMEOUT).await;
             if left > 0 {
                 tracing::warn!(job = %job.name, left, "writes into this window still unacknowledged; sweeping without them");
             }
@@ -344,7 +265,7 @@ impl Shared {
             let tp: Tp = (topic.to_string(), partition);
             let cursor = lock(&self.cursors).entry(tp.clone()).or_default().clone();
             let mut cursor = cursor.lock_owned().await;
-            let Some(generation) = lock(&self.tracker).generation(topic, partition) else {
+            let Some(generation) = self.offsets.generation(topic, partition) else {
                 continue; // revoked meanwhile
             };
             if cursor.generation != generation {
@@ -361,17 +282,16 @@ impl Shared {
             .filter(|(_, _, c)| c.next.is_none())
             .map(|(tp, ..)| tp.clone())
             .collect();
-        let (marks, committed) = self
-            .look(move |l| {
-                let marks = l.watermarks(&tps, BROKER_TIMEOUT)?;
-                let committed = if unknown.is_empty() {
-                    HashMap::new()
-                } else {
-                    l.committed(&unknown, BROKER_TIMEOUT)?
-                };
-                Ok((marks, committed))
-            })
-            .await?;
+        let (marks, committed) = kafka::look(&self.lookup, move |l| {
+            let marks = l.watermarks(&tps, BROKER_TIMEOUT)?;
+            let committed = if unknown.is_empty() {
+                HashMap::new()
+            } else {
+                l.committed(&unknown, BROKER_TIMEOUT)?
+            };
+            Ok((marks, committed))
+        })
+        .await?;
         held.into_iter()
             .map(|(tp, generation, cursor)| {
                 let &(low, high) = marks
@@ -427,7 +347,7 @@ impl Shared {
         }
         drop(parts);
         outcome?;
-        sweep.all_placed(self).await
+        sweep.all_placed(self.life.token()).await
     }
 
     /// One reader's share of a sweep: assigned these partitions for the length of the read.
@@ -449,7 +369,7 @@ impl Shared {
             while parts.iter().any(|p| !p.done) {
                 let msg = tokio::select! {
                     m = tokio::time::timeout(STALL, reader.recv()) => m,
-                    _ = self.intake.cancelled() => return Err("shutting down".into()),
+                    _ = self.life.intake().cancelled() => return Err("shutting down".into()),
                 };
                 let rec = match msg {
                     Err(_) => return Err(format!("no record for {STALL:?}")),
@@ -470,18 +390,18 @@ impl Shared {
                 }
                 let now = self.clock.now_ms();
                 let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {
-                    let route = self.next_place(s.due.as_millis(), now);
+                    let route = self.router.next_place(s.due.as_millis(), now);
                     (s, route)
                 });
                 if let Ok((_, Route::Slice(id))) = &parsed {
-                    if rec.offset >= p.reappend_below && self.slice_topic(*id) == rec.topic {
+                    if rec.offset >= p.reappend_below && self.router.slice_topic(*id) == rec.topic {
                         // Already in the right place for a later window: leave it, and the rest,
                         // for then.
                         p.done = true;
                         continue;
                     }
                 }
-                let ticket = lock(&self.tracker).begin_in(
+                let ticket = self.offsets.begin_in(
                     &rec.topic,
                     rec.partition,
                     rec.offset,
@@ -500,12 +420,14 @@ impl Shared {
                 sweep.routed();
                 match parsed {
                     Ok((s, route)) => {
-                        self.forward(s, route, ticket, Some(sweep.clone()), None)
+                        self.router
+                            .forward(s, route, ticket, Some(sweep.clone()), None)
                             .await
                     }
                     Err(why) => {
                         tracing::error!(source = %rec.source(), detail = %why, "corrupt record in a slice; dead-lettering");
-                        self.dead_letter_original(&rec, &why, ticket, Some(sweep.clone()))
+                        self.router
+                            .dead_letter_original(&rec, &why, ticket, Some(sweep.clone()))
                             .await;
                     }
                 }
@@ -514,8 +436,7 @@ impl Shared {
                     let tps = vec![p.tp.clone()];
                     let tp = p.tp.clone();
                     let end = p.end;
-                    let h = self
-                        .look(move |l| l.ends(&tps, BROKER_TIMEOUT))
+                    let h = kafka::look(&self.lookup, move |l| l.ends(&tps, BROKER_TIMEOUT))
                         .await
                         .map(|ends| ends.get(&tp).copied().unwrap_or(end))?;
                     if h > p.end {
