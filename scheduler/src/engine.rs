@@ -451,7 +451,6 @@ impl Engine {
         if !crate::committer::commit_before(&self.offsets, end + Duration::from_secs(1)).await {
             left.push("the last commit failed".to_string());
         }
-        self.offsets.close();
         // librdkafka's flush and unsubscribe block their thread: off the async ones.
         let (outbox, consumer) = (self.outbox.clone(), self.consumer.clone());
         let closing = tokio::task::spawn_blocking(move || {

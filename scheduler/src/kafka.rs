@@ -562,12 +562,10 @@ impl ConsumerContext for EngineContext {
                         tracing::error!(error = %e, "could not pause slice partitions");
                     }
                 }
-                // The tracker hears of them before any stage can see them as owned, so every
-                // "begun" note of theirs comes after it.
-                let mut owned = self.owned.borrow().clone();
-                self.offsets
-                    .assigned(owned.assign(assigned.iter().cloned()));
-                self.owned.send_replace(owned);
+                // The tracker hears of them while the watch is held for writing, before any
+                // stage can see them as owned, so every "begun" note of theirs comes after it.
+                self.owned
+                    .send_modify(|o| self.offsets.assigned(o.assign(assigned.iter().cloned())));
                 let _ = self.events.send(RebalanceEvent::Assigned(assigned));
             }
             Rebalance::Revoke(_) => {}

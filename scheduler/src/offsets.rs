@@ -321,9 +321,7 @@ impl Offsets {
 
     /// Records that `offset` was read and is on its way; `None` when the partition is not ours.
     pub fn begin(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
-        let ticket = self.owned.borrow().ticket(topic, partition, offset)?;
-        self.tell(Note::Begun(ticket.clone()));
-        Some(ticket)
+        self.begin_under(topic, partition, offset, None)
     }
 
     /// [`Offsets::begin`], but only under `generation`: a reader that started under an earlier
@@ -336,11 +334,23 @@ impl Offsets {
         offset: i64,
         generation: u64,
     ) -> Option<Ticket> {
-        let ticket = self.owned.borrow().ticket(topic, partition, offset)?;
-        (ticket.generation == generation).then(|| {
-            self.tell(Note::Begun(ticket.clone()));
-            ticket
-        })
+        self.begin_under(topic, partition, offset, Some(generation))
+    }
+
+    fn begin_under(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: Option<u64>,
+    ) -> Option<Ticket> {
+        let ticket = self
+            .owned
+            .borrow()
+            .ticket(topic, partition, offset)
+            .filter(|t| generation.is_none_or(|g| t.generation == g))?;
+        self.tell(Note::Begun(ticket.clone()));
+        Some(ticket)
     }
 
     /// Makes the ticket's record wait for a second acknowledgement; returns the ticket for that

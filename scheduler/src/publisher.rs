@@ -92,35 +92,30 @@ impl Publisher {
     /// Sends a due record to its target, unless its id has a newer version (a cancel or a
     /// reschedule): then it is done, and its offset may be committed.
     async fn publish(&self, entry: TimerEntry) {
-        {
-            let s = &entry.scheduled;
-            if let Some(version) = s.version {
-                match self.ids.withheld(&s.id, version) {
-                    Ok(None) => {}
-                    Ok(Some(reason)) => {
-                        metrics::counter!(m::WITHHELD, "reason" => reason).increment(1);
-                        self.offsets.finish(&entry.ticket);
-                        return;
-                    }
-                    Err(e) => return self.life.fail(Fatal::Other(e.to_string())),
+        let mut scheduled = entry.scheduled;
+        if let Some(version) = scheduled.version {
+            match self.ids.withheld(&scheduled.id, version) {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    metrics::counter!(m::WITHHELD, "reason" => reason).increment(1);
+                    self.offsets.finish(&entry.ticket);
+                    return;
                 }
+                Err(e) => return self.life.fail(Fatal::Other(e.to_string())),
             }
         }
-        {
-            let mut scheduled = entry.scheduled;
-            let out = scheduled.lend_body(Scheduled::to_target);
-            let send = Send {
-                out,
-                then: Then::Deliver {
-                    due_ms: scheduled.due.as_millis(),
-                },
-                scheduled: Some(scheduled),
-                ticket: entry.ticket,
-                sweep: None,
-                slice_write: None,
-                _permit: entry.permit,
-            };
-            self.outbox.send(send).await;
-        }
+        let out = scheduled.lend_body(Scheduled::to_target);
+        let send = Send {
+            out,
+            then: Then::Deliver {
+                due_ms: scheduled.due.as_millis(),
+            },
+            scheduled: Some(scheduled),
+            ticket: entry.ticket,
+            sweep: None,
+            slice_write: None,
+            _permit: entry.permit,
+        };
+        self.outbox.send(send).await;
     }
 }

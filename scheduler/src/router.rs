@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::config::Settings;
-use crate::domain::{dlq_original, Incoming, Origin, Rejection, Scheduled};
+use crate::domain::{dlq_original, Incoming, Origin, Outgoing, Rejection, Scheduled};
 use crate::facts::{Fact, Version};
 use crate::metrics as m;
 use crate::offsets::Ticket;
@@ -75,20 +75,10 @@ impl Router {
     pub(crate) async fn write_fact(&self, id: &str, version: Version, fact: Fact, ticket: Ticket) {
         let out = self.ids.record(id, version, &fact);
         let size = out.key.as_ref().map_or(0, Vec::len) + out.payload.as_ref().map_or(0, Vec::len);
-        let permit = self.budget.reserve(in_memory(size)).await;
-        self.outbox
-            .send(Send {
-                out,
-                then: Then::Fact {
-                    fact: fact.status(),
-                },
-                scheduled: None,
-                ticket,
-                sweep: None,
-                slice_write: None,
-                _permit: permit,
-            })
-            .await;
+        let then = Then::Fact {
+            fact: fact.status(),
+        };
+        self.send_copy(out, then, size, ticket, None).await;
     }
 
     /// Sends the record as it was read to the DLQ with the reason.
@@ -101,11 +91,25 @@ impl Router {
     ) {
         let out = dlq_original(rec, &self.settings.internal.dlq, why);
         // Its headers too: a DLQ copy carries all of the original's, which may be most of it.
-        let permit = self.budget.reserve(in_memory(rec.size())).await;
+        let then = Then::DeadLetter { reason: why.code() };
+        self.send_copy(out, then, rec.size(), ticket, sweep).await;
+    }
+
+    /// Sends a record that is not a scheduled copy (a fact, a DLQ copy), its `bytes` held in
+    /// the memory budget (waiting for room) until the broker has answered.
+    async fn send_copy(
+        &self,
+        out: Outgoing,
+        then: Then,
+        bytes: usize,
+        ticket: Ticket,
+        sweep: Option<Arc<ActiveSweep>>,
+    ) {
+        let permit = self.budget.reserve(in_memory(bytes)).await;
         self.outbox
             .send(Send {
                 out,
-                then: Then::DeadLetter { reason: why.code() },
+                then,
                 scheduled: None,
                 ticket,
                 sweep,
