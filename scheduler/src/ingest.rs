@@ -99,7 +99,7 @@ impl Ingest {
                     if let Route::Slice(_) = route {
                         // Near: hold it in memory and deliver it in one hop, if the budget has
                         // room now; otherwise the slice takes it, as further records.
-                        permit = r.budget.try_reserve(weight(&s));
+                        permit = r.budget.try_reserve_hold(weight(&s));
                         if permit.is_some() {
                             route = Route::Timer;
                         }

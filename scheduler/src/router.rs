@@ -7,14 +7,14 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
 use crate::config::Settings;
 use crate::domain::{dlq_original, Incoming, Origin, Outgoing, Rejection, Scheduled};
 use crate::facts::{Fact, Version};
 use crate::metrics as m;
 use crate::offsets::Ticket;
-use crate::outbox::{in_memory, weight, Budget, Outbox, Send, Then};
+use crate::outbox::{in_memory, weight, Budget, Outbox, Send, Share, Then};
 use crate::progress::{ActiveSweep, Placed, SliceWrites};
 use crate::slice::{Route, SliceId};
 use crate::state::Ids;
@@ -26,7 +26,7 @@ use crate::timer::{Timed, TimerCmd};
 pub(crate) struct TimerEntry {
     pub(crate) scheduled: Scheduled,
     pub(crate) ticket: Ticket,
-    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) permit: Share,
 }
 
 impl Timed for TimerEntry {
@@ -119,19 +119,21 @@ impl Router {
             .await;
     }
 
-    /// Hands an accepted record to its next place, within the memory budget (waiting for room;
-    /// `permit` when the caller already holds the record's share).
+    /// Hands an accepted record to its next place, within the memory budget (waiting for room
+    /// among what the timer holds, or what is sent; `permit` when the caller already holds the
+    /// record's share).
     pub(crate) async fn forward(
         &self,
         s: Scheduled,
         route: Route,
         ticket: Ticket,
         sweep: Option<Arc<ActiveSweep>>,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<Share>,
     ) {
-        let permit = match permit {
-            Some(p) => p,
-            None => self.budget.reserve(weight(&s)).await,
+        let permit = match (permit, route) {
+            (Some(p), _) => p,
+            (None, Route::Timer) => self.budget.reserve_hold(weight(&s)).await,
+            (None, Route::Slice(_)) => self.budget.reserve(weight(&s)).await,
         };
         match route {
             Route::Timer => {
