@@ -40,6 +40,9 @@ pub const INGEST_LAG: &str = "sm_ingest_lag";
 pub const IN_FLIGHT: &str = "sm_in_flight";
 /// Histogram: sweep job durations, label `level`.
 pub const JOB_DURATION: &str = "sm_job_duration_seconds";
+/// Histogram: how long after its window began a sweep had placed every record it read (0 when
+/// before), label `level`: above 0, the records of that window reached the timer late.
+pub const SWEEP_LATENESS: &str = "sm_sweep_lateness_seconds";
 /// Counter: jobs finished, label `status`.
 pub const JOBS: &str = "sm_jobs_total";
 /// Gauge: workers running a job.
