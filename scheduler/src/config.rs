@@ -55,9 +55,12 @@ pub struct Config {
     #[arg(long, env = "SM_SLICE_PREFIX", default_value = "__SM_SLICE")]
     pub slice_prefix: String,
 
-    /// Width of the finest time slice (e.g. 1s, 200ms). Records due sooner than about this
-    /// wait in memory.
-    #[arg(long, env = "SM_SMALLEST_SLICE", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// Width of level 0, which is never written: level 1, `ratio` times wider, holds the records
+    /// due soonest, and what falls within a level-1 window whose sweep has begun waits in memory.
+    /// 250 ms (1 s level-1 windows, swept 0.5 s ahead) keeps about 1.5 s of records in memory;
+    /// 1 s (4 s windows, swept 2 s ahead) needed 6 s of them, more than the memory budget holds
+    /// at 20,000 records/s (see BENCHMARKS.md, 2026-12-06).
+    #[arg(long, env = "SM_SMALLEST_SLICE", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub smallest_slice: Duration,
 
     /// Each level's slices are this many times wider than the level below.
@@ -75,17 +78,20 @@ pub struct Config {
     pub sweep_lead: Option<i64>,
 
     /// Time a record must have before its slice is swept, covering produce latency and clock skew
-    /// between instances. Must be below smallest-slice / ratio.
+    /// between instances. Must be below smallest-slice.
     #[arg(long, env = "SM_SAFETY_MARGIN", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub safety_margin: Duration,
 
     /// Records due within this much of now wait in memory from the moment they are read from the
     /// ingest topic, and go to their target in one hop; the ingest offset is committed once they
-    /// are delivered. Further out they go down the slice ladder. [default: the finest swept
-    /// slice's reach, w1 + its lead: 6s with the default ladder]. `0s` sends everything the
-    /// ladder can place into the slices.
-    #[arg(long, env = "SM_HOLD_HORIZON", value_parser = humantime::parse_duration)]
-    pub hold_horizon: Option<Duration>,
+    /// are delivered, if the memory budget has room for them (at most half of what it gives to
+    /// held records: the rest is for records only the timer can take); else, and further out,
+    /// they go down the slice ladder. `0s` sends everything the ladder can place into the
+    /// slices. The default of 6 s is what the 4 s level-1 windows of earlier versions made the
+    /// timer hold: with 1 s windows, records a few seconds ahead still take one hop while the
+    /// budget has room (one run each, 2,000/s ordinary client: p99 65 ms held, 375 ms swept).
+    #[arg(long, env = "SM_HOLD_HORIZON", default_value = "6s", value_parser = humantime::parse_duration)]
+    pub hold_horizon: Duration,
 
     /// Bytes of records this process holds at once: those waiting in the timer and those sent
     /// and not yet acknowledged. When it is full, reading stops until deliveries make room (e.g.
@@ -285,9 +291,7 @@ impl Settings {
         if let Some(id) = &config.instance_id {
             config.instance_id = Some(id.replace("{hostname}", &hostname()));
         }
-        let hold_ms = config
-            .hold_horizon
-            .map_or(ladder.width(1) + ladder.lead(1), millis);
+        let hold_ms = millis(config.hold_horizon);
         if hold_ms > 3_600_000 {
             return Err(ConfigError::HoldTooLong(
                 humantime::format_duration(Duration::from_millis(hold_ms as u64)).to_string(),
@@ -445,8 +449,13 @@ mod tests {
     fn defaults_are_valid() {
         let s = parse(&[]).unwrap();
         assert_eq!(s.internal.dlq, "SCHEDULED_MESSAGES.DLQ");
-        assert_eq!(s.ladder.width(0), 1000);
-        assert_eq!(s.slice_topic(1, 3), "__SM_SLICE_4000MS_3");
+        assert_eq!(s.ladder.width(1), 1000, "level-1 windows of 1 s");
+        assert_eq!(s.ladder.lead(1), 500, "swept half a second ahead");
+        assert_eq!(
+            s.slice_topic(2, 3),
+            "__SM_SLICE_4000MS_3",
+            "4 s windows keep the topics a 1 s ladder wrote (the width is in the name)"
+        );
     }
 
     #[test]
@@ -493,11 +502,7 @@ mod tests {
         assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
         assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
         assert_eq!(parse_bytes("2048KiB"), Ok(2 << 20));
-        assert_eq!(
-            parse(&[]).unwrap().hold_ms,
-            4000 + 2000,
-            "w1 + lead1 by default"
-        );
+        assert_eq!(parse(&[]).unwrap().hold_ms, 6000, "6 s by default");
         assert_eq!(parse(&["--hold-horizon", "0s"]).unwrap().hold_ms, 0);
         assert_eq!(parse(&["--hold-horizon", "1h"]).unwrap().hold_ms, 3_600_000);
         let too_long = parse(&["--hold-horizon", "61m"]).unwrap_err();

@@ -57,9 +57,7 @@ pub enum LadderError {
     BadRatio(i64),
     #[error("the largest slice ({largest} ms) must be at least the smallest ({smallest} ms)")]
     LargestTooSmall { smallest: i64, largest: i64 },
-    #[error("the smallest slice ({smallest} ms) must be a multiple of the ratio ({ratio})")]
-    NotDivisible { smallest: i64, ratio: i64 },
-    #[error("the safety margin ({margin} ms) must be below the smallest lead ({lead} ms = smallest / ratio)")]
+    #[error("the safety margin ({margin} ms) must be below the smallest slice ({lead} ms): level-1 windows are swept at least that long before they begin")]
     MarginTooLarge { margin: i64, lead: i64 },
     #[error("at most 24 levels (the widths given make {0})")]
     TooManyLevels(usize),
@@ -99,13 +97,12 @@ impl Ladder {
         if largest < smallest {
             return Err(LadderError::LargestTooSmall { smallest, largest });
         }
-        if smallest % ratio != 0 {
-            return Err(LadderError::NotDivisible { smallest, ratio });
-        }
-        if margin_ms < 0 || margin_ms >= smallest / ratio {
+        // Level 0 is never swept, so its own lead (w_0 / r) means nothing: the finest sweep is of
+        // level 1, `f * w_0` ahead, and a record must be routable to some window before it.
+        if margin_ms < 0 || margin_ms >= smallest {
             return Err(LadderError::MarginTooLarge {
                 margin: margin_ms,
-                lead: smallest / ratio,
+                lead: smallest,
             });
         }
         let mut widths = vec![smallest];
@@ -320,12 +317,12 @@ mod tests {
             Ladder::new(1000, 2, 10, 0),
             Err(LadderError::LargestTooSmall { .. })
         ));
+        assert!(
+            Ladder::new(250, 4, 100_000, 100).is_ok(),
+            "level 0 is never swept: its width need not divide by the ratio"
+        );
         assert!(matches!(
-            Ladder::new(1000, 3, 100_000, 0),
-            Err(LadderError::NotDivisible { .. })
-        ));
-        assert!(matches!(
-            Ladder::new(1000, 4, 100_000, 250),
+            Ladder::new(1000, 4, 100_000, 1000),
             Err(LadderError::MarginTooLarge { .. })
         ));
     }

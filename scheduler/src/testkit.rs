@@ -81,6 +81,11 @@ impl Names {
             "6400ms",
             "--safety-margin",
             "150ms",
+            // The reach of this ladder's finest swept level (w1 + lead1): a record a few seconds
+            // ahead crosses the slices, as the tests mean it to, instead of waiting in memory
+            // for the default 6 s.
+            "--hold-horizon",
+            "1200ms",
             "--ingest-partitions",
             "4",
             "--slice-partitions",

@@ -14,11 +14,11 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use scheduler::testkit::*;
 
-/// The default ladder (1 s × 4 up to 1 day, 100 ms margin, sweep lead 2), as users run it; the
-/// testkit's ladder is tuned for short tests, not for measuring.
+/// The default ladder (250 ms × 4 up to 1 day, 100 ms margin, sweep lead 2), as users run it;
+/// the testkit's ladder is tuned for short tests, not for measuring.
 pub const DEFAULT_LADDER: [&str; 14] = [
     "--smallest-slice",
-    "1s",
+    "250ms",
     "--slice-ratio",
     "4",
     "--largest-slice",

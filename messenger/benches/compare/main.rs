@@ -241,7 +241,7 @@ async fn main() {
     emit(
         &mut out,
         &format!(
-            "# Benchmarks\n\nCommand (after `./messagescheduler.sh --stack`, which collects Apache Kafka and starts MariaDB):\n\n    {}\n\nMachine: {}. Every section starts a broker of its own: Apache Kafka {} (one JVM in KRaft mode, broker and controller, 512 MiB heap, `broker/server.properties`) on 127.0.0.1. MySQL: MariaDB 10.11. The scheduler and the db-scheduler run as release binaries in their own processes with their default settings (ladder 1 s × 4 up to 1 day, safety margin 100 ms, sweep lead 2); producers and readers run in the benchmark's process. Lateness is measured on arrival at a reader, against the due time; \"early\" counts records published or received before their due time.\n",
+            "# Benchmarks\n\nCommand (after `./messagescheduler.sh --stack`, which collects Apache Kafka and starts MariaDB):\n\n    {}\n\nMachine: {}. Every section starts a broker of its own: Apache Kafka {} (one JVM in KRaft mode, broker and controller, 512 MiB heap, `broker/server.properties`) on 127.0.0.1. MySQL: MariaDB 10.11. The scheduler and the db-scheduler run as release binaries in their own processes with their default settings (ladder 250 ms × 4 up to 1 day, level-1 windows of 1 s, hold horizon 6 s, safety margin 100 ms, sweep lead 2); producers and readers run in the benchmark's process. Lateness is measured on arrival at a reader, against the due time; \"early\" counts records published or received before their due time.\n",
             a.command(),
             machine(),
             scheduler::testkit::kafka_version()
