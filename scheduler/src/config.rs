@@ -57,9 +57,10 @@ pub struct Config {
 
     /// Width of level 0, which is never written: level 1, `ratio` times wider, holds the records
     /// due soonest, and what falls within a level-1 window whose sweep has begun waits in memory.
-    /// 250 ms (1 s level-1 windows, swept 0.5 s ahead) keeps about 1.5 s of records in memory;
-    /// 1 s (4 s windows, swept 2 s ahead) needed 6 s of them, more than the memory budget holds
-    /// at 20,000 records/s (see BENCHMARKS.md, 2026-12-06).
+    /// 250 ms (1 s level-1 windows, swept 0.5 s ahead) makes the timer hold about 1.5 s of
+    /// records it alone can take (beside those within the hold horizon that it holds by choice,
+    /// while the budget has room); 1 s (4 s windows, swept 2 s ahead) made that 6 s, more than
+    /// the memory budget holds at 20,000 records/s (see BENCHMARKS.md, 2026-12-06).
     #[arg(long, env = "SM_SMALLEST_SLICE", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub smallest_slice: Duration,
 

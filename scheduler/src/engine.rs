@@ -389,7 +389,7 @@ impl Engine {
     }
 
     /// Stops reading, lets the timer publish what it holds (records due within the hold horizon,
-    /// or within `w_1 + lead_1` from a sweep: 6 s with the defaults) and in-flight sends finish,
+    /// 6 s by default, or within `w_1 + lead_1` from a sweep: 1.5 s with the defaults) and in-flight sends finish,
     /// all within `--shutdown-timeout`; commits what is safe, and returns. A restart after a clean
     /// stop therefore re-delivers nothing; what could not finish stays uncommitted and is read
     /// again by the next owner.

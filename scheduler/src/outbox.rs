@@ -59,8 +59,9 @@ pub struct Budget {
 /// of its cost, large enough that a u32 counts budgets up to 1 TiB.
 const UNIT: u64 = 256;
 
-/// A record's share of the [`Budget`], given back when it is dropped: of the whole, and, while the
-/// timer may hold the record, of the part holds may take.
+/// A record's share of the [`Budget`], given back when it is dropped: of the whole, and, for a
+/// record the timer holds, of the part holds may take, kept until its delivery is acknowledged
+/// (or dead-lettered), so that part bounds the timer and the deliveries in flight together.
 pub struct Share {
     all: OwnedSemaphorePermit,
     _hold: Option<OwnedSemaphorePermit>,

@@ -16,7 +16,7 @@ use scheduler::testkit::*;
 
 /// The default ladder (250 ms × 4 up to 1 day, 100 ms margin, sweep lead 2), as users run it;
 /// the testkit's ladder is tuned for short tests, not for measuring.
-pub const DEFAULT_LADDER: [&str; 14] = [
+pub const DEFAULT_LADDER: [&str; 16] = [
     "--smallest-slice",
     "250ms",
     "--slice-ratio",
@@ -25,6 +25,9 @@ pub const DEFAULT_LADDER: [&str; 14] = [
     "1day",
     "--safety-margin",
     "100ms",
+    // The scheduler's default; the testkit's own ladder pins a shorter one.
+    "--hold-horizon",
+    "6s",
     "--ingest-partitions",
     "16",
     "--slice-partitions",
