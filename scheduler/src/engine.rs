@@ -389,10 +389,10 @@ impl Engine {
     }
 
     /// Stops reading, lets the timer publish what it holds (records due within the hold horizon,
-    /// 6 s by default, or within `w_1 + lead_1` from a sweep: 1.5 s with the defaults) and in-flight sends finish,
-    /// all within `--shutdown-timeout`; commits what is safe, and returns. A restart after a clean
-    /// stop therefore re-delivers nothing; what could not finish stays uncommitted and is read
-    /// again by the next owner.
+    /// 6 s by default, or within `w_1 + lead_1` from a sweep: 1.5 s with the defaults) and
+    /// in-flight sends finish, all within `--shutdown-timeout`; commits what is safe, and
+    /// returns. A restart after a clean stop therefore re-delivers nothing; what could not finish
+    /// stays uncommitted and is read again by the next owner.
     pub async fn stop(self) -> Result<(), Error> {
         self.life.stop_intake();
         let ladder = &self.settings.ladder;

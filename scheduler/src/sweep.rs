@@ -212,11 +212,8 @@ impl Sweeper {
         metrics::counter!(m::JOBS, "status" => status).increment(1);
         metrics::histogram!(m::JOB_DURATION, "level" => job.level.to_string())
             .record((now - started) as f64 / 1000.0);
-        if let (Some(window), true) = (job.window, job.kind == JobKind::Sweep) {
-            let (begins, _) = self.settings.ladder.bounds(SliceId {
-                level: job.level,
-                window,
-            });
+        // A scheduled sweep's window start; a catch-up has none.
+        if let Some(begins) = job.lower_ms {
             metrics::histogram!(m::SWEEP_LATENESS, "level" => job.level.to_string())
                 .record((now - begins).max(0) as f64 / 1000.0);
         }
