@@ -13,7 +13,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-STACK="${SM_STACK_DIR:-$ROOT/.stack}"
+# Absolute, so that nothing depends on the directory the script was called from.
+STACK="$(realpath -m -- "${SM_STACK_DIR:-$ROOT/.stack}")"
 SECANTUS_VERSION=0.7.0b3
 CONFLUENT_KAFKA_VERSION=2.16.1
 
@@ -39,8 +40,12 @@ Compose where a Docker engine runs, otherwise as local processes on the local st
   -s,  --stop             stop everything this script started
       --stack             only install and start the local servers (Kafka, MongoDB, MySQL)
       --test              MongoDB, MySQL and a fresh Kafka broker of its own, then every test
-      --dry-run           print the Docker commands instead of running them
-One action per run: two of --all/--app/--exp/-c/-dc/-p/-pl/-s/--stack/--test are refused.
+      --dry-run           print what would change instead of changing it (the Docker commands,
+                          what -s would stop, what -c/-dc would remove); --stack, --test, -p and
+                          -pl refuse it
+One action per run: two of --all/--app/--exp/-c/-dc/-p/-pl/-s/--stack/--test are refused. One run
+that changes something per stack directory: a second one says which run holds it and exits.
+Works from any directory: it builds and tests the checkout it is in.
 
 Environment:
   SM_KAFKA_PORT, SM_KAFKA_CONTROLLER_PORT  the local broker's ports (9092, and the next one)
@@ -55,8 +60,10 @@ Environment:
   SM_MESSENGER_URL        what -p/-pl read (http://127.0.0.1:5000)
   SM_BIN_DIR              run the binaries there instead of building release ones
   SM_SCHEDULER_PORT       the local scheduler's HTTP port (8000)
-  SM_SHUTDOWN_TIMEOUT     the scheduler's clean-stop limit (20s; 500ms, 20s, 1m, 1h); -s waits that
-                          plus 10 s before SIGKILL
+  SM_SHUTDOWN_TIMEOUT     the scheduler's clean-stop limit (20s; read as the scheduler reads it:
+                          500ms, 1.5s, 20s, 1m, 1h, "1m 30s"); -s waits that plus 10 s before SIGKILL
+  SM_STACK_DIR            where the stack's data, logs, PID files and lock live (.stack)
+  SM_STATE_DIR            the local scheduler's index of ids (.stack/scheduler-state)
 EOF
 }
 
@@ -86,8 +93,8 @@ KAFKA_VERSION="$(setting SM_KAFKA_VERSION \
   '^[0-9]+\.[0-9]+\.[0-9]+$' 'a Kafka version such as 4.4.0')"
 KAFKA_HEAP="$(setting SM_KAFKA_HEAP 512m '^[1-9][0-9]*[mMgG]$' 'a JVM heap size such as 512m or 1g')"
 # The broker's runtime classpath, collected once per machine by Maven (ensure_kafka).
-KAFKA_HOME="${SM_KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/messagescheduler/kafka-$KAFKA_VERSION}"
-MYSQL_DIR="${SM_MYSQL_DIR:-$STACK/mysql}"
+KAFKA_HOME="$(realpath -m -- "${SM_KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/messagescheduler/kafka-$KAFKA_VERSION}")"
+MYSQL_DIR="$(realpath -m -- "${SM_MYSQL_DIR:-$STACK/mysql}")"
 # Servers given from outside: used as they are, nothing local is started for them.
 EXTERNAL_KAFKA="${SM_BOOTSTRAP_SERVERS:-}"
 EXTERNAL_MONGO="${SM_MONGODB_URI:-}"
@@ -201,12 +208,16 @@ pid_alive() {
 # The command line of a process, as one line ('' when it is gone).
 cmdline_of() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
 
-# pid_ours NAME: its PID file names a live process that still runs the command we started (a PID
-# the system reused for something else is not ours).
+# pid_ours NAME: its PID file names a live process that still runs the command line recorded
+# before we started it (a PID the system reused for something else is not ours, nor is a PID
+# without a recorded command line). A program that is a script (#!) runs with its interpreter's
+# name before the recorded command line.
 pid_ours() {
-  local name=$1
+  local name=$1 expected actual
   pid_alive "$name" || return 1
-  [ "$(cmdline_of "$(cat "$STACK/pids/$name.pid")")" = "$(cat "$STACK/pids/$name.cmd" 2>/dev/null)" ]
+  expected="$(cat "$STACK/pids/$name.cmd" 2>/dev/null)" && [ -n "$expected" ] || return 1
+  actual="$(cmdline_of "$(cat "$STACK/pids/$name.pid")")"
+  [ "$actual" = "$expected" ] || [[ "$actual" == *" $expected" && "${actual%% *}" != *" "* ]]
 }
 
 # The PID listening on a port, or nothing.
@@ -235,7 +246,7 @@ wait_port() {
   for i in $(seq 1 300); do
     port_open "$port" && return 0
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-      rm -f "$STACK/pids/$name.pid"
+      rm -f "$STACK/pids/$name.pid" "$STACK/pids/$name.cmd"
       tail -n 20 "$STACK/logs/$name.log" ${SERVER_LOG:+"$SERVER_LOG"} >&2 2>/dev/null || true
       die "$name exited during start-up (log: ${SERVER_LOG:-$STACK/logs/$name.log})"
     fi
@@ -245,8 +256,10 @@ wait_port() {
 }
 
 # start NAME PORT DIR COMMAND...: runs COMMAND in DIR in the background, in a session of its own
-# (so a Ctrl-C in this terminal does not reach it), records its PID and command line, waits for
-# the port. A process of ours already running is kept, unless SM_RESTART names it (a rebuilt
+# (so a Ctrl-C in this terminal does not reach it), with its output in the stack's log, and waits
+# for the port. Its command line is recorded before it starts and its PID by start-stop-daemon
+# before the program runs, so that a crash of this script at any moment leaves nothing running
+# that `-s` does not find and recognise. A process of ours already running is kept, unless SM_RESTART names it (a rebuilt
 # binary). A port held by a process this script did not start is reported and left alone: for
 # the stack's servers, another checkout's server of the same program is used (named); anything
 # else stops the start.
@@ -269,13 +282,19 @@ start() {
   fi
   port_free_for "$name" "$port" || return 0
   mkdir -p "$dir" "$STACK/logs" "$STACK/pids"
-  (cd "$dir" && exec setsid "$@" >>"$STACK/logs/$name.log" 2>&1 </dev/null) &
-  local pid=$!
-  echo "$pid" >"$STACK/pids/$name.pid"
+  local exe pid
+  exe="$(command -v -- "$1")" || die "$name: $1 is not installed"
+  exe="$(realpath -s -- "$exe")"
+  shift
+  printf '%s ' "$exe" "$@" >"$STACK/pids/$name.cmd"
+  rm -f "$STACK/pids/$name.pid"
+  start-stop-daemon --start --quiet --background --make-pidfile --pidfile "$STACK/pids/$name.pid" \
+    --chdir "$dir" --output "$STACK/logs/$name.log" --startas "$exe" -- "$@" ||
+    die "$name: start-stop-daemon could not start $exe"
+  pid="$(cat "$STACK/pids/$name.pid")"
   wait_port "$name" "$port" "$pid"
-  cmdline_of "$pid" >"$STACK/pids/$name.cmd"
   # When its binary was built, so that a rebuild is noticed (restart_rebuilt).
-  [ -f "$1" ] && stat -c %Y "$1" >"$STACK/pids/$name.built"
+  stat -c %Y "$exe" >"$STACK/pids/$name.built"
   log "$name started (pid $pid) on 127.0.0.1:$port"
 }
 
@@ -529,17 +548,48 @@ stack() {
   start_mysql
 }
 
-# seconds_of NAME DURATION: DURATION (500ms, 20s, 1m, 1h) in whole seconds, rounded up; anything
-# else stops the script, naming the setting.
+# seconds_of NAME DURATION: DURATION in whole seconds, rounded up, read as the services read theirs
+# (humantime's grammar: one or more spans such as 500ms, 1.5s, 20s, 1m, 1h, 2days or "1m 30s").
+# Anything else stops the script, naming the setting; nothing in it is evaluated.
 seconds_of() {
-  [[ "$2" =~ ^([0-9]{1,9})(ms|s|m|h)$ ]] || die "$1=$2 is not a duration such as 500ms, 20s, 1m or 1h"
-  local n=$((10#${BASH_REMATCH[1]}))
-  case "${BASH_REMATCH[2]}" in
-    ms) echo $(((n + 999) / 1000)) ;;
-    s) echo "$n" ;;
-    m) echo $((n * 60)) ;;
-    h) echo $((n * 3600)) ;;
-  esac
+  local rest=$2 ns=0 n frac digits unit per scale
+  [[ "$rest" =~ [0-9] ]] || die "$1=$2 is not a duration such as 500ms, 20s, 1m or 1h"
+  while [[ "$rest" =~ ^[[:space:]]*([0-9]{1,9})(\.([0-9]{1,9}))?[[:space:]]*([A-Za-z]+)(.*)$ ]]; do
+    n=$((10#${BASH_REMATCH[1]}))
+    digits=${BASH_REMATCH[3]}
+    unit=${BASH_REMATCH[4]}
+    rest=${BASH_REMATCH[5]}
+    case "$unit" in
+      nanos|nsec|ns) per=1 ;;
+      usec|us) per=1000 ;;
+      millis|msec|ms) per=1000000 ;;
+      seconds|second|secs|sec|s) per=1000000000 ;;
+      minutes|minute|min|mins|m) per=60000000000 ;;
+      hours|hour|hr|hrs|h) per=3600000000000 ;;
+      days|day|d) per=86400000000000 ;;
+      weeks|week|wk|wks|w) per=604800000000000 ;;
+      months|month|M) per=2630016000000000 ;;
+      years|year|yr|yrs|y) per=31557600000000000 ;;
+      *) die "$1=$2: unknown unit '$unit' (ns, us, ms, s, m, h, d, w, M or y, e.g. 500ms, 20s, 1m, 1h)" ;;
+    esac
+    # Past about 146 years the sum would overflow 64 bits.
+    [ "$n" -lt $(((1 << 62) / per - ns / per)) ] || die "$1=$2 is too long"
+    ns=$((ns + n * per))
+    [ -z "$digits" ] || [ "$per" -gt 1 ] || die "$1=$2: a fraction of a nanosecond"
+    if [ -n "$digits" ]; then
+      # The unit's fraction, truncated to whole nanoseconds as humantime does.
+      frac=$((10#$digits))
+      scale=$((10 ** ${#digits}))
+      if [ $((per % scale)) -eq 0 ]; then
+        ns=$((ns + frac * (per / scale)))
+      else
+        ns=$((ns + frac * per / scale))
+      fi
+    fi
+  done
+  [[ "$rest" =~ ^[[:space:]]*$ ]] ||
+    die "$1=$2 is not a duration such as 500ms, 20s, 1m or 1h (a number and its unit, for each span)"
+  echo $(((ns + 999999999) / 1000000000))
 }
 
 # A clean stop of the scheduler takes up to its SM_SHUTDOWN_TIMEOUT (20 s by default); the other
@@ -548,25 +598,25 @@ seconds_of() {
 SHUTDOWN_TIMEOUT_S="$(seconds_of SM_SHUTDOWN_TIMEOUT "${SM_SHUTDOWN_TIMEOUT:-20s}")"
 STOP_GRACE_S=$((SHUTDOWN_TIMEOUT_S + 10))
 
-# stop_one NAME: SIGTERM to the process we started, SIGKILL after the grace period.
+# stop_one NAME: SIGTERM to the process we started (its PID still running the command line we
+# recorded), SIGKILL after the grace period; start-stop-daemon waits until it is gone.
 stop_one() {
-  local name=$1 pid i
-  pid="$(cat "$STACK/pids/$name.pid")"
-  if pid_ours "$name" || { [ ! -f "$STACK/pids/$name.cmd" ] && pid_alive "$name"; }; then
+  local name=$1 pid
+  pid="$(cat "$STACK/pids/$name.pid" 2>/dev/null || true)"
+  if pid_ours "$name" && [ "$DRY_RUN" -eq 1 ]; then
+    log "would stop $name (pid $pid)"
+    return 0
+  elif pid_ours "$name"; then
     log "stopping $name (pid $pid)"
-    kill "$pid" 2>/dev/null || true
-    for i in $(seq 1 $((STOP_GRACE_S * 10))); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
+    if ! start-stop-daemon --stop --quiet --oknodo --pid "$pid" --retry "TERM/$STOP_GRACE_S"; then
       log "$name did not stop within ${STOP_GRACE_S} s; killing it"
-      kill -9 "$pid" 2>/dev/null || true
+      start-stop-daemon --stop --quiet --oknodo --pid "$pid" --signal KILL --retry 5 ||
+        die "$name (pid $pid) survived SIGKILL"
     fi
   elif pid_alive "$name"; then
     log "$name: pid $pid is no longer the process we started; leaving it alone"
   fi
-  rm -f "$STACK/pids/$name.pid" "$STACK/pids/$name.cmd" "$STACK/pids/$name.built"
+  [ "$DRY_RUN" -eq 1 ] || rm -f "$STACK/pids/$name.pid" "$STACK/pids/$name.cmd" "$STACK/pids/$name.built"
 }
 
 # The services first, while the servers they talk to still answer: a scheduler stopping cleanly
@@ -623,8 +673,34 @@ run_tests() {
   ensure_web_test
   export_env
   log "running the workspace's tests"
-  cargo test --workspace --all-targets
+  (cd "$ROOT" && cargo test --workspace --all-targets 9>&-)
 }
+
+# ---- one run at a time -------------------------------------------------------------------------
+
+# take_lock ARGS...: one run that changes something per stack directory. A second run while one
+# holds the lock says who holds it and exits (two runs starting the same server would race for its
+# port and PID file). The lock is a file descriptor of this script's: it ends with the script,
+# whatever kills it, and the servers it starts do not inherit it (start-stop-daemon closes it). A
+# short-lived child of a run that was killed (a `sleep`, a probe of a port) may hold it a moment
+# longer: when the run that took it is gone, the lock is waited for, briefly.
+take_lock() {
+  mkdir -p "$STACK"
+  exec 9<>"$STACK/lock"
+  if ! flock -n 9; then
+    local holder holder_pid
+    holder="$(head -c 400 "$STACK/lock" | tr -d '\n')"
+    holder_pid="$(sed -n 's/^pid \([0-9]*\) .*/\1/p' "$STACK/lock" | head -n 1)"
+    if [ -n "$holder_pid" ] && ! kill -0 "$holder_pid" 2>/dev/null && flock -w 5 9; then
+      log "the run that last held $STACK/lock ($holder) is gone; going ahead"
+    else
+      die "another run of this script is using $STACK: $holder; wait for it to end (or stop it), then retry"
+    fi
+  fi
+  printf 'pid %s since %s: %s\n' "$$" "$(date -u +%FT%TZ)" "$ROOT/messagescheduler.sh $*" >"$STACK/lock"
+}
+
+release_lock() { exec 9>&-; }
 
 # ---- the services: Docker Compose, or local processes ------------------------------------------
 
@@ -667,7 +743,9 @@ compose() {
 }
 
 # The binaries the local services run: the release build, or SM_BIN_DIR's (then nothing is built).
-BIN_DIR="${SM_BIN_DIR:-$ROOT/target/release}"
+BIN_DIR="$(realpath -m -- "${SM_BIN_DIR:-$ROOT/target/release}")"
+# The scheduler's index of ids (a cache of the state topic): -c removes it.
+STATE_DIR="$(realpath -m -- "${SM_STATE_DIR:-$STACK/scheduler-state}")"
 SCHEDULER_PORT="${SM_SCHEDULER_PORT:-8000}"
 
 build_release() {
@@ -676,7 +754,7 @@ build_release() {
     return 0
   fi
   log "building the release binaries"
-  cargo build --release --bins --quiet
+  (cd "$ROOT" && cargo build --release --bins --quiet 9>&-)
 }
 
 # Our services whose binary was rebuilt since they started: `start` restarts them (SM_RESTART).
@@ -709,7 +787,7 @@ local_services() {
   build_release
   restart_rebuilt
   load_experiment_env
-  SM_HTTP_ADDR="127.0.0.1:$SCHEDULER_PORT" SM_STATE_DIR="${SM_STATE_DIR:-$STACK/scheduler-state}" start scheduler "$SCHEDULER_PORT" "$STACK/run" "$BIN_DIR/scheduler"
+  SM_HTTP_ADDR="127.0.0.1:$SCHEDULER_PORT" SM_STATE_DIR="$STATE_DIR" start scheduler "$SCHEDULER_PORT" "$STACK/run" "$BIN_DIR/scheduler"
   [ "$what" = app ] && return 0
   start db-scheduler 8001 "$STACK/run" "$BIN_DIR/db-scheduler"
   SM_SCHEDULER_URL="http://127.0.0.1:$SCHEDULER_PORT" start messenger 5000 "$STACK/run" "$BIN_DIR/messenger" serve
@@ -815,11 +893,13 @@ stop() {
   if use_docker; then
     WITH_GRAFANA=1 WITH_GUI=1 compose down --remove-orphans
   fi
-  [ "$DRY_RUN" -eq 1 ] || stop_all
+  stop_all
 }
 
-# -c: what this project built and ran (its release binaries, the stack's data and logs), not the
-# rest of target/ nor the installed servers. -dc: everything, said out loud.
+# -c: what this project built and ran (its release binaries, the stack's data, logs and PID files,
+# the scheduler's index of ids, the data of a test broker a killed run left behind; with Docker the
+# compose project's volumes), said out loud; not the rest of target/, nor what is installed (the
+# Python environment, the broker's classpath). -dc: everything, said out loud.
 clean() {
   local deep=$1
   stop
@@ -830,17 +910,45 @@ clean() {
       WITH_GRAFANA=1 WITH_GUI=1 compose down --volumes --rmi local --remove-orphans
     fi
     run rm -rf "$ROOT/target" "$STACK" "$MYSQL_DIR" "$KAFKA_HOME"
-  else
-    log "removing the release binaries and the stack's data and logs: the broker's, MongoDB's, MariaDB's ($MYSQL_DIR), the scheduler's index of ids, Prometheus's"
-    run rm -f "$ROOT/target/release/scheduler" "$ROOT/target/release/db-scheduler" \
-      "$ROOT/target/release/messenger"
-    run rm -rf "$STACK/logs" "$STACK/kafka" "$STACK/mongo" "$MYSQL_DIR" "$STACK/run" \
-      "$STACK/prometheus" "$STACK/scheduler-state"
+    return 0
   fi
+  if use_docker; then
+    log "removing the compose project's volumes (Kafka's, MongoDB's and MySQL's data, the scheduler's index of ids)"
+    WITH_GRAFANA=1 WITH_GUI=1 compose down --volumes --remove-orphans
+  fi
+  local gone=(
+    "$STACK/kafka" "$STACK/mongo" "$MYSQL_DIR" "$STACK/prometheus" "$STACK/run"
+    "$STACK/logs" "$STACK/pids"
+  )
+  local leftover test_brokers=""
+  for leftover in "$STACK"/test-kafka.*; do
+    [ -e "$leftover" ] && gone+=("$leftover") && test_brokers=", the data of a test broker a killed run left behind"
+  done
+  local built=""
+  if [ -z "${SM_BIN_DIR:-}" ]; then
+    gone+=("$BIN_DIR/scheduler" "$BIN_DIR/db-scheduler" "$BIN_DIR/messenger")
+    built="the release binaries ($BIN_DIR/{scheduler,db-scheduler,messenger}), "
+  else
+    log "kept: the binaries in $BIN_DIR (SM_BIN_DIR: this script did not build them)"
+  fi
+  local index=""
+  if [ -z "${SM_STATE_DIR:-}" ]; then
+    gone+=("$STATE_DIR")
+    index="the scheduler's index of ids ($STATE_DIR), "
+  else
+    log "kept: the scheduler's index of ids in $STATE_DIR (SM_STATE_DIR: yours; it is rebuilt from Kafka when removed)"
+  fi
+  log "removing: ${built}${index}the broker's data ($STACK/kafka), MongoDB's ($STACK/mongo), MariaDB's with the project's password ($MYSQL_DIR), Prometheus's data, the services' working directory, logs and PID files$test_brokers"
+  run rm -rf "${gone[@]}"
+  if [ -d "$STACK/venv" ]; then
+    log "kept: $STACK/venv (installed software: SecantusDB and confluent-kafka; -dc removes it) and $KAFKA_HOME (the broker's classpath; -dc removes it)"
+  fi
+  # The lock last: this run is over.
+  run rm -f "$STACK/lock"
 }
 
 main() {
-  local action="" given="" progress_after=0
+  local action="" given="" progress_after=0 args=("$@")
   # One action per run: a second one is refused, never silently preferred.
   act() {
     if [ -n "$action" ] && [ "$action" != "$1" ]; then
@@ -870,6 +978,17 @@ main() {
   done
   action=${action:-exp}
   case "$action" in
+    stack|test|progress|progress-live)
+      # These change nothing a dry run could print instead (-p, -pl), or their work is what
+      # they run (--stack, --test): refused rather than run.
+      [ "$DRY_RUN" -eq 0 ] || die "--dry-run has nothing to print for $given: run it without --dry-run"
+      ;;
+  esac
+  case "$action" in
+    progress|progress-live) ;;
+    *) [ "$DRY_RUN" -eq 1 ] || take_lock "${args[@]}" ;;
+  esac
+  case "$action" in
     stack) stack ;;
     test) run_tests ;;
     app)
@@ -880,6 +999,8 @@ main() {
       up exp
       start_experiment
       if [ "$progress_after" -eq 1 ] && [ "$DRY_RUN" -eq 0 ]; then
+        # Watching changes nothing: another run may stop or clean meanwhile.
+        release_lock
         progress_live
       else
         log "watch it: ./messagescheduler.sh -pl, or $MESSENGER_URL/ in a browser"
@@ -893,4 +1014,7 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (by the tests, to check a function against the services' own parsing), it only defines.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
+fi

@@ -497,7 +497,13 @@ fn broker_port() -> String {
 /// returns the finished process's output. MySQL is the test run's too, given by `SM_MYSQL_URL`
 /// (the script starts none then): its account belongs to the run's stack directory.
 fn script_with(args: &[&str], stack: &Path, env: &[(&str, String)]) -> std::process::Output {
-    Command::new("bash")
+    script_command(args, stack, env).output().unwrap()
+}
+
+/// The command `script_with` runs, to spawn rather than wait.
+fn script_command(args: &[&str], stack: &Path, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new("bash");
+    command
         .arg(root().join("messagescheduler.sh"))
         .args(args)
         .env("SM_DOCKER", "0")
@@ -505,9 +511,8 @@ fn script_with(args: &[&str], stack: &Path, env: &[(&str, String)]) -> std::proc
         .env_remove("SM_BOOTSTRAP_SERVERS")
         .env_remove("SM_MONGODB_URI")
         .env("SM_KAFKA_PORT", broker_port())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command
 }
 
 /// Waits (up to 20 s) until something listens on `port`; panics with `what` if nothing does.
@@ -542,12 +547,7 @@ fn stop_takes_the_services_down_before_the_servers() {
     let stack = std::env::temp_dir().join(unique("stack"));
     std::fs::create_dir_all(stack.join("pids")).unwrap();
     let stand_in = |name: &str| -> u32 {
-        // Its shell exits at once, so the stand-in is reaped as soon as it is stopped.
-        let out = Command::new("sh")
-            .args(["-c", "sleep 600 >/dev/null 2>&1 & echo $!"])
-            .output()
-            .unwrap();
-        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let pid = detached_sleep();
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         let pids = stack.join("pids");
         std::fs::write(pids.join(format!("{name}.pid")), pid.to_string()).unwrap();
@@ -574,6 +574,16 @@ fn stop_takes_the_services_down_before_the_servers() {
     );
     assert!(!stack.join("pids/kafka.pid").exists() && !stack.join("pids/scheduler.pid").exists());
     let _ = std::fs::remove_dir_all(&stack);
+}
+
+/// A `sleep 600` that is not this test's child (its shell exits at once), so that it is reaped as
+/// soon as it is stopped, as a process the script started would be; returns its pid.
+fn detached_sleep() -> u32 {
+    let out = Command::new("sh")
+        .args(["-c", "sleep 600 >/dev/null 2>&1 & echo $!"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 /// Two actions in one command line are refused with a message, never the last one silently.
@@ -698,14 +708,11 @@ fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
         .trim()
         .parse()
         .unwrap();
-    let stat = std::fs::read_to_string(format!("/proc/{broker}/stat")).unwrap();
-    let session: u32 = stat
-        .rsplit(')')
-        .next()
-        .and_then(|rest| rest.split_whitespace().nth(3))
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    assert_eq!(session, broker, "the broker leads a session of its own");
+    assert_ne!(
+        session_of("self"),
+        session_of(&broker.to_string()),
+        "the broker runs in a session of its own"
+    );
 
     stop_and_check_gone(&stack, &env, broker);
     assert!(
@@ -713,6 +720,16 @@ fn a_foreign_process_on_a_port_is_reported_and_left_alone() {
         "-s left the foreign process alone"
     );
     let _ = std::fs::remove_dir_all(&stack);
+}
+
+/// The session id of a process (`self` for this one), from `/proc/PID/stat`.
+fn session_of(pid: &str) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(3))
+        .and_then(|s| s.parse().ok())
+        .unwrap()
 }
 
 /// A MongoDB server started by another checkout of this project is used, however long that
@@ -1042,4 +1059,345 @@ fn java_or_maven_missing_without_apt_is_a_clear_message() {
         let _ = std::fs::remove_dir_all(&stack);
         let _ = std::fs::remove_dir_all(&bin);
     }
+}
+
+/// The test run's servers, given from outside as a user would give an existing cluster: the script
+/// starts none of its own for them.
+fn external_servers() -> Vec<(&'static str, String)> {
+    ["SM_BOOTSTRAP_SERVERS", "SM_MONGODB_URI", "SM_MYSQL_URL"]
+        .into_iter()
+        .map(|key| {
+            let value = std::env::var(key)
+                .unwrap_or_else(|_| panic!("{key} names the test run's server (--test sets it)"));
+            (key, value)
+        })
+        .collect()
+}
+
+/// Writes an executable script `name` with `body` into `dir`; returns its path.
+fn executable(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Waits (up to `secs`) until `ready` holds; panics with `what` if it never does.
+fn wait_until(secs: u64, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One run that changes something per stack directory: while `--test` runs (held in its test step
+/// by a `cargo` of the test's own, first on `PATH`), a second run is refused and names the first
+/// (its pid and its options); once the first ends, the second runs. Called by path from another
+/// directory, the script runs `cargo` in the checkout, not in the caller's directory.
+#[test]
+fn one_run_at_a_time_and_cargo_runs_in_the_checkout() {
+    let stack = stack_with_venv();
+    let fake = std::env::temp_dir().join(unique("fake-cargo"));
+    let (record, release) = (fake.join("record"), fake.join("release"));
+    executable(
+        &fake,
+        "cargo",
+        &format!(
+            "#!/bin/sh\n\
+             {{ pwd; echo \"$@\"; }} >'{record}.tmp' && mv '{record}.tmp' '{record}'\n\
+             i=0\n\
+             while [ ! -e '{release}' ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done\n",
+            record = record.display(),
+            release = release.display()
+        ),
+    );
+    let elsewhere = std::env::temp_dir().join(unique("elsewhere"));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let mut env = external_servers();
+    env.push((
+        "PATH",
+        format!("{}:{}", fake.display(), std::env::var("PATH").unwrap()),
+    ));
+    let log = std::env::temp_dir().join(unique("first-run.log"));
+    let mut first: ChildGuard = script_command(&["--test"], &stack, &env)
+        .current_dir(&elsewhere)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap()
+        .into();
+    wait_until(120, "the first run never reached its tests", || {
+        record.exists()
+    });
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut lines = recorded.lines();
+    assert_eq!(
+        lines.next().map(PathBuf::from),
+        Some(root()),
+        "cargo runs in the checkout: {recorded}"
+    );
+    assert!(
+        lines.next().unwrap_or("").starts_with("test --workspace"),
+        "{recorded}"
+    );
+
+    let out = script_with(&["-s"], &stack, &env);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second run went ahead: {text}");
+    assert!(
+        text.contains("another run")
+            && text.contains(&format!("pid {}", first.id()))
+            && text.contains("--test"),
+        "the refusal names the first run: {text}"
+    );
+
+    std::fs::write(&release, "").unwrap();
+    let mut status = None;
+    wait_until(60, "the first run did not end", || {
+        status = first.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(
+        status.unwrap().success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let out = script_with(&["-s"], &stack, &env);
+    assert!(
+        out.status.success(),
+        "after the first run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&stack);
+    let _ = std::fs::remove_dir_all(&fake);
+}
+
+/// The script SIGKILLed while it waits for a service it started: its PID and command line were
+/// recorded before the service ran, so `-s` finds it and stops it; the service did not inherit the
+/// script's lock (the next run is not refused). The service is a stand-in that never answers.
+#[test]
+fn a_run_killed_while_starting_a_service_leaves_nothing_stop_cannot_find() {
+    let stack = stack_with_venv();
+    let bins = std::env::temp_dir().join(unique("bins"));
+    executable(
+        &bins,
+        "scheduler",
+        "#!/bin/bash\n# A scheduler that never answers on its port.\ntrap 'exit 0' TERM\nwhile :; do sleep 0.1; done\n",
+    );
+    let mut env = external_servers();
+    env.push(("SM_BIN_DIR", bins.display().to_string()));
+    env.push(("SM_SCHEDULER_PORT", free_port().to_string()));
+    let mut run: ChildGuard = script_command(&["--app"], &stack, &env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+        .into();
+    let pid_file = stack.join("pids/scheduler.pid");
+    let mut pid = 0;
+    wait_until(60, "the script never started the scheduler", || {
+        pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+    });
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the service outlived the script"
+    );
+    stop_and_check_gone(&stack, &env, pid);
+    let _ = std::fs::remove_dir_all(&stack);
+    let _ = std::fs::remove_dir_all(&bins);
+}
+
+/// `-s` stops a process only when its PID still runs the command line recorded before it was
+/// started: a PID file without one, or with another command, names a process that is not ours
+/// (a PID the system gave to something else), left alone with a word.
+#[test]
+fn stop_leaves_alone_a_pid_whose_command_line_is_not_the_recorded_one() {
+    for recorded in [None, Some("/usr/sbin/mariadbd --no-defaults ")] {
+        let stack = std::env::temp_dir().join(unique("stack"));
+        std::fs::create_dir_all(stack.join("pids")).unwrap();
+        let mut stranger: ChildGuard = Command::new("sleep").arg("600").spawn().unwrap().into();
+        std::fs::write(stack.join("pids/mysql.pid"), stranger.id().to_string()).unwrap();
+        if let Some(cmd) = recorded {
+            std::fs::write(stack.join("pids/mysql.cmd"), cmd).unwrap();
+        }
+        let out = script_with(&["-s"], &stack, &[]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("leaving it alone"), "{recorded:?}: {text}");
+        assert!(
+            stranger.try_wait().unwrap().is_none(),
+            "{recorded:?}: -s stopped a process it had not started"
+        );
+        let _ = std::fs::remove_dir_all(&stack);
+    }
+}
+
+/// The script reads a duration (`SM_SHUTDOWN_TIMEOUT`) as the scheduler does (humantime): the same
+/// seconds, rounded up, for what both accept; what the scheduler refuses, the script refuses with
+/// a message naming the setting, evaluating nothing in it.
+#[test]
+fn the_script_reads_durations_as_the_services_do() {
+    let seconds_of = |value: &str| {
+        Command::new("bash")
+            .args([
+                "-c",
+                "source \"$1\"; seconds_of SM_SHUTDOWN_TIMEOUT \"$2\"",
+                "sourcing",
+            ])
+            .arg(root().join("messagescheduler.sh"))
+            .arg(value)
+            .output()
+            .unwrap()
+    };
+    for value in [
+        "500ms",
+        "20s",
+        "1m",
+        "1h",
+        "1m 30s",
+        "1m30s",
+        "2days",
+        "1 m",
+        "90sec",
+        "1.5s",
+        "0.25s",
+        "1h1m1s",
+        "3w",
+        "1M",
+        "2y",
+        "1999ms",
+        "1000000us",
+        "7days",
+    ] {
+        let want = humantime::parse_duration(value).expect(value);
+        let want = want.as_secs() + u64::from(want.subsec_nanos() > 0);
+        let out = seconds_of(value);
+        assert!(
+            out.status.success(),
+            "{value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want.to_string(),
+            "{value}"
+        );
+    }
+    let marker = std::env::temp_dir().join(unique("evaluated"));
+    let command = format!("$(touch {})s", marker.display());
+    for value in [
+        "20",
+        "1.s",
+        "-1s",
+        "1 fortnight",
+        "s",
+        "1h-",
+        &command,
+        "`id`s",
+        "$((1+1))s",
+    ] {
+        assert!(
+            humantime::parse_duration(value).is_err(),
+            "the scheduler would accept {value:?}"
+        );
+        let stack = std::env::temp_dir().join(unique("no-stack"));
+        let out = script_with(&["-s"], &stack, &[("SM_SHUTDOWN_TIMEOUT", value.into())]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value:?} was accepted: {text}");
+        assert!(
+            text.contains(&format!("SM_SHUTDOWN_TIMEOUT={value}")),
+            "{value:?}: {text}"
+        );
+    }
+    assert!(!marker.exists(), "a command in the setting ran");
+}
+
+/// `-c` removes every piece of state the script created and says what: the servers' data, the
+/// scheduler's index of ids, logs, PID files, a killed test run's broker data, the lock; it keeps
+/// what is installed (the Python environment) and binaries it did not build (`SM_BIN_DIR`).
+#[test]
+fn clean_removes_every_piece_of_state_and_says_what() {
+    let stack = stack_with_venv();
+    for dir in [
+        "kafka/data",
+        "mongo",
+        "mysql/data",
+        "scheduler-state",
+        "prometheus/data",
+        "run",
+        "logs",
+        "pids",
+        "test-kafka.Ab12Cd/data",
+    ] {
+        std::fs::create_dir_all(stack.join(dir)).unwrap();
+        std::fs::write(stack.join(dir).join("something"), "x").unwrap();
+    }
+    std::fs::write(stack.join("lock"), "").unwrap();
+    let bins = std::env::temp_dir().join(unique("bins"));
+    let binary = executable(&bins, "scheduler", "#!/bin/sh\n");
+    let out = script_with(
+        &["-c"],
+        &stack,
+        &[("SM_BIN_DIR", bins.display().to_string())],
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let left: Vec<String> = std::fs::read_dir(&stack)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["venv"], "{text}");
+    for said in [
+        "index of ids",
+        "broker's data",
+        "MongoDB's",
+        "MariaDB's",
+        "Prometheus's",
+        "logs and PID files",
+        "test broker",
+        "kept: ",
+    ] {
+        assert!(text.contains(said), "no '{said}' in: {text}");
+    }
+    assert!(binary.exists(), "-c removed binaries it did not build");
+    let _ = std::fs::remove_dir_all(&stack);
+    let _ = std::fs::remove_dir_all(&bins);
+}
+
+/// `--dry-run` is honoured or refused by every action: `-s` says what it would stop and stops
+/// nothing; `--test`, `--stack`, `-p` and `-pl`, which have nothing to print instead, refuse it.
+#[test]
+fn dry_run_is_honoured_or_refused_by_every_action() {
+    for action in ["--test", "--stack", "-p", "-pl"] {
+        let (ok, out) = script(&["--dry-run", action], "0");
+        assert!(!ok, "--dry-run {action} ran: {out}");
+        assert!(out.contains("--dry-run"), "{action}: {out}");
+    }
+    let stack = std::env::temp_dir().join(unique("stack"));
+    std::fs::create_dir_all(stack.join("pids")).unwrap();
+    let ours = detached_sleep();
+    std::fs::write(stack.join("pids/scheduler.pid"), ours.to_string()).unwrap();
+    std::fs::write(stack.join("pids/scheduler.cmd"), "sleep 600 ").unwrap();
+    let out = script_with(&["--dry-run", "-s"], &stack, &[]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("would stop scheduler (pid {ours})")),
+        "{text}"
+    );
+    assert!(
+        Path::new(&format!("/proc/{ours}")).exists() && stack.join("pids/scheduler.pid").exists(),
+        "a dry run stopped something: {text}"
+    );
+    stop_and_check_gone(&stack, &[], ours);
+    let _ = std::fs::remove_dir_all(&stack);
 }

@@ -179,6 +179,12 @@ impl std::ops::DerefMut for ChildGuard {
     }
 }
 
+impl From<Child> for ChildGuard {
+    fn from(child: Child) -> Self {
+        ChildGuard(child)
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         // Already reaped (killed or stopped by the test): both calls fail harmlessly.
