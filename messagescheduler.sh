@@ -657,9 +657,21 @@ ensure_web_test() {
   fi
 }
 
+# Go 1.24 or newer runs compose/check, the test that validates the compose files with compose-go
+# (the loader of `docker compose config`). Debian 12's golang-go (1.19) is too old to build it.
+ensure_go() {
+  local version
+  command -v go >/dev/null ||
+    die "the compose files' test needs Go 1.24 or newer (compose/check, compose-go): install it from https://go.dev/dl or your distribution and retry"
+  version="$(go env GOVERSION | sed 's/^go//')"
+  [ "$(printf '%s\n%s\n' 1.24 "$version" | sort -V | head -n 1)" = 1.24 ] ||
+    die "the compose files' test needs Go 1.24 or newer; $(command -v go) is $version"
+}
+
 run_tests() {
   mkdir -p "$STACK"
   ensure_build_deps
+  ensure_go
   ensure_secantus
   # The tests that stop and restart a broker start brokers of their own from this classpath.
   ensure_kafka
