@@ -521,16 +521,17 @@ start_mysql() {
   mysql_account
 }
 
-# The project's database and account, created (or its password set again) as root over the
-# server's socket; the password is made once and kept in the stack's directory, readable by its
-# owner only.
+# The project's database and account, created (or its password set again) over the server's
+# socket by the account mariadb-install-db gave the user who runs this script (root, or a non-root
+# user: --auth-root-socket-user); the password is made once and kept in the stack's directory,
+# readable by its owner only.
 mysql_account() {
   local pw_file="$MYSQL_DIR/password"
   if [ ! -s "$pw_file" ]; then
     (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$pw_file")
   fi
   MYSQL_PASSWORD="$(cat "$pw_file")"
-  mysql --no-defaults --protocol=socket --socket="$MYSQL_DIR/mysqld.sock" -u root <<EOF ||
+  mysql --no-defaults --protocol=socket --socket="$MYSQL_DIR/mysqld.sock" -u "$(id -un)" <<EOF ||
 CREATE DATABASE IF NOT EXISTS \`$MYSQL_DATABASE\`;
 CREATE USER IF NOT EXISTS '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASSWORD';
 ALTER USER '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASSWORD';
