@@ -528,7 +528,7 @@ start_mysql() {
 mysql_account() {
   local pw_file="$MYSQL_DIR/password"
   if [ ! -s "$pw_file" ]; then
-    (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$pw_file")
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$pw_file")
   fi
   MYSQL_PASSWORD="$(cat "$pw_file")"
   mysql --no-defaults --protocol=socket --socket="$MYSQL_DIR/mysqld.sock" -u "$(id -un)" <<EOF ||
@@ -540,10 +540,11 @@ EOF
     die "mysql: could not create the project's database and account as root over $MYSQL_DIR/mysqld.sock"
 }
 
+# The stack's servers (each started only when not given from outside); the Python environment is
+# installed by the servers that need it (the broker's readiness check, SecantusDB).
 stack() {
   mkdir -p "$STACK"
   ensure_build_deps
-  ensure_secantus
   start_kafka
   start_mongo
   start_mysql
