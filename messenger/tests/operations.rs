@@ -146,7 +146,8 @@ async fn dashboards_name_only_exported_metrics_and_the_live_page_works() {
         "refreshes in place: {text}"
     );
 
-    // The live page in headless Chromium, while a second run delivers.
+    // The live page in headless Chromium, while a second run delivers: its figures move, and once
+    // the run has reported it shows `/api/report`'s numbers and a chart with a time axis.
     // 10 s of producing: long enough that the page, once Chromium is up, sees figures move.
     let second = Experiment {
         count: 200,
@@ -162,15 +163,21 @@ async fn dashboards_name_only_exported_metrics_and_the_live_page_works() {
     };
     let shot = root().join("target/live-page.png");
     let web = root().join("messenger/web-test");
-    let node = tokio::process::Command::new("node")
-        .arg(web.join("live-page.mjs"))
-        .arg(&messenger_url)
-        .arg(&shot)
-        .arg(per_path.to_string())
-        .current_dir(&web)
-        .output()
-        .await
-        .expect("node runs (./messagescheduler.sh --test installs Chromium and playwright-core)");
+    // The script's own waits end within about 4 minutes; this deadline is for a hung browser.
+    let node = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new("node")
+            .arg(web.join("live-page.mjs"))
+            .arg(&messenger_url)
+            .arg(&shot)
+            .arg(per_path.to_string())
+            .current_dir(&web)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the live page test ends within 5 minutes")
+    .expect("node runs (./messagescheduler.sh --test installs Chromium and playwright-core)");
     let (stdout, stderr) = (
         String::from_utf8_lossy(&node.stdout),
         String::from_utf8_lossy(&node.stderr),
