@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use scheduler::config::{Property, PropertyParser};
+use scheduler::secret::SecretUrl;
 
 /// The classic baseline: a MySQL table polled for due rows, each published to its Kafka topic.
 #[derive(Debug, Clone, Parser)]
@@ -16,7 +18,7 @@ pub struct Config {
         default_value = "mysql://messagescheduler@127.0.0.1:3306/messagescheduler",
         hide_env_values = true
     )]
-    pub mysql_url: String,
+    pub mysql_url: SecretUrl,
 
     /// Kafka bootstrap servers.
     #[arg(long, env = "SM_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
@@ -35,8 +37,8 @@ pub struct Config {
     pub batch_size: i64,
 
     /// Any librdkafka property, as key=value (repeatable; ';'-separated in the environment).
-    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = scheduler::config::parse_property)]
-    pub kafka_properties: Vec<(String, String)>,
+    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = PropertyParser, hide_env_values = true)]
+    pub kafka_properties: Vec<Property>,
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -65,7 +67,24 @@ mod tests {
         assert!(parse(&["-X", "novalue"]).is_err());
         assert_eq!(
             parse(&["-X", "acks=all"]).unwrap().kafka_properties,
-            [("acks".to_string(), "all".to_string())]
+            [Property::new("acks", "all")]
         );
+    }
+
+    #[test]
+    fn debug_shows_no_password() {
+        let config = Config::try_parse_from([
+            "db-scheduler",
+            "--mysql-url",
+            "mysql://u:hunter2@db:3306/m",
+            "-X",
+            "sasl.password=hunter3",
+        ])
+        .unwrap();
+        assert_eq!(config.mysql_url.expose(), "mysql://u:hunter2@db:3306/m");
+        let debug = format!("{config:?}");
+        assert!(debug.contains("mysql://u:***@db:3306/m"), "{debug}");
+        assert!(debug.contains("sasl.password=***"), "{debug}");
+        assert!(!debug.contains("hunter"), "{debug}");
     }
 }

@@ -30,6 +30,11 @@ pub use store::{NewMessage, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("cannot reach MySQL at {url}: {source}")]
+    Connect {
+        url: scheduler::secret::SecretUrl,
+        source: sqlx::Error,
+    },
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("migration: {0}")]
@@ -56,7 +61,7 @@ pub struct DbScheduler {
 impl DbScheduler {
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<DbScheduler, Error> {
         let prometheus = scheduler::metrics::install();
-        let store = Store::connect(&config.mysql_url).await?;
+        let store = Store::connect(config.mysql_url.expose()).await?;
         let producer: FutureProducer =
             scheduler::kafka::producer_config(&config.bootstrap_servers, &config.kafka_properties)
                 .create()?;

@@ -80,12 +80,17 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects and applies the migrations (idempotent).
+    /// Connects and applies the migrations (idempotent). A failed connection's error names the
+    /// server by its URL, without the password.
     pub async fn connect(url: &str) -> Result<Store, Error> {
         let pool = MySqlPoolOptions::new()
             .max_connections(8)
             .connect(url)
-            .await?;
+            .await
+            .map_err(|source| Error::Connect {
+                url: url.into(),
+                source,
+            })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Store { pool })
     }

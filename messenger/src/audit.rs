@@ -137,9 +137,10 @@ impl Audit {
     pub async fn connect(uri: &str, database: &str) -> Result<Audit, Error> {
         let client = Client::with_uri_str(uri).await?;
         let db = client.database(database);
-        db.run_command(doc! { "ping": 1 })
-            .await
-            .map_err(|e| Error::Unreachable(format!("MongoDB at {uri}: {e}")))?;
+        db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
+            let uri = scheduler::secret::redact_url(uri);
+            Error::Unreachable(format!("MongoDB at {uri}: {e}"))
+        })?;
         let messages = db.collection::<Document>("messages");
         for field in ["due_at", "received_at", "path", "run_id"] {
             let index = IndexModel::builder()

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use scheduler::secret::SecretUrl;
 use serde::{Deserialize, Serialize};
 
 /// Servers and topics.
@@ -18,9 +19,10 @@ pub struct Connections {
     #[arg(
         long,
         env = "SM_MONGODB_URI",
-        default_value = "mongodb://127.0.0.1:27017"
+        default_value = "mongodb://127.0.0.1:27017",
+        hide_env_values = true
     )]
-    pub mongodb_uri: String,
+    pub mongodb_uri: SecretUrl,
     /// Audit database.
     #[arg(long, env = "SM_MONGODB_DATABASE", default_value = "messagescheduler")]
     pub mongodb_database: String,
@@ -31,7 +33,7 @@ pub struct Connections {
         default_value = "mysql://messagescheduler@127.0.0.1:3306/messagescheduler",
         hide_env_values = true
     )]
-    pub mysql_url: String,
+    pub mysql_url: SecretUrl,
     /// The scheduler's ingest topic.
     #[arg(long, env = "SM_INGEST_TOPIC", default_value = "SCHEDULED_MESSAGES")]
     pub ingest_topic: String,
@@ -58,9 +60,10 @@ pub struct Connections {
     #[arg(
         long,
         env = "SM_SCHEDULER_URL",
-        default_value = "http://127.0.0.1:8000"
+        default_value = "http://127.0.0.1:8000",
+        hide_env_values = true
     )]
-    pub scheduler_url: String,
+    pub scheduler_url: SecretUrl,
 
     #[arg(long, env = "SM_MESSENGER_HTTP_ADDR", default_value = "127.0.0.1:5000")]
     pub http_addr: SocketAddr,

@@ -138,7 +138,8 @@ impl Messenger {
         .await
         .map_err(|_| Error::Unreachable(format!("Kafka at {}", conn.bootstrap_servers)))?
         .map_err(|e| Error::Unreachable(format!("Kafka: creating the SMS topics: {e}")))?;
-        let audit = audit::Audit::connect(&conn.mongodb_uri, &conn.mongodb_database).await?;
+        let audit =
+            audit::Audit::connect(conn.mongodb_uri.expose(), &conn.mongodb_database).await?;
         let (sink, writer) = audit::spawn_writer(audit.clone());
         let live = Arc::new(live::Live::default());
         let stop = CancellationToken::new();

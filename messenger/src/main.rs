@@ -95,9 +95,11 @@ async fn main() -> anyhow::Result<()> {
             print(&report, false);
         }
         Command::Report { run_id, json } => {
-            let audit =
-                messenger::audit::Audit::connect(&cli.conn.mongodb_uri, &cli.conn.mongodb_database)
-                    .await?;
+            let audit = messenger::audit::Audit::connect(
+                cli.conn.mongodb_uri.expose(),
+                &cli.conn.mongodb_database,
+            )
+            .await?;
             let report = messenger::report(&audit, run_id.as_deref()).await?;
             print(&report, json);
         }

@@ -21,6 +21,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use scheduler::domain::header;
+use scheduler::secret::SecretUrl;
 use tokio::sync::mpsc;
 
 use crate::audit::{AuditOp, AuditSink};
@@ -126,14 +127,21 @@ async fn send_with_retry(
 }
 
 /// Cancels a message over the scheduler's HTTP API, retrying failures.
-async fn cancel_over_http(client: reqwest::Client, base: String, id: String) -> Result<(), String> {
-    let url = format!("{}/api/schedules/{id}", base.trim_end_matches('/'));
+async fn cancel_over_http(
+    client: reqwest::Client,
+    base: SecretUrl,
+    id: String,
+) -> Result<(), String> {
+    let url = SecretUrl::new(format!(
+        "{}/api/schedules/{id}",
+        base.expose().trim_end_matches('/')
+    ));
     (|| async {
         let r = client
-            .delete(&url)
+            .delete(url.expose())
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("DELETE {url}: {}", e.without_url()))?;
         if r.status().is_success() {
             Ok(())
         } else {
@@ -247,7 +255,7 @@ impl Workload<'_> {
         let mut rng = StdRng::from_os_rng();
         let mysql = if exp.mysql {
             Some(spawn_mysql_writer(
-                Store::connect(&self.conn.mysql_url).await?,
+                Store::connect(self.conn.mysql_url.expose()).await?,
             ))
         } else {
             None

@@ -8,6 +8,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use crate::domain::InternalTopics;
+use crate::secret;
 use crate::slice::{Ladder, LadderError};
 use crate::time::Zone;
 
@@ -165,20 +166,107 @@ pub struct Config {
     /// Any librdkafka property for every client, as key=value (repeat the flag; in the environment
     /// separate pairs with ';'). For TLS and SASL: security.protocol, ssl.ca.location,
     /// sasl.mechanism, sasl.username, sasl.password...
-    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
-    pub kafka_properties: Vec<(String, String)>,
+    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = PropertyParser, hide_env_values = true)]
+    pub kafka_properties: Vec<Property>,
 }
 
-/// Parses a librdkafka pass-through property, `key=value` (shared by every binary's `-X`).
-pub fn parse_property(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not key=value"))?;
-    let k = k.trim();
-    if k.is_empty() {
-        return Err(format!("{s:?} has an empty key"));
+/// A librdkafka pass-through property, `key=value` (every binary's `-X`). `Display` and `Debug`
+/// show the value of a secret key (see [`secret::is_secret_key`]) as [`secret::MASK`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Property {
+    pub key: String,
+    pub value: String,
+}
+
+impl Property {
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Property {
+        Property {
+            key: key.into(),
+            value: value.into(),
+        }
     }
-    Ok((k.to_string(), v.to_string()))
+
+    /// The value as logs, errors and `/api/config` may show it.
+    pub fn shown_value(&self) -> &str {
+        if secret::is_secret_key(&self.key) {
+            secret::MASK
+        } else {
+            &self.value
+        }
+    }
+
+    /// Parses `key=value` and asks librdkafka whether it takes it, so that an unknown property
+    /// or a bad value stops the start with the key named. The error never holds the entry's
+    /// text where it may hold a secret: an entry without '=' is not shown at all, and the value
+    /// of a secret key is masked in librdkafka's reason (which can quote it).
+    pub fn parse(s: &str) -> Result<Property, String> {
+        let Some((key, value)) = s.split_once('=') else {
+            return Err(
+                "a Kafka property is not key=value (the entry is not shown: it may hold a secret)"
+                    .into(),
+            );
+        };
+        let property = Property::new(key.trim(), value);
+        if property.key.is_empty() {
+            return Err("a Kafka property has an empty key".into());
+        }
+        let mut check = rdkafka::ClientConfig::new();
+        check.set(&property.key, &property.value);
+        if let Err(e) = check.create_native_config() {
+            let reason = match e {
+                rdkafka::error::KafkaError::ClientConfig(_, reason, _, _) => reason,
+                other => other.to_string(),
+            };
+            let reason = if secret::is_secret_key(&property.key) && !property.value.is_empty() {
+                reason.replace(&property.value, secret::MASK)
+            } else {
+                reason
+            };
+            return Err(format!("Kafka property {}: {reason}", property.key));
+        }
+        Ok(property)
+    }
+}
+
+impl std::fmt::Display for Property {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.key, self.shown_value())
+    }
+}
+
+impl std::fmt::Debug for Property {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+/// The `-X` parser for clap: [`Property::parse`], with an error that does not quote the entry
+/// (clap's own "invalid value '...'" would print a password given without '=').
+#[derive(Clone, Copy, Debug)]
+pub struct PropertyParser;
+
+impl clap::builder::TypedValueParser for PropertyParser {
+    type Value = Property;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Property, clap::Error> {
+        let arg = arg.map_or_else(|| "-X".to_string(), |a| a.to_string());
+        let parsed = value
+            .to_str()
+            .ok_or_else(|| "a Kafka property is not UTF-8".to_string())
+            .and_then(Property::parse);
+        parsed.map_err(|reason| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{arg}': {reason}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
 }
 
 /// Parses a size: a number of bytes with an optional `KiB`, `MiB` or `GiB` suffix.
@@ -367,7 +455,7 @@ impl Settings {
             kafka_properties: c
                 .kafka_properties
                 .iter()
-                .map(|(k, v)| (k.clone(), redact(k, v)))
+                .map(|p| (p.key.clone(), p.shown_value().to_string()))
                 .collect(),
         }
     }
@@ -381,28 +469,6 @@ fn hostname() -> String {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|| "unknown-host".into())
-}
-
-/// Hides values of properties that hold secrets.
-pub fn redact(key: &str, value: &str) -> String {
-    let k = key.to_ascii_lowercase();
-    let secret = [
-        "password",
-        "secret",
-        "jaas",
-        "key.pem",
-        "private",
-        "token",
-        "credential",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
-        || k.ends_with(".key");
-    if secret {
-        "[redacted]".to_string()
-    } else {
-        value.to_string()
-    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -518,9 +584,9 @@ mod tests {
             "-X",
             "ssl.key.password=hunter3",
             "-X",
-            "sasl.oauthbearer.client.secret=hunter4",
+            "ssl.keystore.password=hunter4",
             "-X",
-            "SASL.JAAS.CONFIG=hunter5",
+            "sasl.oauthbearer.config=hunter5",
             "-X",
             "security.protocol=SASL_SSL",
             "-X",
@@ -529,10 +595,39 @@ mod tests {
         ])
         .unwrap();
         let view = serde_json::to_string(&s.view()).unwrap();
+        let debug = format!("{s:?}");
         for secret in ["hunter2", "hunter3", "hunter4", "hunter5"] {
             assert!(!view.contains(secret), "{secret} shown: {view}");
+            assert!(!debug.contains(secret), "{secret} in Debug: {debug}");
         }
-        assert!(view.contains("SASL_SSL"));
-        assert!(view.contains("password-reset-service"));
+        for shown in [&view, &debug] {
+            assert!(shown.contains("SASL_SSL") && shown.contains("password-reset-service"));
+            assert!(shown.contains("sasl.password") && shown.contains("***"));
+        }
+    }
+
+    #[test]
+    fn a_property_librdkafka_refuses_stops_the_start_without_its_secret() {
+        // librdkafka knows no JAAS (a Java client's setting), and rdkafka's own error would
+        // quote the value.
+        let err = parse(&[
+            "-X",
+            r#"sasl.jaas.config=PlainLoginModule password="hunter6";"#,
+        ])
+        .unwrap_err();
+        assert!(err.contains("sasl.jaas.config"), "{err}");
+        assert!(!err.contains("hunter6"), "{err}");
+        // A non-secret value is quoted, to say what is wrong with it.
+        let err = parse(&["-X", "security.protocol=SASL_SSH"]).unwrap_err();
+        assert!(
+            err.contains("security.protocol") && err.contains("SASL_SSH"),
+            "{err}"
+        );
+        // An entry without '=' may be a secret typed wrongly: not quoted at all.
+        let err = parse(&["-X", "sasl.password:hunter7"]).unwrap_err();
+        assert!(
+            err.contains("key=value") && !err.contains("hunter7"),
+            "{err}"
+        );
     }
 }

@@ -16,19 +16,19 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use crate::config::Settings;
+use crate::config::{Property, Settings};
 use crate::domain::{Header, Incoming, Outgoing, RawHeader};
 use crate::error::Error;
 use crate::offsets::{CommitPoint, Offsets, Owned, Tp};
 
 /// The base configuration every client shares: bootstrap servers, then the pass-through
 /// properties (TLS, SASL...), which may override anything.
-pub fn client_config(bootstrap: &str, properties: &[(String, String)]) -> ClientConfig {
+pub fn client_config(bootstrap: &str, properties: &[Property]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         .set_log_level(RDKafkaLogLevel::Warning);
-    for (k, v) in properties {
-        c.set(k, v);
+    for p in properties {
+        c.set(&p.key, &p.value);
     }
     c
 }
@@ -44,7 +44,7 @@ pub fn base_config(settings: &Settings) -> ClientConfig {
 /// neither duplicate nor reorder), `acks=all`, and Java's murmur2 partitioner so that a record
 /// lands on the partition an ordinary Java producer would pick for its key. Shared with the
 /// db-scheduler baseline, so both paths publish the same way.
-pub fn producer_config(bootstrap: &str, properties: &[(String, String)]) -> ClientConfig {
+pub fn producer_config(bootstrap: &str, properties: &[Property]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("client.id", "sm-deliver")
         .set("enable.idempotence", "true")
@@ -60,7 +60,7 @@ pub fn producer_config(bootstrap: &str, properties: &[(String, String)]) -> Clie
 /// Producer settings for slice writes: as [`producer_config`], but batched longer. A slice write
 /// is due well after it is sent, so a few milliseconds cost nothing, and fewer, larger batches cost
 /// the broker less (one write per partition batch) and leave room for deliveries.
-pub fn slice_producer_config(bootstrap: &str, properties: &[(String, String)]) -> ClientConfig {
+pub fn slice_producer_config(bootstrap: &str, properties: &[Property]) -> ClientConfig {
     let mut c = producer_config(bootstrap, &[]);
     c.set("client.id", "sm-slices")
         .set("linger.ms", "20")

@@ -29,6 +29,7 @@ mod progress;
 mod publisher;
 pub mod retry;
 mod router;
+pub mod secret;
 pub mod slice;
 mod state;
 pub mod status;

@@ -33,9 +33,10 @@ pub async fn start_stack(name: &str, senders: usize, success_rate: f64) -> Stack
     let conn = Connections {
         bootstrap_servers: bootstrap(),
         mongodb_uri: std::env::var("SM_MONGODB_URI")
-            .unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into()),
+            .unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into())
+            .into(),
         mongodb_database: unique(name).replace('-', "_"),
-        mysql_url,
+        mysql_url: mysql_url.into(),
         ingest_topic: names.ingest.clone(),
         sms_topic: format!("{base}-messages"),
         status_topic: format!("{base}-status"),
@@ -43,7 +44,7 @@ pub async fn start_stack(name: &str, senders: usize, success_rate: f64) -> Stack
         senders,
         success_rate,
         processing_time: Duration::from_millis(20),
-        scheduler_url: format!("http://{}", scheduler.http_addr),
+        scheduler_url: format!("http://{}", scheduler.http_addr).into(),
         http_addr: "127.0.0.1:0".parse().expect("an address"),
     };
     Stack {
