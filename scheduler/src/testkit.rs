@@ -210,6 +210,47 @@ pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// Runs a service binary to its end with no environment but `env` (none of the test run's own
+/// `SM_*` settings), and returns its exit status and all it wrote, stdout and stderr in the order
+/// written. Panics, with what it wrote so far, if it still runs after `within` (and kills it).
+pub fn run_binary(
+    binary: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    within: Duration,
+) -> (std::process::ExitStatus, String) {
+    let path = std::env::temp_dir().join(format!("{}.out", unique("run-binary")));
+    let out = std::fs::File::create(&path).expect("output file");
+    let err = out.try_clone().expect("output file");
+    let mut child = ChildGuard(
+        Command::new(binary)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("binary starts"),
+    );
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("child's status") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(child);
+    let output = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    let status = status
+        .unwrap_or_else(|| panic!("{binary} still runs after {within:?}; it wrote:\n{output}"));
+    (status, output)
+}
+
 /// A TCP port that was free a moment ago, for a server a test starts itself.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

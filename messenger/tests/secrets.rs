@@ -1,0 +1,57 @@
+//! Secrets given by environment never show: not in `--help`, not in the error of a start that
+//! fails, not in any log line (at debug level). A planted password is looked for in all the
+//! binary writes.
+
+use std::time::Duration;
+
+use scheduler::testkit::{free_port, run_binary};
+
+const PLANTED: &str = "PlantedPassw0rd";
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let mut env = env.to_vec();
+    env.extend([
+        ("RUST_LOG", "debug"),
+        ("SM_BOOTSTRAP_SERVERS", "127.0.0.1:1"),
+        ("SM_MYSQL_URL", "mysql://u:PlantedPassw0rd@127.0.0.1:1/db"),
+        ("SM_SCHEDULER_URL", "http://u:PlantedPassw0rd@127.0.0.1:1"),
+    ]);
+    run_binary(
+        env!("CARGO_BIN_EXE_messenger"),
+        args,
+        &env,
+        Duration::from_secs(20),
+    )
+}
+
+fn assert_hidden(output: &str) {
+    assert!(!output.contains(PLANTED), "the password shows:\n{output}");
+}
+
+#[test]
+fn help_hides_the_urls() {
+    let uri = format!("mongodb://u:{PLANTED}@127.0.0.1:1");
+    let (status, output) = run(&["--help"], &[("SM_MONGODB_URI", &uri)]);
+    assert!(status.success(), "{output}");
+    for name in ["SM_MONGODB_URI", "SM_MYSQL_URL", "SM_SCHEDULER_URL"] {
+        assert!(output.contains(&format!("[env: {name}]")), "{output}");
+    }
+    assert_hidden(&output);
+}
+
+/// No MongoDB on the port (the URI's own option keeps the wait short): the error names MongoDB
+/// and its address, not the password.
+#[test]
+fn an_unreachable_audit_store_is_named_without_the_password() {
+    let port = free_port();
+    let uri = format!("mongodb://u:{PLANTED}@127.0.0.1:{port}/?serverSelectionTimeoutMS=300");
+    let (status, output) = run(&["report"], &[("SM_MONGODB_URI", &uri)]);
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains(&format!(
+            "cannot reach MongoDB at mongodb://u:***@127.0.0.1:{port}/"
+        )),
+        "{output}"
+    );
+    assert_hidden(&output);
+}
