@@ -104,10 +104,15 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // and 1.04 at 16 MiB): the difference is in bytes, not records.
         .set("queued.min.messages", "10000")
         .set("queued.max.messages.kbytes", "16384")
-        // librdkafka's fetch.queue.backoff.ms stays at its 1 s here (the sweep readers set 10 ms):
-        // one run each at 20,000/s, every record through 1 s level-1 windows, 10 ms here gave
-        // p99 889 ms, 6,358 records past due at ingest and 113 MiB peak resident; 1 s gave 558
-        // ms, none past due, 52 MiB. A pause while the engine is a queue behind does no harm.
+        // Once that queue is full librdkafka pauses fetching for fetch.queue.backoff.ms (1 s by
+        // default): a past-due backlog then moved one queue (16 MiB) a second. A/B on one broker,
+        // 200,000 x 1 KiB past due, drain from the start, two runs each (2026-12-07): 1 s
+        // 13.6/13.5 s, peak resident 97/98 MiB; 100 ms 3.6/3.0 s, 119/122 MiB; 10 ms (earlier,
+        // one run) 4.1 s, 130 MiB. Steady 20,000/s for 10 s from a Python client, five runs
+        // each: on-arrival p99 median 948 ms at 1 s, 940 ms at 100 ms; at 10,000/s two runs
+        // each, 453/704 ms at 1 s, 480/326 ms at 100 ms. (An earlier single run at 20,000/s
+        // had favoured 1 s over 10 ms; five runs show that spread is noise.) The sweep readers
+        // use 10 ms.
         // A fetch response is held whole while its records are handed out; librdkafka's default
         // of 50 MiB per response made fetch buffers the largest item of a backlog's peak heap.
         .set("fetch.max.bytes", "16777216")
