@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use scheduler::config::{Property, PropertyParser};
 use scheduler::secret::SecretUrl;
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,10 @@ pub struct Connections {
     /// Kafka bootstrap servers.
     #[arg(long, env = "SM_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     pub bootstrap_servers: String,
+    /// Any librdkafka property for every Kafka client of the messenger, as key=value (TLS, SASL;
+    /// repeatable; ';'-separated in the environment), as the scheduler and the baseline take it.
+    #[arg(short = 'X', long = "kafka-property", env = "SM_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = PropertyParser, hide_env_values = true)]
+    pub kafka_properties: Vec<Property>,
     /// MongoDB URI of the audit store.
     #[arg(
         long,

@@ -115,7 +115,8 @@ impl Messenger {
     /// with one partition per sender, and starts the senders.
     pub async fn start(conn: Connections, experiment: Experiment) -> Result<Messenger, Error> {
         let producer: FutureProducer =
-            scheduler::kafka::producer_config(&conn.bootstrap_servers, &[]).create()?;
+            scheduler::kafka::producer_config(&conn.bootstrap_servers, &conn.kafka_properties)
+                .create()?;
         let probe = producer.clone();
         tokio::task::spawn_blocking(move || {
             probe
@@ -130,7 +131,8 @@ impl Messenger {
             TopicSpec::new(&conn.sms_topic, conn.senders.max(1) as i32),
             TopicSpec::new(&conn.status_topic, 1),
         ];
-        let config = scheduler::kafka::client_config(&conn.bootstrap_servers, &[]);
+        let config =
+            scheduler::kafka::client_config(&conn.bootstrap_servers, &conn.kafka_properties);
         tokio::time::timeout(
             Duration::from_secs(45),
             scheduler::kafka::create_topics(config, &topics, 1),

@@ -11,7 +11,6 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use scheduler::domain::header;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,12 +67,12 @@ pub(crate) fn consumer(
     group: &str,
     offset_reset: &str,
 ) -> Result<StreamConsumer, Error> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", &conn.bootstrap_servers)
-        .set("group.id", group)
+    let mut c = scheduler::kafka::client_config(&conn.bootstrap_servers, &conn.kafka_properties);
+    // The user's properties (TLS, SASL) first; these the senders need whatever they say.
+    c.set("group.id", group)
         .set("auto.offset.reset", offset_reset)
-        .set("session.timeout.ms", "10000")
-        .create()?)
+        .set("session.timeout.ms", "10000");
+    Ok(c.create()?)
 }
 
 /// Starts the senders and the status consumer under `tasks`, until `stop`.

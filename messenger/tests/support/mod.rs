@@ -32,6 +32,7 @@ pub async fn start_stack(name: &str, senders: usize, success_rate: f64) -> Stack
     let base = unique(&format!("{name}-sms"));
     let conn = Connections {
         bootstrap_servers: bootstrap(),
+        kafka_properties: Vec::new(),
         mongodb_uri: std::env::var("SM_MONGODB_URI")
             .unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into())
             .into(),
