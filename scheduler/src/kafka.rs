@@ -113,6 +113,7 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // each, 453/704 ms at 1 s, 480/326 ms at 100 ms. (An earlier single run at 20,000/s
         // had favoured 1 s over 10 ms; five runs show that spread is noise.) The sweep readers
         // use 10 ms.
+        .set("fetch.queue.backoff.ms", "100")
         // A fetch response is held whole while its records are handed out; librdkafka's default
         // of 50 MiB per response made fetch buffers the largest item of a backlog's peak heap.
         .set("fetch.max.bytes", "16777216")
