@@ -136,16 +136,17 @@ fn image(stage: &str) -> Image {
 }
 
 /// A service's binary started as its image runs it, with `overrides` (addresses and names only)
-/// over the image's and the compose file's environment, `volume` standing for the image's volume
-/// (if any). Returns the running process and the HTTP port it was given.
+/// over the image's and the compose project's (`config`, from [`compose_config`]) environment,
+/// `volume` standing for the image's volume (if any). Returns the running process and the HTTP
+/// port it was given.
 fn start_as_the_image(
+    config: &serde_json::Value,
     service: &str,
     stage: &str,
     http_addr_var: &str,
     volume: Option<&Path>,
     overrides: &[(&str, String)],
 ) -> (ChildGuard, u16) {
-    let config = compose_config();
     let svc = &config["services"][service];
     let image = image(stage);
     let user = image.user.as_deref().expect("the image names a user");
@@ -315,6 +316,7 @@ fn the_scheduler_image_starts_as_its_user_with_its_state_in_a_volume() {
     std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o750)).unwrap();
     let names = Names::new("image");
     let (mut child, port) = start_as_the_image(
+        &config,
         "scheduler",
         "scheduler",
         "SM_HTTP_ADDR",
@@ -346,9 +348,11 @@ fn the_scheduler_image_starts_as_its_user_with_its_state_in_a_volume() {
 /// (neither keeps state of its own: their data is in MySQL and MongoDB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_baseline_and_messenger_images_start_as_their_user() {
+    let config = compose_config();
     let database = db_scheduler::testkit::fresh_database().await;
     let names = Names::new("image-msg");
     let (mut baseline, port) = start_as_the_image(
+        &config,
         "db-scheduler",
         "db-scheduler",
         "SM_DB_HTTP_ADDR",
@@ -362,6 +366,7 @@ async fn the_baseline_and_messenger_images_start_as_their_user() {
     let mongo = std::env::var("SM_MONGODB_URI").expect("SM_MONGODB_URI (--test sets it)");
     let scheduler_port = free_port();
     let (mut messenger, port) = start_as_the_image(
+        &config,
         "messenger",
         "messenger",
         "SM_MESSENGER_HTTP_ADDR",

@@ -36,6 +36,11 @@ fn said(pattern: &str) -> String {
         .to_string()
 }
 
+/// A duration the README states ("1 hour", "30 s"), as the first capture of `pattern`.
+fn said_duration(pattern: &str) -> Duration {
+    duration(&said(pattern).replace(' ', ""))
+}
+
 fn experiment_env(key: &str) -> String {
     let env = std::fs::read_to_string(root().join("compose/experiment.env")).unwrap();
     env.lines()
@@ -67,20 +72,14 @@ fn the_readme_says_how_long_the_default_experiment_runs() {
     );
     let count = said(r"it sends ([\d,]+) messages over").replace(',', "");
     assert_eq!(count, experiment_env("SM_EXP_COUNT"));
+    assert_eq!(said_duration(r"messages over (\d+ hours?) "), sending);
+    assert_eq!(said_duration(r"each due (\d+ s) to"), shortest);
     assert_eq!(
-        duration(&said(r"messages over (\d+ hours?) ").replace(' ', "")),
-        sending
-    );
-    assert_eq!(
-        duration(&said(r"each due (\d+ s) to").replace(' ', "")),
-        shortest
-    );
-    assert_eq!(
-        duration(&said(r"each due \d+ s to (\d+ hours?) after").replace(' ', "")),
+        said_duration(r"each due \d+ s to (\d+ hours?) after"),
         longest
     );
     assert_eq!(
-        duration(&said(r"and waits (\d+ s) \(`SM_EXP_GRACE`\)").replace(' ', "")),
+        said_duration(r"and waits (\d+ s) \(`SM_EXP_GRACE`\)"),
         grace
     );
     // The short run's example: its own settings, the same sum.
@@ -93,8 +92,8 @@ fn the_readme_says_how_long_the_default_experiment_runs() {
             .unwrap_or_else(|| duration(&experiment_env(key)))
     };
     let short = setting("SM_EXP_DURATION") + setting("SM_EXP_MAX_DELAY") + grace;
-    let stated = said(r"--exp` \((\d+ min(?: \d+ s)?)\)").replace(' ', "");
-    assert_eq!(duration(&stated), short, "the short run's length");
+    let stated = said_duration(r"--exp` \((\d+ min(?: \d+ s)?)\)");
+    assert_eq!(stated, short, "the short run's length");
 }
 
 /// The Compose command the README shows is the one `--exp` runs with Docker (its dry run), with

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use scheduler::testkit::{free_port, run_binary};
-
-const PLANTED: &str = "PlantedPassw0rd";
+use scheduler::testkit::{
+    assert_no_planted_password as assert_hidden, free_port, run_binary, PLANTED_PASSWORD as PLANTED,
+};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let mut env = env.to_vec();
@@ -22,10 +22,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String
         &env,
         Duration::from_secs(20),
     )
-}
-
-fn assert_hidden(output: &str) {
-    assert!(!output.contains(PLANTED), "the password shows:\n{output}");
 }
 
 #[test]

@@ -210,6 +210,18 @@ pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// The password the secrets tests plant in every secret input of a binary, to look for in all it
+/// prints.
+pub const PLANTED_PASSWORD: &str = "PlantedPassw0rd";
+
+/// Panics, showing `output`, when it carries [`PLANTED_PASSWORD`].
+pub fn assert_no_planted_password(output: &str) {
+    assert!(
+        !output.contains(PLANTED_PASSWORD),
+        "the password shows:\n{output}"
+    );
+}
+
 /// Runs a service binary to its end with no environment but `env` (none of the test run's own
 /// `SM_*` settings), and returns its exit status and all it wrote, stdout and stderr in the order
 /// written. Panics, with what it wrote so far, if it still runs after `within` (and kills it).

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use scheduler::testkit::{run_binary, unique};
-
-const PLANTED: &str = "PlantedPassw0rd";
+use scheduler::testkit::{
+    assert_no_planted_password as assert_hidden, run_binary, unique, PLANTED_PASSWORD as PLANTED,
+};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let state = std::env::temp_dir().join(unique("sm-secrets-state"));
@@ -26,10 +26,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String
     );
     let _ = std::fs::remove_dir_all(&*state);
     ran
-}
-
-fn assert_hidden(output: &str) {
-    assert!(!output.contains(PLANTED), "the password shows:\n{output}");
 }
 
 #[test]
