@@ -135,9 +135,12 @@ async fn schedule_status(State(api): State<Api>, Path(id): Path<String>) -> impl
 
 /// Cancels every version of `id` known or scheduled before now: writes a `cancelled` fact and
 /// answers once the broker acknowledged it, with the status before and the earliest due time
-/// from which the cancel is guaranteed (now + the cancel lead). An unknown id may be cancelled
-/// too: a schedule produced later (a newer version) wins again.
-async fn cancel_schedule(State(api): State<Api>, Path(id): Path<String>) -> impl IntoResponse {
+/// from which the cancel is guaranteed (the acknowledgement's time + the cancel lead). An unknown
+/// id may be cancelled too: a schedule produced later (a newer version) wins again.
+async fn cancel_schedule(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> (StatusCode, Json<serde_json::Value>) {
     if let Err(e) = valid_id(&id) {
         return e;
     }
@@ -167,6 +170,8 @@ async fn cancel_schedule(State(api): State<Api>, Path(id): Path<String>) -> impl
             Json(json!({ "id": id, "error": format!("the cancel was not acknowledged: {e}") })),
         );
     }
+    // The guarantee counts from when the cancel is durable: now, after the acknowledgement.
+    let acknowledged = api.clock.now_ms();
     metrics::counter!(crate::metrics::CANCELS, "via" => "http").increment(1);
     (
         StatusCode::OK,
@@ -175,7 +180,8 @@ async fn cancel_schedule(State(api): State<Api>, Path(id): Path<String>) -> impl
             "status": "cancelled",
             "previous": before,
             "version": version.encode(),
-            "honoured_if_due_after": rfc3339(now.saturating_add(api.settings.cancel_lead_ms())),
+            "honoured_if_due_after":
+                rfc3339(acknowledged.saturating_add(api.settings.cancel_lead_ms())),
         })),
     )
 }
@@ -185,4 +191,50 @@ async fn prometheus(State(api): State<Api>) -> impl IntoResponse {
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         api.prometheus.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::testing::Mock;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    /// A clock that moves a second at every reading, so a reading after the broker's
+    /// acknowledgement shows as later than one before the send.
+    struct Moving(AtomicI64);
+
+    impl Clock for Moving {
+        fn now_ms(&self) -> i64 {
+            self.0.fetch_add(1_000, Ordering::SeqCst)
+        }
+    }
+
+    /// The guarantee counts from when the cancel is durable: the broker's acknowledgement, not
+    /// the request's arrival.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_is_honoured_from_its_acknowledgement_on() {
+        let mock = Mock::new("http-cancel");
+        let api = Api {
+            status: watch::channel(Status::default()).1,
+            board: Arc::new(Board::default()),
+            ids: mock.ids.clone(),
+            producer: mock.producer(),
+            settings: mock.settings.clone(),
+            clock: Arc::new(Moving(AtomicI64::new(1_800_000_000_000))),
+            prometheus: crate::metrics::install(),
+        };
+        let lead = api.settings.cancel_lead_ms();
+        let (code, Json(body)) = cancel_schedule(State(api), Path("x".into())).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        let version = crate::facts::Version::decode(body["version"].as_str().unwrap()).unwrap();
+        let honoured =
+            chrono::DateTime::parse_from_rfc3339(body["honoured_if_due_after"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+        assert!(
+            honoured > version.timestamp_ms + lead,
+            "honoured from {honoured}, the request's time {} + the lead {lead}: {body}",
+            version.timestamp_ms
+        );
+    }
 }

@@ -501,3 +501,57 @@ impl Janitor {
         removed
     }
 }
+
+/// What the unit tests of the index's users run on: librdkafka's mock cluster in this process
+/// (no broker), the state topic on it, and an index of ids in a directory of the test's own.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+
+    pub(crate) struct Mock {
+        pub cluster: MockCluster<'static, DefaultProducerContext>,
+        pub settings: Arc<Settings>,
+        pub ids: Ids,
+        pub dir: std::path::PathBuf,
+    }
+
+    impl Mock {
+        pub(crate) fn new(name: &str) -> Mock {
+            let cluster = MockCluster::new(1).expect("a mock cluster");
+            let dir = std::env::temp_dir().join(format!("sm-state-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let config = <crate::Config as clap::Parser>::parse_from([
+                "scheduler",
+                "--bootstrap-servers",
+                &cluster.bootstrap_servers(),
+                "--state-dir",
+                &dir.to_string_lossy(),
+            ]);
+            let settings = Arc::new(Settings::new(config).expect("valid settings"));
+            cluster
+                .create_topic(&settings.internal.state, 1, 1)
+                .expect("the state topic");
+            let (ids, _reader) = open(&settings, &dir).expect("the index opens");
+            Mock {
+                cluster,
+                settings,
+                ids,
+                dir,
+            }
+        }
+
+        pub(crate) fn producer(&self) -> FutureProducer {
+            kafka::producer_config(&self.cluster.bootstrap_servers(), &[])
+                .create()
+                .expect("a producer")
+        }
+    }
+
+    impl Drop for Mock {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
