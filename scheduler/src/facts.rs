@@ -133,16 +133,20 @@ pub fn verdict(known: impl IntoIterator<Item = Version>, version: Version) -> bo
     known.into_iter().all(|k| k <= version)
 }
 
-/// Why a copy of `version` is not delivered, given the facts known for its id: `cancelled` when
-/// a newer cancel is known, `superseded` when only a newer schedule is; `None` when it may be.
+/// Why a copy of `version` is not delivered, given the facts known for its id: the newest fact
+/// says, `cancelled` when it is a cancel, `superseded` when it is a newer schedule (or that
+/// schedule's delivery); `None` when no fact is newer than `version`. Only the newest fact
+/// counts, so an index reads one per judgement, however many versions the id has.
 pub fn withheld(facts: &[(Version, Fact)], version: Version) -> Option<&'static str> {
-    if verdict(facts.iter().map(|(v, _)| *v), version) {
+    let (newest, fact) = facts.iter().max_by_key(|(v, _)| *v)?;
+    if *newest <= version {
         return None;
     }
-    let cancelled = facts
-        .iter()
-        .any(|(v, f)| *v > version && *f == Fact::Cancelled);
-    Some(if cancelled { "cancelled" } else { "superseded" })
+    Some(if *fact == Fact::Cancelled {
+        "cancelled"
+    } else {
+        "superseded"
+    })
 }
 
 /// The facts of ids, as an index holds them: the model the on-disk index follows.

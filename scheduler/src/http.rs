@@ -106,8 +106,8 @@ async fn schedule_status(State(api): State<Api>, Path(id): Path<String>) -> impl
         return e;
     }
     let fresh = api.ids.fresh_as_of();
-    let facts = match api.ids.facts(&id) {
-        Ok(facts) => facts,
+    let status = match api.ids.status(&id) {
+        Ok(status) => status,
         Err(e) => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -115,7 +115,7 @@ async fn schedule_status(State(api): State<Api>, Path(id): Path<String>) -> impl
             )
         }
     };
-    match crate::facts::status(&facts) {
+    match status {
         None => (
             StatusCode::NOT_FOUND,
             Json(json!({ "id": id, "status": "unknown", "fresh_as_of": rfc3339(fresh) })),
@@ -146,9 +146,9 @@ async fn cancel_schedule(
     }
     let before = api
         .ids
-        .facts(&id)
+        .status(&id)
         .ok()
-        .and_then(|f| crate::facts::status(&f))
+        .flatten()
         .map_or("unknown", |s| s.status);
     let now = api.clock.now_ms();
     let version = crate::facts::Version {

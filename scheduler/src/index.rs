@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
-use crate::facts::{Fact, Version};
+use crate::facts::{Fact, IdStatus, Version};
 
 /// (id, timestamp ms, partition, offset) -> when the fact was written (8 bytes, little-endian
 /// epoch ms), then the fact, encoded.
@@ -80,7 +80,15 @@ fn encode_value(written_ms: i64, fact: &Fact) -> Vec<u8> {
     v
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Stored facts decoded by this thread: what a read of the index costs, for the tests.
+    static DECODED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn decode_value(v: &[u8]) -> Option<(i64, Fact)> {
+    #[cfg(test)]
+    DECODED.with(|d| d.set(d.get() + 1));
     let (ts, fact) = v.split_first_chunk::<8>()?;
     Some((i64::from_le_bytes(*ts), Fact::decode(fact)?))
 }
@@ -281,9 +289,42 @@ impl Index {
     }
 
     /// Why a copy of `version` of `id` is not delivered ([`crate::facts::withheld`]); `None`
-    /// when no fact of a higher version is known.
+    /// when no fact of a higher version is known. Reads one stored fact, the id's newest, which
+    /// alone decides: the gate judges every copy of an id, and reading all of its facts for each
+    /// made an id of N versions cost N² reads.
     pub fn withheld(&self, id: &str, version: Version) -> Result<Option<&'static str>, IndexError> {
-        Ok(crate::facts::withheld(&self.facts(id)?, version))
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FACTS)?;
+        let Some(entry) = table.range(Self::range_of(id))?.next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = entry?;
+        // A value that does not decode still names a newer version: withheld all the same.
+        let fact = decode_value(v.value()).map_or(Fact::Delivered, |(_, f)| f);
+        Ok(crate::facts::withheld(
+            &[(Self::version(k.value()), fact)],
+            version,
+        ))
+    }
+
+    /// What the status API reports for `id` ([`crate::facts::status`]): read from the newest
+    /// fact back, through the cancels to the newest fact that is not one, which is all that
+    /// decides it; not every fact of the id.
+    pub fn status(&self, id: &str) -> Result<Option<IdStatus>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FACTS)?;
+        let mut newest = Vec::new();
+        for entry in table.range(Self::range_of(id))?.rev() {
+            let (k, v) = entry?;
+            if let Some((_, fact)) = decode_value(v.value()) {
+                let cancel = fact == Fact::Cancelled;
+                newest.push((Self::version(k.value()), fact));
+                if !cancel {
+                    break;
+                }
+            }
+        }
+        Ok(crate::facts::status(&newest))
     }
 }
 
@@ -447,6 +488,53 @@ mod tests {
         assert_eq!(index.facts("b").unwrap(), vec![]);
         assert_eq!(index.withheld("b", v(10, 0, 3)).unwrap(), None, "forgotten");
         assert_eq!(index.facts("a").unwrap().len(), 2);
+        drop(index);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The publish gate judges every copy of an id, one version after another: with N versions
+    /// known, that must read about N stored facts in all, not N for each (N²).
+    #[test]
+    fn judging_each_version_of_an_id_reads_a_bounded_number_of_facts() {
+        const N: i64 = 1_000;
+        let d = dir("many");
+        let index = Index::open(&d).unwrap();
+        let pending = |due_ms| Fact::Pending {
+            due_ms,
+            target: "t".into(),
+        };
+        let batch: Vec<Learnt> = (0..N)
+            .map(|i| learnt(0, i, "x", v(i, 0, i), pending(i)))
+            .collect();
+        index.apply(&batch).unwrap();
+        let decoded = || DECODED.with(std::cell::Cell::get);
+        let before = decoded();
+        for i in 0..N {
+            let expected = (i < N - 1).then_some("superseded");
+            assert_eq!(index.withheld("x", v(i, 0, i)).unwrap(), expected);
+        }
+        let read = decoded() - before;
+        assert!(
+            read <= 4 * N as u64,
+            "judging {N} versions read {read} stored facts"
+        );
+        let status = |index: &Index| {
+            let before = decoded();
+            let s = index.status("x").unwrap().unwrap();
+            (s.status, s.version, decoded() - before)
+        };
+        assert_eq!(status(&index), ("pending", v(N - 1, 0, N - 1), 1));
+        index
+            .apply(&[
+                learnt(0, N, "x", v(N + 1, Version::HTTP, 1), Fact::Cancelled),
+                learnt(0, N + 1, "x", v(N + 2, Version::HTTP, 2), Fact::Cancelled),
+            ])
+            .unwrap();
+        assert_eq!(
+            status(&index),
+            ("cancelled", v(N + 2, Version::HTTP, 2), 3),
+            "the cancels, then the newest schedule"
+        );
         drop(index);
         let _ = std::fs::remove_dir_all(&d);
     }

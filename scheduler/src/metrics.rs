@@ -70,7 +70,7 @@ pub const UNCONFIRMED_ACKS: &str = "sm_unconfirmed_acks_total";
 /// Counter: cancels accepted, label `via` (`kafka`, `http`).
 pub const CANCELS: &str = "sm_cancels_total";
 /// Counter: records of a version not delivered because a newer fact of their id is known, label
-/// `reason` (`cancelled`, `superseded`: rescheduled).
+/// `reason`, the id's newest fact: `cancelled`, or `superseded` (rescheduled).
 pub const WITHHELD: &str = "sm_withheld_total";
 /// Counter: due records with an id that waited for the index of ids to be fresh enough.
 pub const HELD_FOR_FRESHNESS: &str = "sm_held_for_freshness_total";

@@ -108,9 +108,9 @@ impl Ids {
         self.index.withheld(id, version)
     }
 
-    /// Every fact of `id` the index holds.
-    pub(crate) fn facts(&self, id: &str) -> Result<Vec<(Version, Fact)>, IndexError> {
-        self.index.facts(id)
+    /// What the status API reports for `id`, if anything is known of it.
+    pub(crate) fn status(&self, id: &str) -> Result<Option<crate::facts::IdStatus>, IndexError> {
+        self.index.status(id)
     }
 
     /// The record that writes `fact` of `id` at `version` to the state topic.
