@@ -109,6 +109,7 @@ impl Index {
     /// removed at the end: the index is a cache, so two processes on one machine both run.
     pub fn open(dir: &Path) -> Result<Index, IndexError> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::Io(dir.to_path_buf(), e))?;
+        remove_leftovers(dir);
         let path = dir.join("index.redb");
         match Self::open_file(&path, false) {
             Err(IndexError::Store(e)) if matches!(*e, redb::Error::DatabaseAlreadyOpen) => {
@@ -328,6 +329,35 @@ impl Index {
     }
 }
 
+/// Removes the temporary indexes (`index-<pid>-<n>.redb`, see [`Index::open`]) that processes
+/// killed with SIGKILL left behind: their drop never ran. redb holds its file with an exclusive
+/// `flock` for as long as it is open, so a file whose lock can be taken is no one's; a temporary
+/// index in use (another process's, or another engine's in this one) is kept. Nothing else in
+/// the directory is touched: `index.redb` itself is the index, and redb writes no other file.
+fn remove_leftovers(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("index-") && name.ends_with(".redb")) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = std::fs::OpenOptions::new().read(true).open(&path) else {
+            continue;
+        };
+        // SAFETY: flock on the descriptor of a file this function holds open; the lock goes
+        // with the file at the end of the iteration.
+        let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if free && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed a temporary state index left behind");
+        }
+    }
+}
+
 impl Drop for Index {
     fn drop(&mut self) {
         if self.temporary {
@@ -489,6 +519,31 @@ mod tests {
         assert_eq!(index.withheld("b", v(10, 0, 3)).unwrap(), None, "forgotten");
         assert_eq!(index.facts("a").unwrap().len(), 2);
         drop(index);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn leftover_temporary_indexes_are_removed_at_open_and_one_in_use_is_kept() {
+        let d = dir("leftover");
+        let first = Index::open(&d).unwrap();
+        let in_use = Index::open(&d).unwrap();
+        // What a process killed with SIGKILL leaves: a temporary index nobody holds.
+        let leftover = d.join("index-4194305-0.redb");
+        drop(Database::create(&leftover).unwrap());
+        assert!(leftover.exists());
+        let third = Index::open(&d).unwrap();
+        assert!(!leftover.exists(), "the leftover is removed");
+        assert!(in_use.path().exists(), "a temporary index in use is kept");
+        assert!(first.path().exists());
+        drop((first, in_use, third));
+        std::fs::write(&leftover, b"not even a database").unwrap();
+        let alone = Index::open(&d).unwrap();
+        assert!(
+            !leftover.exists(),
+            "removed when the usual file is free too"
+        );
+        assert_eq!(alone.path(), d.join("index.redb"));
+        drop(alone);
         let _ = std::fs::remove_dir_all(&d);
     }
 
