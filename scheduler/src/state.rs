@@ -94,6 +94,12 @@ impl Ids {
         *self.fresh.borrow()
     }
 
+    /// Waits until the index is fresh as of `t_ms`: it holds every fact acknowledged before
+    /// then. False if the reader is gone.
+    pub(crate) async fn caught_up_to(&self, t_ms: i64) -> bool {
+        self.fresh.clone().wait_for(|f| *f >= t_ms).await.is_ok()
+    }
+
     /// Changes of [`Ids::fresh_as_of`], for the publish gate to wait on.
     pub(crate) fn freshness(&self) -> watch::Receiver<i64> {
         self.fresh.clone()
@@ -437,10 +443,11 @@ pub(crate) struct Janitor {
 impl Janitor {
     /// The janitor: in the process that owns ingest partition 0 (one per group at a time; a
     /// second one during a rebalance only writes the same tombstones twice), every
-    /// [`JANITOR_EVERY`] it removes the facts of ids whose every fact was written, and every
-    /// pending version fell due, more than the slice retention ago: no copy of any of their
-    /// versions can still be in Kafka. Without it the state topic and every index would keep a
-    /// record per version of every id for ever.
+    /// [`JANITOR_EVERY`], once the index is fresh as of the pass (at start: caught up with the
+    /// state topic's end offsets), it removes the facts of ids whose every fact was written, and
+    /// every pending version fell due, more than the slice retention ago: no copy of any of
+    /// their versions can still be in Kafka. Without it the state topic and every index would
+    /// keep a record per version of every id for ever.
     pub(crate) async fn run(self: Arc<Self>) {
         let mut tick = tokio::time::interval(JANITOR_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -450,9 +457,18 @@ impl Janitor {
                 _ = tick.tick() => {}
             }
             let ingest = &self.settings.internal.ingest;
-            if self.offsets.owns(ingest, 0) {
-                self.janitor_round(self.clock.now_ms()).await;
+            if !self.offsets.owns(ingest, 0) {
+                continue;
             }
+            // Only from an index that holds every fact written before the pass: one still
+            // catching up (at start) may not know a newer write to a key it would tombstone,
+            // and the tombstone would delete that fact too.
+            let now = self.clock.now_ms();
+            tokio::select! {
+                _ = self.life.intake().cancelled() => return,
+                caught_up = self.ids.caught_up_to(now) => if !caught_up { return },
+            }
+            self.janitor_round(now).await;
         }
     }
 
@@ -514,6 +530,8 @@ pub(crate) mod testing {
         pub cluster: MockCluster<'static, DefaultProducerContext>,
         pub settings: Arc<Settings>,
         pub ids: Ids,
+        /// Holds the freshness the test publishes (as the reader would).
+        pub fresh: watch::Sender<i64>,
         pub dir: std::path::PathBuf,
     }
 
@@ -533,11 +551,12 @@ pub(crate) mod testing {
             cluster
                 .create_topic(&settings.internal.state, 1, 1)
                 .expect("the state topic");
-            let (ids, _reader) = open(&settings, &dir).expect("the index opens");
+            let (ids, reader) = open(&settings, &dir).expect("the index opens");
             Mock {
                 cluster,
                 settings,
                 ids,
+                fresh: reader.fresh,
                 dir,
             }
         }
@@ -547,11 +566,98 @@ pub(crate) mod testing {
                 .create()
                 .expect("a producer")
         }
+
+        /// Every record on the state topic within `within` (at least one, if any comes).
+        pub(crate) fn state_records(&self, within: Duration) -> Vec<Learnt> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", self.cluster.bootstrap_servers())
+                .set("group.id", "test")
+                .create()
+                .expect("a consumer");
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&self.settings.internal.state, 0, Offset::Beginning)
+                .expect("partition 0");
+            consumer.assign(&tpl).expect("assigned");
+            let until = Instant::now() + within;
+            let mut out = Vec::new();
+            while Instant::now() < until {
+                match consumer.poll(Duration::from_millis(50)) {
+                    Some(Ok(msg)) => out.push(learnt(&msg)),
+                    _ if !out.is_empty() => break,
+                    _ => {}
+                }
+            }
+            out
+        }
     }
 
     impl Drop for Mock {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Mock;
+    use super::*;
+    use crate::offsets::OffsetsEnds;
+
+    /// At start the index may not hold the newest writes yet; a janitor that judged from it
+    /// could tombstone a key whose newer write it has not read. Its first pass waits until the
+    /// index is fresh as of the pass.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_janitor_waits_for_the_index_to_catch_up_before_its_first_pass() {
+        let mock = Mock::new("janitor");
+        // An id no copy can need: cancelled and written at the epoch.
+        let old = Version {
+            timestamp_ms: 1,
+            partition: 0,
+            offset: 0,
+        };
+        mock.ids
+            .index
+            .apply(&[Learnt {
+                partition: 0,
+                offset: 0,
+                entry: Entry::Fact {
+                    id: "old".into(),
+                    version: old,
+                    fact: Fact::Cancelled,
+                    written_ms: 1,
+                },
+            }])
+            .unwrap();
+        let OffsetsEnds { offsets, owned, .. } = Offsets::channel();
+        owned.send_modify(|o| {
+            o.assign([(mock.settings.internal.ingest.clone(), 0)]);
+        });
+        let janitor = Arc::new(Janitor {
+            ids: mock.ids.clone(),
+            offsets,
+            producer: mock.producer(),
+            settings: mock.settings.clone(),
+            clock: Arc::new(crate::SystemClock),
+            life: Arc::new(Lifecycle::new()),
+        });
+        let life = janitor.life.clone();
+        let running = tokio::spawn(janitor.run());
+        // Its first tick is at once, and a pass takes milliseconds here: a second shows it.
+        let early = tokio::task::block_in_place(|| mock.state_records(Duration::from_secs(1)));
+        assert!(
+            early.is_empty(),
+            "a pass ran before the index caught up: {early:?}"
+        );
+        mock.fresh
+            .send_replace(chrono::Utc::now().timestamp_millis());
+        let late = tokio::task::block_in_place(|| mock.state_records(Duration::from_secs(10)));
+        assert!(
+            matches!(&late[..], [Learnt { entry: Entry::Tombstone { id, version }, .. }]
+                if id == "old" && *version == old),
+            "once caught up, the pass removes the old id: {late:?}"
+        );
+        life.stop();
+        running.await.unwrap();
     }
 }
