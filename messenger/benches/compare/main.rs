@@ -480,20 +480,29 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
             "## 5. Recovery: {} records per second for {} s, each due {} later; the fault halfway\n\n| fault | down | lost | duplicated | early | deliveries resume after the fault | lateness p50 ms | p99 ms | max ms |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             a.recovery_rate, a.recovery_seconds, humantime::format_duration(a.delay)
         );
-        for fault in [Fault::KillScheduler, Fault::RestartBroker] {
+        for fault in [
+            Fault::KillScheduler,
+            Fault::KillOneOfTwo { restart: true },
+            Fault::KillOneOfTwo { restart: false },
+            Fault::RestartBroker,
+        ] {
             let r = sections::recovery(&bins, fault, a.recovery_rate, a.recovery_seconds, a.delay)
                 .await;
             outcomes.push((r.what.into(), r.outcome));
             let o = &r.outcome;
             let _ = write!(
                 text,
-                "\n| {} | {:.1} s | {} | {} | {} | {:.1} s | {} | {} | {} |",
+                "\n| {} | {:.1} s | {} | {} | {} | {} | {} | {} | {} |",
                 r.what,
                 r.down_s,
                 o.missing,
                 o.duplicates,
                 o.early,
-                r.resumed_s,
+                if r.resumed_s.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{:.1} s", r.resumed_s)
+                },
                 o.arrival.p50,
                 o.arrival.p99,
                 o.arrival.max
@@ -642,7 +651,10 @@ const LIMITS: &str = "## What limits these figures
   `--instance-id` (static membership); *resume* is the first record the new process published.
   Duplicates are the records delivered after the last commit point. After the broker's restart
   (a JVM start and log recovery of every partition it holds), *resume* is the first record a
-  reader saw after it came back.
+  reader saw after it came back. With two instances, the other keeps delivering throughout: the
+  figure is the worst lateness, the records of the killed one's partitions (its own again after
+  a restart under the same member id; the other's once the broker's session timeout has passed
+  and the group has rebalanced, when it is not restarted).
 ";
 
 /// A histogram bucket bound in ms, as "≤ X ms" ("n/a" without observations).

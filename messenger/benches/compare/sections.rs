@@ -950,6 +950,9 @@ pub enum Fault {
     KillScheduler,
     /// `kill -9` of the broker, restarted after a second on the same storage.
     RestartBroker,
+    /// Two instances share the work; `kill -9` of one, restarted at once (same static member id)
+    /// or not at all (the other takes its partitions once the broker notices it gone).
+    KillOneOfTwo { restart: bool },
 }
 
 /// `rate` records per second for `seconds`, each due `delay` later; halfway through, `fault`.
@@ -966,6 +969,24 @@ pub async fn recovery(
     let instance = format!("{}-1", names.group);
     let args = scheduler_args(&broker, &names, &["--instance-id", &instance]);
     let mut sched = Service::scheduler(&bins.scheduler, &args, &log_name(&names, "rec-1")).await;
+    // The other of two instances: its own member id and index directory.
+    let other = match fault {
+        Fault::KillOneOfTwo { .. } => {
+            let instance = format!("{}-2", names.group);
+            let dir = std::env::temp_dir()
+                .join("sm-test-state")
+                .join(&instance)
+                .to_string_lossy()
+                .into_owned();
+            let args = scheduler_args(
+                &broker,
+                &names,
+                &["--instance-id", &instance, "--state-dir", &dir],
+            );
+            Some(Service::scheduler(&bins.scheduler, &args, &log_name(&names, "rec-other")).await)
+        }
+        _ => None,
+    };
     let n = rate * seconds as usize;
     let reading = start_reading(
         &bootstrap,
@@ -997,6 +1018,23 @@ pub async fn recovery(
             tokio::task::block_in_place(|| broker.kill_and_restart(Duration::from_secs(1)));
             ("broker kill -9, restarted after 1 s", now_ms(), None)
         }
+        Fault::KillOneOfTwo { restart: true } => {
+            sched.kill9();
+            let second = Service::start(&bins.scheduler, &args, &log_name(&names, "rec-2")).await;
+            (
+                "one of two schedulers kill -9, restarted at once",
+                fault_at,
+                Some(second),
+            )
+        }
+        Fault::KillOneOfTwo { restart: false } => {
+            sched.kill9();
+            (
+                "one of two schedulers kill -9, not restarted",
+                fault_at,
+                None,
+            )
+        }
     };
     let due = producing.await.expect("producer");
     let got = reading.await.expect("reader");
@@ -1004,6 +1042,8 @@ pub async fn recovery(
     // set when produced). After a broker restart: the first record read after it came back
     // (records queued during the outage keep the timestamp of their produce call).
     let resumed = match fault {
+        // The other instance never stopped: the figure that counts is the worst lateness.
+        Fault::KillOneOfTwo { .. } => None,
         Fault::KillScheduler => got
             .iter()
             .map(|r| r.timestamp_ms)
@@ -1016,8 +1056,8 @@ pub async fn recovery(
             .min(),
     };
     sched.stop().await;
-    if let Some(mut second) = second {
-        second.stop().await;
+    for mut s in [second, other].into_iter().flatten() {
+        s.stop().await;
     }
     Recovery {
         what,
