@@ -44,6 +44,14 @@ pub struct Config {
     #[arg(long, env = "SM_INSTANCE_ID")]
     pub instance_id: Option<String>,
 
+    /// How long the group waits for a silent process (a SIGKILL, a lost host) before its
+    /// partitions move to the others: the worst lateness of a takeover is about this plus a
+    /// second. Raised to the broker's `group.min.session.timeout.ms` (Kafka's default is 6 s)
+    /// when that is higher: lower that to allow shorter. Heartbeats go every third of it from
+    /// librdkafka's own thread, so a busy engine does not miss them.
+    #[arg(long, env = "SM_SESSION_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub session_timeout: Duration,
+
     /// Topic users produce scheduled records to.
     #[arg(long, env = "SM_INGEST_TOPIC", default_value = "SCHEDULED_MESSAGES")]
     pub ingest_topic: String,
@@ -302,6 +310,8 @@ pub enum ConfigError {
     NotPositive(&'static str),
     #[error("{0} is too long (at most {1})")]
     TooLong(&'static str, String),
+    #[error("{0} is too short (at least {1})")]
+    TooShort(&'static str, String),
     #[error("slice retention {retention} is shorter than the longest a record can wait in one slice topic ({wait}: a turn of the top level's ring) plus an hour; records would be deleted before their sweep. Raise --slice-retention")]
     RetentionTooShort { retention: String, wait: String },
     #[error("hold-horizon {0} is over {MAX_HOLD}: records held that long keep their ingest offsets uncommitted for as long, and a restart reads all of it again; let the slices hold them")]
@@ -347,6 +357,11 @@ impl Settings {
         }
         if config.commit_interval.is_zero() {
             return Err(ConfigError::NotPositive("commit-interval"));
+        }
+        // Heartbeats go every third of it, at most every second; below a second they would
+        // crowd the coordinator and a short stall of the network would evict a live process.
+        if config.session_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::TooShort("session-timeout", "1s".into()));
         }
         let internal = InternalTopics {
             dlq: config
@@ -432,6 +447,7 @@ impl Settings {
             default_tz: c.default_tz.to_string(),
             group_id: c.group_id.clone(),
             instance_id: c.instance_id.clone(),
+            session_timeout_ms: millis(c.session_timeout),
             ingest_topic: self.internal.ingest.clone(),
             dlq_topic: self.internal.dlq.clone(),
             state_topic: self.internal.state.clone(),
@@ -478,6 +494,8 @@ pub struct ConfigView {
     pub default_tz: String,
     pub group_id: String,
     pub instance_id: Option<String>,
+    /// In use: `--session-timeout`, or the broker's `group.min.session.timeout.ms` if higher.
+    pub session_timeout_ms: i64,
     pub ingest_topic: String,
     pub dlq_topic: String,
     pub state_topic: String,

@@ -129,6 +129,12 @@ impl Engine {
             });
         }
         kafka::ensure_topics(&settings, &topics).await?;
+        let mut settings = settings;
+        settings.config.session_timeout = kafka::session_timeout(&settings).await;
+        tracing::info!(
+            "group session timeout {}: a process that stops answering loses its partitions after that long",
+            humantime::format_duration(settings.config.session_timeout)
+        );
 
         let settings = Arc::new(settings);
         let slices = Arc::new(slices);

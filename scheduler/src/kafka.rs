@@ -71,6 +71,7 @@ pub fn slice_producer_config(bootstrap: &str, properties: &[Property]) -> Client
 /// Consumer settings: nothing is committed or stored automatically; the engine commits what the
 /// offset tracker says is safe.
 pub fn consumer_config(settings: &Settings) -> ClientConfig {
+    let session_ms = settings.config.session_timeout.as_millis();
     let mut c = ClientConfig::new();
     c.set("client.id", "sm-ingest")
         .set("group.id", &settings.config.group_id)
@@ -78,10 +79,13 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        // A member that dies is noticed within 6 s (Kafka's lowest default
-        // group.min.session.timeout.ms), and its partitions deliver again a few seconds later.
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
+        // A member that dies is noticed within the session timeout, and its partitions deliver
+        // again about a second later (`session_timeout` below says how long).
+        .set("session.timeout.ms", session_ms.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (session_ms / 3).min(1_000).to_string(),
+        )
         // Incremental rebalancing: a member joining or leaving moves only the partitions that
         // change owner; the others keep delivering through the rebalance.
         .set("partition.assignment.strategy", "cooperative-sticky")
@@ -123,6 +127,57 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         c.set("group.instance.id", id);
     }
     merge(c, base_config(settings))
+}
+
+/// Kafka's default `group.min.session.timeout.ms`: what a broker allows that does not say.
+pub const KAFKA_MIN_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// The session timeout the group's consumer asks for: `--session-timeout`, raised to the
+/// broker's `group.min.session.timeout.ms` when that is higher, since a broker refuses a join
+/// below it (INVALID_SESSION_TIMEOUT) and the process would never get a partition. The worst
+/// lateness when an instance dies and is not restarted is about this plus a second (A/B in
+/// BENCHMARKS.md, "Takeover": 7.1 s at 6 s, 4.3 s at 3 s, 3.1 s at 2 s). Kafka's newer group
+/// protocol (KIP-848) would not shorten it: its session timeout is the broker's alone
+/// (`group.consumer.session.timeout.ms`, 45 s by default). If the broker's setting cannot be
+/// read (no DescribeConfigs right), Kafka's default minimum is assumed.
+pub async fn session_timeout(settings: &Settings) -> Duration {
+    let asked = settings.config.session_timeout;
+    match broker_min_session_timeout(settings).await {
+        Ok(min) => asked.max(min),
+        Err(e) => {
+            tracing::warn!(
+                "could not read the broker's group.min.session.timeout.ms ({e}); assuming Kafka's default, {}",
+                humantime::format_duration(KAFKA_MIN_SESSION_TIMEOUT)
+            );
+            asked.max(KAFKA_MIN_SESSION_TIMEOUT)
+        }
+    }
+}
+
+/// `group.min.session.timeout.ms` of the broker that answers our metadata request.
+async fn broker_min_session_timeout(settings: &Settings) -> Result<Duration, Error> {
+    use rdkafka::admin::ResourceSpecifier;
+    const KEY: &str = "group.min.session.timeout.ms";
+    let admin: AdminClient<DefaultClientContext> = base_config(settings).create()?;
+    let broker = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))?
+        .orig_broker_id();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs(&[ResourceSpecifier::Broker(broker)], &opts)
+        .await?;
+    let resource = results
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Fatal("no answer to DescribeConfigs".into()))?
+        .map_err(|code| Error::Fatal(format!("DescribeConfigs: {code}")))?;
+    resource
+        .get(KEY)
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .ok_or_else(|| Error::Fatal(format!("the broker did not give {KEY}")))
 }
 
 /// A sweep worker's reader: outside the group, nothing committed, nothing assigned between
