@@ -175,6 +175,7 @@ impl Engine {
             .map(|_| crate::sweep::readers(&settings))
             .collect::<Result<Vec<_>, _>>()?;
         let (ids, state_reader) = crate::state::open(&settings, state_dir)?;
+        let state_reader = state_reader.verify(settings.clone()).await?;
 
         m::register_counters();
         let life = Arc::new(Lifecycle::new());

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::facts::{Fact, IdStatus, Version};
 
@@ -18,6 +18,9 @@ use crate::facts::{Fact, IdStatus, Version};
 const FACTS: TableDefinition<(&str, i64, i32, i64), &[u8]> = TableDefinition::new("facts");
 /// State partition -> the next offset to read.
 const POSITIONS: TableDefinition<i32, i64> = TableDefinition::new("positions");
+
+/// What the index was read from, under the key `source` (JSON of a [`Source`]).
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// redb's page cache: the index's share of memory, whatever the number of ids.
 const CACHE_BYTES: usize = 16 << 20;
@@ -48,6 +51,46 @@ from_redb!(
     redb::StorageError,
     redb::CommitError
 );
+
+/// Which state topic the index's facts and positions were read from. The name alone does not
+/// say it: after the stack's data is removed (`-c`), the state topic deleted and made again, or
+/// with another cluster behind the same address, the same name holds other records at the same
+/// offsets, and an index that kept its positions would answer from facts that no longer exist
+/// (and prove freshness it does not have). A topic's id changes whenever the topic is made again
+/// and the cluster id with the cluster; a different partition count moves ids between partitions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Source {
+    /// The cluster id (`None` if the cluster did not say).
+    pub cluster: Option<String>,
+    /// The state topic's topic id, base64 as Kafka's tools print it (`None` if the cluster did
+    /// not say: brokers before Kafka 2.8 have none).
+    pub topic: Option<String>,
+    pub partitions: i32,
+}
+
+impl Source {
+    /// What differs from `old`: `cluster`, `topic` or `partitions`; `None` if nothing.
+    pub fn changed_from(&self, old: &Source) -> Option<&'static str> {
+        if self.cluster != old.cluster {
+            Some("cluster")
+        } else if self.topic != old.topic {
+            Some("topic")
+        } else if self.partitions != old.partitions {
+            Some("partitions")
+        } else {
+            None
+        }
+    }
+}
+
+/// Why [`Index::adopt`] emptied the index, and what it had been read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuild {
+    /// `cluster`, `topic` or `partitions` (see [`Source::changed_from`]), or `unrecorded`: an
+    /// index with facts or positions and no source, written before sources were stored.
+    pub reason: &'static str,
+    pub was: Option<Source>,
+}
 
 /// What a record of the state topic holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +178,7 @@ impl Index {
         let txn = db.begin_write()?;
         txn.open_table(FACTS)?;
         txn.open_table(POSITIONS)?;
+        txn.open_table(META)?;
         txn.commit()?;
         Ok(Index {
             db,
@@ -205,6 +249,39 @@ impl Index {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Makes the index one of `source`: when it was read from another (or from one it did not
+    /// record), it is emptied, facts and positions, so that it is read again from the start of
+    /// the topic; then `source` is stored. Says why when it emptied it. One transaction, durable
+    /// at once: a crash leaves the old index and its old source, or the new empty one.
+    pub fn adopt(&self, source: &Source) -> Result<Option<Rebuild>, IndexError> {
+        let txn = self.db.begin_write()?;
+        let rebuild = {
+            let mut meta = txn.open_table(META)?;
+            let was: Option<Source> = meta
+                .get("source")?
+                .and_then(|v| serde_json::from_str(v.value()).ok());
+            let reason = match &was {
+                Some(old) => source.changed_from(old),
+                None => {
+                    let used = !txn.open_table(FACTS)?.is_empty()?
+                        || !txn.open_table(POSITIONS)?.is_empty()?;
+                    used.then_some("unrecorded")
+                }
+            };
+            let encoded = serde_json::to_string(source).unwrap_or_default();
+            meta.insert("source", encoded.as_str())?;
+            reason.map(|reason| Rebuild { reason, was })
+        };
+        if rebuild.is_some() {
+            txn.delete_table(FACTS)?;
+            txn.delete_table(POSITIONS)?;
+            txn.open_table(FACTS)?;
+            txn.open_table(POSITIONS)?;
+        }
+        txn.commit()?;
+        Ok(rebuild)
     }
 
     /// How far each state partition has been read (the next offset to read).
@@ -589,6 +666,52 @@ mod tests {
             status(&index),
             ("cancelled", v(N + 2, Version::HTTP, 2), 3),
             "the cancels, then the newest schedule"
+        );
+        drop(index);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_index_of_another_source_is_emptied_and_says_why() {
+        let d = dir("source");
+        let index = Index::open(&d).unwrap();
+        let source = |cluster: &str, topic: &str, partitions| Source {
+            cluster: Some(cluster.into()),
+            topic: Some(topic.into()),
+            partitions,
+        };
+        let fill = |index: &Index| {
+            index
+                .apply(&[learnt(0, 0, "a", v(10, 0, 1), Fact::Cancelled)])
+                .unwrap()
+        };
+        assert_eq!(index.adopt(&source("c1", "t1", 2)).unwrap(), None, "new");
+        fill(&index);
+        assert_eq!(index.adopt(&source("c1", "t1", 2)).unwrap(), None, "same");
+        assert_eq!(index.facts("a").unwrap().len(), 1);
+        for (next, reason) in [
+            (source("c1", "t2", 2), "topic"),
+            (source("c2", "t2", 2), "cluster"),
+            (source("c2", "t2", 3), "partitions"),
+        ] {
+            fill(&index);
+            let rebuilt = index.adopt(&next).unwrap().expect("emptied");
+            assert_eq!(rebuilt.reason, reason);
+            assert_eq!(index.facts("a").unwrap(), vec![]);
+            assert_eq!(index.positions().unwrap(), HashMap::new());
+        }
+        drop(index);
+        let _ = std::fs::remove_dir_all(&d);
+        let index = Index::open(&d).unwrap();
+        fill(&index);
+        let rebuilt = index
+            .adopt(&source("c1", "t1", 2))
+            .unwrap()
+            .expect("emptied");
+        assert_eq!(
+            (rebuilt.reason, rebuilt.was),
+            ("unrecorded", None),
+            "an index of an earlier version"
         );
         drop(index);
         let _ = std::fs::remove_dir_all(&d);

@@ -82,6 +82,9 @@ pub const STATE_FACTS_READ: &str = "sm_state_facts_read_total";
 pub const FACTS_REMOVED: &str = "sm_state_facts_removed_total";
 /// Counter: state records that are not facts (skipped).
 pub const STATE_MALFORMED: &str = "sm_state_malformed_total";
+/// Counter: state indexes emptied at start to be read again, because they were read from
+/// another state topic; label `reason` (`cluster`, `topic`, `partitions`, `unrecorded`).
+pub const INDEX_REBUILDS: &str = "sm_index_rebuilds_total";
 /// Gauge: how far behind the clock the index of ids is proven complete (seconds).
 pub const STATE_LAG: &str = "sm_state_lag_seconds";
 

@@ -32,7 +32,7 @@ use crate::config::Settings;
 use crate::domain::Outgoing;
 use crate::error::Error;
 use crate::facts::{fact_key, parse_fact_key, Fact, Version};
-use crate::index::{Entry, Index, IndexError, Learnt};
+use crate::index::{Entry, Index, IndexError, Learnt, Source};
 use crate::kafka::BROKER_TIMEOUT;
 use crate::kafka::{self, Fatal, Lookup};
 use crate::lifecycle::Lifecycle;
@@ -258,9 +258,53 @@ impl Reader {
             })
     }
 
+    /// Makes sure the index was read from the state topic the cluster holds now (see
+    /// [`Source`]): when not, [`Index::adopt`] empties it, and it is read again from the start;
+    /// a line at warn and [`m::INDEX_REBUILDS`] say what changed. Before anything reads the
+    /// index, so no answer comes from facts of another topic.
+    ///
+    /// The topic id is the reliable mark of "the same topic": Kafka gives a topic a new one
+    /// whenever it is made, whatever its name. rust-rdkafka has no call for it, so it is asked
+    /// with librdkafka's DescribeTopics ([`topic_id`]). Watermarks are no substitute: a topic
+    /// made again and written as far as the old one's positions looks the same.
+    pub(crate) async fn verify(self, settings: Arc<Settings>) -> Result<Reader, Error> {
+        let checked = tokio::task::spawn_blocking(move || {
+            let topic = &settings.internal.state;
+            let partitions = self.partitions(topic, &|| false)?;
+            let client = self.consumer.client();
+            let source = Source {
+                cluster: client.fetch_cluster_id(BROKER_TIMEOUT),
+                topic: topic_id(&self.consumer, topic, BROKER_TIMEOUT)?,
+                partitions,
+            };
+            match self.ids.index.adopt(&source).map_err(|e| e.to_string())? {
+                Some(rebuild) => {
+                    tracing::warn!(
+                        reason = rebuild.reason,
+                        was = ?rebuild.was,
+                        now = ?source,
+                        "the state index was read from another state topic ({} changed); \
+                         emptied, it is read again from the start of {topic}",
+                        rebuild.reason
+                    );
+                    metrics::counter!(m::INDEX_REBUILDS, "reason" => rebuild.reason).increment(1);
+                }
+                None => tracing::info!(?source, "the state index is of this state topic"),
+            }
+            Ok::<_, String>(self)
+        })
+        .await;
+        match checked {
+            Ok(Ok(reader)) => Ok(reader),
+            Ok(Err(e)) => Err(Error::Fatal(format!("state index: {e}"))),
+            Err(e) => Err(Error::Fatal(format!("state index check: {e}"))),
+        }
+    }
+
     /// The state topic's partition count. A topic created a moment ago may not be in every
-    /// broker's metadata yet: asked again with backoff for up to [`BROKER_TIMEOUT`] × 3.
-    fn partitions(&self, topic: &str, with: &ReaderParts) -> Result<i32, String> {
+    /// broker's metadata yet: asked again with backoff for up to [`BROKER_TIMEOUT`] × 3, or
+    /// until `gone` says to stop.
+    fn partitions(&self, topic: &str, gone: &dyn Fn() -> bool) -> Result<i32, String> {
         let until = Instant::now() + BROKER_TIMEOUT * 3;
         let mut delays = crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(2));
         loop {
@@ -274,7 +318,7 @@ impl Reader {
                 });
             match found {
                 Ok(n) if n > 0 => return Ok(n),
-                _ if Instant::now() >= until || with.life.token().is_cancelled() => {
+                _ if Instant::now() >= until || gone() => {
                     return Err(format!(
                         "the state topic {topic} has no partitions in the metadata: {found:?}"
                     ))
@@ -287,7 +331,7 @@ impl Reader {
     /// Assigns every state partition from the positions the index stored.
     fn start(&self, with: &ReaderParts) -> Result<Progress, String> {
         let topic = &with.settings.internal.state;
-        let partitions = self.partitions(topic, with)?;
+        let partitions = self.partitions(topic, &|| with.life.token().is_cancelled())?;
         let applied = self.ids.index.positions().map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
@@ -421,6 +465,100 @@ impl Reader {
             }
         }
         self.ids.index.advance(&moved).map_err(|e| e.to_string())
+    }
+}
+
+/// The topic id Kafka gave `topic` when it was made (KIP-516), base64 as Kafka's tools print
+/// it; `None` when the cluster has none for it (brokers before 2.8). Asked with librdkafka's
+/// DescribeTopics admin call, which any client handle may make; rust-rdkafka does not wrap it.
+fn topic_id(
+    client: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<String>, String> {
+    use rdkafka::bindings as rd;
+    use std::ffi::{c_char, CStr, CString};
+    let name = CString::new(topic).map_err(|e| e.to_string())?;
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let rk = client.client().native_ptr();
+    let text = |p: *const c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: librdkafka's strings are NUL-terminated and live as long as their object,
+            // which outlives this copy.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: every object made here is destroyed once, after the last use of anything it owns
+    // (the event owns the descriptions and their ids); `name` outlives the collection made of it.
+    unsafe {
+        let mut names = [name.as_ptr()];
+        let topics = rd::rd_kafka_TopicCollection_of_topic_names(names.as_mut_ptr(), 1);
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBETOPICS,
+        );
+        let mut errstr = [0 as c_char; 256];
+        rd::rd_kafka_AdminOptions_set_request_timeout(
+            options,
+            ms,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        );
+        let queue = rd::rd_kafka_queue_new(rk);
+        rd::rd_kafka_DescribeTopics(rk, topics, options, queue);
+        let event = rd::rd_kafka_queue_poll(queue, ms.saturating_add(1_000));
+        let found = if event.is_null() {
+            Err(format!(
+                "no answer to DescribeTopics {topic} within {ms} ms"
+            ))
+        } else if rd::rd_kafka_event_error(event)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            Err(format!(
+                "DescribeTopics {topic}: {}",
+                text(rd::rd_kafka_event_error_string(event))
+            ))
+        } else {
+            let result = rd::rd_kafka_event_DescribeTopics_result(event);
+            let mut n = 0usize;
+            let described = if result.is_null() {
+                std::ptr::null_mut()
+            } else {
+                rd::rd_kafka_DescribeTopics_result_topics(result, &mut n)
+            };
+            match (0..n).map(|i| *described.add(i)).next() {
+                None => Err(format!("DescribeTopics {topic}: no description")),
+                Some(d) => {
+                    let error = rd::rd_kafka_TopicDescription_error(d);
+                    let id = rd::rd_kafka_TopicDescription_topic_id(d);
+                    if !error.is_null()
+                        && rd::rd_kafka_error_code(error)
+                            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                    {
+                        Err(format!(
+                            "DescribeTopics {topic}: {}",
+                            text(rd::rd_kafka_error_string(error))
+                        ))
+                    } else if id.is_null()
+                        || (rd::rd_kafka_Uuid_most_significant_bits(id) == 0
+                            && rd::rd_kafka_Uuid_least_significant_bits(id) == 0)
+                    {
+                        Ok(None)
+                    } else {
+                        Ok(Some(text(rd::rd_kafka_Uuid_base64str(id))))
+                    }
+                }
+            }
+        };
+        if !event.is_null() {
+            rd::rd_kafka_event_destroy(event);
+        }
+        rd::rd_kafka_queue_destroy(queue);
+        rd::rd_kafka_AdminOptions_destroy(options);
+        rd::rd_kafka_TopicCollection_destroy(topics);
+        found
     }
 }
 

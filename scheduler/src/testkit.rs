@@ -470,6 +470,42 @@ pub async fn create_topic_on(
         .unwrap_or_else(|e| panic!("creating {name}: {e}"));
 }
 
+/// Deletes a topic and returns once the broker's metadata no longer lists it (deletion is
+/// asynchronous in Kafka: a topic created under the same name before then is refused).
+pub async fn delete_topic(name: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        // Its metadata requests below must not make the topic again.
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("admin");
+    let deleted = admin
+        .delete_topics(&[name], &AdminOptions::new())
+        .await
+        .expect("the broker answers");
+    for result in deleted {
+        result.unwrap_or_else(|(topic, e)| panic!("deleting {topic}: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(5))
+            .expect("metadata");
+        let listed = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none());
+        if !listed {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} still listed after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn producer() -> FutureProducer {
     producer_on(&bootstrap())
 }

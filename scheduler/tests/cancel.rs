@@ -370,3 +370,52 @@ async fn the_janitor_forgets_ids_only_after_every_copy_is_gone() {
     .await;
     sched.stop().await.expect("clean stop");
 }
+
+/// The index is a cache of the state topic: once that topic is deleted and made again (as after
+/// `-c`, or with another cluster behind the same address), an index left on disk must not answer
+/// from facts that no longer exist. The process rebuilds it, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_of_a_recreated_state_topic_is_rebuilt_not_believed() {
+    let names = Names::new("stale");
+    create_topic(&names.target, 1).await;
+    let http = free_port();
+    let mut first = spawn(&names, &format!("{}-1.log", names.group), http);
+    answers_ok(http).await;
+    let id = "stale-1";
+    schedule_records(&names, &[(id.to_string(), now_ms() + 600_000)]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(http, id).await.as_deref() != Some("pending") {
+        assert!(Instant::now() < deadline, "{id} never became pending");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A clean stop (SIGTERM): the index on disk keeps the fact and its read positions.
+    let pid = libc::pid_t::try_from(first.id()).expect("a pid");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first.try_wait().expect("its status").is_none() {
+        assert!(Instant::now() < deadline, "no clean stop within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let state = format!("{}.STATE", names.ingest);
+    delete_topic(&state).await;
+    create_topic_with(&state, 2, &[("cleanup.policy", "compact")]).await;
+
+    let log = format!("{}-2.log", names.group);
+    let mut second = spawn(&names, &log, http);
+    answers_ok(http).await;
+    let r = reqwest::get(format!("http://127.0.0.1:{http}/api/schedules/{id}"))
+        .await
+        .expect("GET answers");
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["status"], "unknown", "an answer from a deleted fact");
+    let rebuilds = try_metric_sum(&format!("127.0.0.1:{http}"), "sm_index_rebuilds_total").await;
+    assert_eq!(rebuilds, Some(1.0), "the rebuild is counted");
+    let said = std::fs::read_to_string(std::env::temp_dir().join(&log)).expect("its log");
+    assert!(
+        said.lines()
+            .any(|l| l.contains("WARN") && l.contains("state index") && l.contains("topic")),
+        "the rebuild is logged, naming what changed:\n{said}"
+    );
+    kill9(&mut second);
+}
