@@ -705,8 +705,27 @@ pub(crate) mod testing {
                 .expect("a producer")
         }
 
-        /// Every record on the state topic within `within` (at least one, if any comes).
-        pub(crate) fn state_records(&self, within: Duration) -> Vec<Learnt> {
+        /// Every record on the state topic now: read up to its end offset as of the call.
+        pub(crate) fn state_records_to_end(&self) -> Vec<Learnt> {
+            let consumer = self.state_consumer();
+            let (_, end) = consumer
+                .fetch_watermarks(&self.settings.internal.state, 0, Duration::from_secs(10))
+                .expect("the state topic's end");
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while (out.len() as i64) < end {
+                assert!(
+                    Instant::now() < deadline,
+                    "the state topic was not read to its end"
+                );
+                if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(50)) {
+                    out.push(learnt(&msg));
+                }
+            }
+            out
+        }
+
+        fn state_consumer(&self) -> BaseConsumer {
             let consumer: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", self.cluster.bootstrap_servers())
                 .set("group.id", "test")
@@ -716,6 +735,12 @@ pub(crate) mod testing {
             tpl.add_partition_offset(&self.settings.internal.state, 0, Offset::Beginning)
                 .expect("partition 0");
             consumer.assign(&tpl).expect("assigned");
+            consumer
+        }
+
+        /// Every record on the state topic within `within` (at least one, if any comes).
+        pub(crate) fn state_records(&self, within: Duration) -> Vec<Learnt> {
+            let consumer = self.state_consumer();
             let until = Instant::now() + within;
             let mut out = Vec::new();
             while Instant::now() < until {
@@ -780,9 +805,18 @@ mod tests {
             life: Arc::new(Lifecycle::new()),
         });
         let life = janitor.life.clone();
+        // A pass that waits for freshness holds a receiver of it: one more than now.
+        let watching = mock.fresh.receiver_count();
         let running = tokio::spawn(janitor.run());
-        // Its first tick is at once, and a pass takes milliseconds here: a second shows it.
-        let early = tokio::task::block_in_place(|| mock.state_records(Duration::from_secs(1)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mock.fresh.receiver_count() <= watching {
+            assert!(
+                Instant::now() < deadline && !running.is_finished(),
+                "the janitor's first pass never waited for the index (it ran, or never began)"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let early = tokio::task::block_in_place(|| mock.state_records_to_end());
         assert!(
             early.is_empty(),
             "a pass ran before the index caught up: {early:?}"
