@@ -185,7 +185,8 @@ async fn send_once(
     let mut record = FutureRecord::to(topic)
         .key(m.key())
         .payload(&value)
-        .headers(headers);
+        .headers(headers)
+        .timestamp(m.record_timestamp(cancel));
     let queued = loop {
         match producer.send_result(record) {
             Ok(f) => break f,
@@ -342,6 +343,8 @@ impl Workload<'_> {
                         time_header,
                         due,
                         sms_topic: m.sms_topic.clone(),
+                        // Made after the version it replaces: ranks above it (see version_ms).
+                        version_ms: m.version_ms + 1,
                     });
                     out.last_due_ms = out.last_due_ms.max(due.as_millis());
                     let new_due = Some(due.as_millis());
@@ -420,5 +423,63 @@ impl Workload<'_> {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scheduler::testkit::{bootstrap, collect, create_topic, reader, unique};
+
+    /// The scheduler orders the versions of an id by record timestamp, then partition and
+    /// offset. A send retried after the cancel of its id was acknowledged must stay older than
+    /// the cancel; with the producer's own timestamps the retry, sent last, came out newest and
+    /// brought the cancelled version back. (Against the stack's broker.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_retried_after_its_cancel_stays_older_than_the_cancel() {
+        let topic = unique("versions");
+        create_topic(&topic, 1).await;
+        let producer: FutureProducer = scheduler::kafka::producer_config(&bootstrap(), &[])
+            .create()
+            .expect("a producer");
+        let mut rng = StdRng::seed_from_u64(7);
+        let m = sms::message(&mut rng, "run", 1, now_ms(), 60_000, 60_000, 10);
+        send_once(&producer, &topic, &m, false).await.expect("sent");
+        send_once(&producer, &topic, &m, true)
+            .await
+            .expect("cancel sent");
+        // The retry comes after the cancel's timestamp: a fresh timestamp would rank above it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while now_ms() <= m.record_timestamp(true) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clock did not move"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        send_once(&producer, &topic, &m, false)
+            .await
+            .expect("retry sent");
+        let got = collect(&reader(&topic, 1), Duration::from_secs(30), |r| {
+            r.len() >= 3
+        })
+        .await;
+        assert_eq!(got.len(), 3, "the three sends");
+        let newest = got
+            .iter()
+            .max_by_key(|r| (r.timestamp_ms, r.partition, r.offset))
+            .expect("records");
+        assert_eq!(
+            newest.header(scheduler::domain::CANCEL).as_deref(),
+            Some("true"),
+            "the newest version is the cancel: {:?}",
+            got.iter()
+                .map(|r| (
+                    r.timestamp_ms,
+                    r.offset,
+                    r.header(scheduler::domain::CANCEL)
+                ))
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -30,9 +30,19 @@ pub struct Scheduled {
     pub sms_topic: String,
     pub time_header: String,
     pub due: DueTime,
+    /// The record timestamp of this version, fixed when the version is made. The scheduler
+    /// orders the versions of an id by record timestamp: a send retried with a fresh timestamp
+    /// would outrank a cancel or reschedule sent meanwhile and bring the old version back.
+    pub version_ms: i64,
 }
 
 impl Scheduled {
+    /// The record timestamp to send: [`Scheduled::version_ms`], and 1 ms later for the cancel of
+    /// this version, so that the cancel outranks it however their sends are retried.
+    pub fn record_timestamp(&self, cancel: bool) -> i64 {
+        self.version_ms + i64::from(cancel)
+    }
+
     pub fn key(&self) -> &[u8] {
         self.sms.to.as_bytes()
     }
@@ -112,6 +122,7 @@ pub fn message(
         sms_topic: "sms-messages".into(),
         time_header,
         due,
+        version_ms: now_ms,
     }
 }
 
