@@ -428,10 +428,17 @@ The tuned producer of section 2, Kafka only (rates also in section 2 are its run
             outcomes.push(("restart with records pending".into(), r.outcome));
         }
         emit(&mut out, &format!(
-            "## 3. Memory: {} records pending, due one to two hours later\n\n*With ids*: the same on a broker of its own, every record with an `id` header; then the scheduler is stopped, its index of ids deleted, and started again: *rebuilt* is until the index is fresh (every fact read back from the state topic).\n\n| state | without ids, resident MiB | with ids, resident MiB |\n| --- | --- | --- |\n| idle (assigned, nothing pending) | {:.0} | {:.0} |\n| {} pending, all filed in slices | {:.0} | {:.0} |\n| peak while filing them | {:.0} | {:.0} |\n| after rebuilding the index | - | {:.0} |\n\nWithout ids: produced in {:.0} s; all filed in slices {:.0} s after the first was produced ({:.0} records/s). With ids: produced in {:.0} s, filed after {:.0} s ({:.0} records/s); index of {} ids rebuilt in {:.1} s. The broker alone took the same kind of records from one producer at {:.0} records/s (filing ÷ that: {:.2}); a one-hop relay beside that producer, reading what it wrote, copied them at {:.0} records/s (filing ÷ that: {:.2}).\n\n{}",
-            m.pending, m.idle_mib, i.idle_mib, m.pending, m.pending_mib, i.pending_mib, m.peak_mib, i.peak_mib, rebuilt_mib,
+            "## 3. Memory: {} records pending, due one to two hours later\n\n*With ids*: the same on a broker of its own, every record with an `id` header; then the scheduler is stopped, its index of ids deleted, and started again: *rebuilt* is until the index is fresh (every fact read back from the state topic).\n\n| state | without ids, resident MiB | with ids, resident MiB |\n| --- | --- | --- |\n| idle (assigned, nothing pending) | {:.0} | {} |\n| {} pending, all filed in slices | {:.0} | {} |\n| peak while filing them | {:.0} | {} |\n| after rebuilding the index | - | {} |\n\nWithout ids: produced in {:.0} s; all filed in slices {:.0} s after the first was produced ({:.0} records/s). {} The broker alone took the same kind of records from one producer at {:.0} records/s (filing ÷ that: {:.2}); a one-hop relay beside that producer, reading what it wrote, copied them at {:.0} records/s (filing ÷ that: {:.2}).\n\n{}",
+            m.pending, m.idle_mib, mib(i.idle_mib), m.pending, m.pending_mib, mib(i.pending_mib), m.peak_mib, mib(i.peak_mib), mib(if i.rebuild.is_some() { rebuilt_mib } else { f64::NAN }),
             m.produce_s, m.placed_s, m.filing_rate(),
-            i.produce_s, i.placed_s, i.filing_rate(), i.pending, rebuild_s,
+            if i.produce_s.is_nan() {
+                "With ids: not measured (`--memory-with-ids false`).".to_string()
+            } else {
+                format!(
+                    "With ids: produced in {:.0} s, filed after {:.0} s ({:.0} records/s); index of {} ids rebuilt in {:.1} s.",
+                    i.produce_s, i.placed_s, i.filing_rate(), i.pending, rebuild_s
+                )
+            },
             m.broker_produce_rate, m.filing_rate() / m.broker_produce_rate,
             m.relay_filing_rate, m.filing_rate() / m.relay_filing_rate,
             m.restart.as_ref().map_or(String::new(), |r| format!(
@@ -656,6 +663,15 @@ const LIMITS: &str = "## What limits these figures
   a restart under the same member id; the other's once the broker's session timeout has passed
   and the group has rebalanced, when it is not restarted).
 ";
+
+/// MiB to the nearest one, or "-" for a figure not measured (NaN).
+fn mib(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.0}")
+    }
+}
 
 /// A histogram bucket bound in ms, as "≤ X ms" ("n/a" without observations).
 fn acked(ms: Option<f64>) -> String {
