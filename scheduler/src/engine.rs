@@ -252,7 +252,7 @@ impl Engine {
         let janitor = Arc::new(Janitor {
             ids: ids.clone(),
             offsets: offsets.clone(),
-            producer,
+            producer: producer.clone(),
             settings: settings.clone(),
             clock: clock.clone(),
             life: life.clone(),
@@ -271,7 +271,17 @@ impl Engine {
             memory_budget: settings.config.memory_budget,
             interval: settings.config.commit_interval,
             status: status_tx,
+            ids: ids.clone(),
+            clock: clock.clone(),
         });
+        let watermarks = crate::watermark::Writer {
+            offsets: offsets.clone(),
+            lookup: lookup.clone(),
+            producer: producer.clone(),
+            settings: settings.clone(),
+            clock: clock.clone(),
+            life: life.clone(),
+        };
 
         let tasks = TaskTracker::new();
         // Every stage ends where it waits once its token is cancelled (budget, a full queue, a
@@ -309,6 +319,7 @@ impl Engine {
         until(&intake, Box::pin(planner.run_control(events_rx, jobs_tx)));
         until(&intake, Box::pin(stats.run()));
         until(&intake, Box::pin(janitor.clone().run()));
+        until(&intake, Box::pin(watermarks.run()));
         let state_thread = state_reader.spawn(ReaderParts {
             settings: settings.clone(),
             clock: clock.clone(),

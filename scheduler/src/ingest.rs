@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 
 use crate::domain::{Incoming, Ingested};
 use crate::facts::Fact;
@@ -33,9 +33,18 @@ pub(crate) struct Ingest {
 
 impl Ingest {
     pub(crate) async fn run(self) {
+        // The consumer's position is noted between records, on this task (which also serves
+        // the rebalances), for the ingest watermarks: it moves past transaction markers and
+        // aborted records, which are never handed out.
+        let mut positions = tokio::time::interval(crate::watermark::EVERY / 2);
+        positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let rec = tokio::select! {
                 _ = self.life.intake().cancelled() => break,
+                _ = positions.tick() => {
+                    self.note_positions();
+                    continue;
+                }
                 msg = self.consumer.recv() => match msg {
                     Ok(msg) => kafka::detach(&msg),
                     Err(e) => {
@@ -56,6 +65,27 @@ impl Ingest {
         }
     }
 
+    /// Notes the consumer's position in each owned ingest partition (see
+    /// [`crate::watermark::ReadMarks::position`]).
+    fn note_positions(&self) {
+        let ingest = &self.router.settings.internal.ingest;
+        let owned = self.offsets.partitions_of(ingest);
+        if owned.is_empty() {
+            return;
+        }
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for e in positions.elements_for_topic(ingest) {
+            let (p, rdkafka::Offset::Offset(at)) = (e.partition(), e.offset()) else {
+                continue;
+            };
+            if let Some(generation) = self.offsets.generation(ingest, p) {
+                self.offsets.read_marks(|m| m.position(p, generation, at));
+            }
+        }
+    }
+
     /// A record from the ingest topic: accepted and routed, or dead-lettered with its reason.
     async fn ingest(&self, rec: Incoming) {
         let Some(ticket) = self.offsets.begin(&rec.topic, rec.partition, rec.offset) else {
@@ -65,7 +95,16 @@ impl Ingest {
         tracing::trace!(source = %rec.source(), "ingested");
         let r = &*self.router;
         let internal = &r.settings.internal;
-        match Ingested::parse(&rec, r.settings.config.default_tz, internal) {
+        let parsed = Ingested::parse(&rec, r.settings.config.default_tz, internal);
+        // Read; with a fact on its way, handled (for the ingest watermarks) once it is
+        // acknowledged.
+        let fact = match &parsed {
+            Ok(Ingested::Cancel { .. }) => true,
+            Ok(Ingested::Schedule(s)) => s.version.is_some(),
+            Err(_) => false,
+        };
+        self.offsets.read_marks(|m| m.read(&ticket, fact));
+        match parsed {
             Err(why) => {
                 tracing::warn!(source = %rec.source(), reason = why.code(), detail = %why, "dead-lettering");
                 r.dead_letter_original(&rec, &why, ticket, None).await;
@@ -85,6 +124,8 @@ impl Ingest {
                     let also = self.offsets.also(&ticket);
                     if let Some(fact_ticket) = also {
                         r.write_fact(&s.id, version, pending, fact_ticket).await;
+                    } else {
+                        self.offsets.read_marks(|m| m.acked(&ticket));
                     }
                 }
                 r.per_record.scheduled.increment(1);

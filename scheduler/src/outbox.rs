@@ -189,9 +189,12 @@ pub enum Then {
     DeadLetter {
         reason: &'static str,
     },
-    /// A fact of an id in the state topic (`pending`, `cancelled`, `delivered`).
+    /// A fact of an id in the state topic (`pending`, `cancelled`, `delivered`); `read_mark`
+    /// when it is the fact of an ingest record, which counts as handled for its partition's
+    /// watermark ([`crate::watermark`]) once the fact is acknowledged.
     Fact {
         fact: &'static str,
+        read_mark: bool,
     },
 }
 
@@ -962,6 +965,7 @@ impl Outbox {
                         out,
                         then: Then::Fact {
                             fact: Fact::Delivered.status(),
+                            read_mark: false,
                         },
                         scheduled: None,
                         ticket: send.ticket,
@@ -979,8 +983,11 @@ impl Outbox {
                 metrics::counter!(m::DEAD_LETTERED, "reason" => reason).increment(1);
                 Some(Placed::DeadLetter)
             }
-            Then::Fact { fact } => {
+            Then::Fact { fact, read_mark } => {
                 self.per_record.fact_written(fact);
+                if read_mark {
+                    self.offsets.read_marks(|m| m.acked(&send.ticket));
+                }
                 None
             }
         };

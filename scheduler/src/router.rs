@@ -71,12 +71,15 @@ impl Router {
         }
     }
 
-    /// Writes a fact of an id to the state topic; `ticket` is finished once it is acknowledged.
+    /// Writes the fact of an id that an ingest record makes to the state topic; `ticket` is
+    /// finished, and the record counts as handled for its partition's watermark, once it is
+    /// acknowledged.
     pub(crate) async fn write_fact(&self, id: &str, version: Version, fact: Fact, ticket: Ticket) {
         let out = self.ids.record(id, version, &fact);
         let size = out.key.as_ref().map_or(0, Vec::len) + out.payload.as_ref().map_or(0, Vec::len);
         let then = Then::Fact {
             fact: fact.status(),
+            read_mark: true,
         };
         self.send_copy(out, then, size, ticket, None).await;
     }
