@@ -319,7 +319,9 @@ impl Engine {
         until(&intake, Box::pin(planner.run_control(events_rx, jobs_tx)));
         until(&intake, Box::pin(stats.run()));
         until(&intake, Box::pin(janitor.clone().run()));
-        until(&intake, Box::pin(watermarks.run()));
+        // Through a clean stop's drain too: records with ids the timer releases then still need
+        // this process's partitions' watermarks (read up to where the intake stopped).
+        until(&token, Box::pin(watermarks.run()));
         let state_thread = state_reader.spawn(ReaderParts {
             settings: settings.clone(),
             clock: clock.clone(),

@@ -245,7 +245,7 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Every [`EVERY`] until the intake stops: asks the end offsets of the owned ingest
+    /// Every [`EVERY`] until the engine stops (through a clean stop's drain): asks the end offsets of the owned ingest
     /// partitions that have no goal, and writes the watermark of each partition read up to its
     /// goal.
     pub(crate) async fn run(self) {
@@ -261,7 +261,7 @@ impl Writer {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = self.life.intake().cancelled() => return,
+                _ = self.life.token().cancelled() => return,
                 _ = tick.tick() => {}
             }
             let owned: Vec<(i32, u64)> = self
