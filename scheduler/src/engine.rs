@@ -195,6 +195,7 @@ impl Engine {
             producer: producer.clone(),
             slice_producer,
         });
+        let (gate_tx, gate_rx) = watch::channel(None);
         let router = Arc::new(Router {
             settings: settings.clone(),
             clock: clock.clone(),
@@ -204,6 +205,7 @@ impl Engine {
             outbox: outbox.clone(),
             slice_writes: Arc::new(SliceWrites::default()),
             ids: ids.clone(),
+            gate_held: gate_rx.clone(),
         });
         let sweeper = Arc::new(Sweeper::new(
             router.clone(),
@@ -222,7 +224,6 @@ impl Engine {
             slices: slices.clone(),
         });
         let publisher_backlog = Arc::new(AtomicUsize::new(0));
-        let (gate_tx, gate_rx) = watch::channel(None);
         let publisher = Publisher {
             outbox: outbox.clone(),
             offsets: offsets.clone(),

@@ -20,7 +20,6 @@ use crate::metrics as m;
 use crate::offsets::Offsets;
 use crate::outbox::weight;
 use crate::router::Router;
-use crate::slice::Route;
 
 /// The ingest stage: the group's consumer and what it routes with.
 pub(crate) struct Ingest {
@@ -114,39 +113,36 @@ impl Ingest {
                 r.write_fact(&id, version, Fact::Cancelled, ticket).await;
             }
             Ok(Ingested::Schedule(s)) => {
-                if let Some(version) = s.version {
-                    // The id's newest version is this one: its fact supersedes older copies
-                    // wherever they are. The ingest offset waits for the fact and the copy.
-                    let pending = Fact::Pending {
-                        due_ms: s.due.as_millis(),
-                        target: s.target.as_str().to_string(),
-                    };
-                    let also = self.offsets.also(&ticket);
-                    if let Some(fact_ticket) = also {
-                        r.write_fact(&s.id, version, pending, fact_ticket).await;
-                    } else {
-                        self.offsets.read_marks(|m| m.acked(&ticket));
-                    }
-                }
                 r.per_record.scheduled.increment(1);
                 let now = r.clock.now_ms();
                 let due = s.due.as_millis();
                 if due <= now {
                     r.per_record.past_due.increment(1);
                 }
-                let mut route = r.next_place(due, now);
-                let mut permit = None;
-                if due.saturating_sub(now) <= r.settings.hold_ms {
-                    if let Route::Slice(_) = route {
-                        // Near: hold it in memory and deliver it in one hop, if the budget has
-                        // room now; otherwise the slice takes it, as further records.
-                        permit = r.budget.try_reserve_hold(weight(&s));
-                        if permit.is_some() {
-                            route = Route::Timer;
+                // The id's newest version is this one: its fact supersedes older copies wherever
+                // they are. The ingest offset waits for the fact and the copy, and one share,
+                // sized for both, stays held until the last of them is acknowledged (see
+                // `outbox::Share`).
+                let fact = s.version.map(|version| {
+                    let pending = Fact::Pending {
+                        due_ms: due,
+                        target: s.target.as_str().to_string(),
+                    };
+                    let (out, bytes) = r.fact_record(&s.id, version, &pending);
+                    (pending, out, bytes)
+                });
+                let bytes = weight(&s) + fact.as_ref().map_or(0, |(_, _, b)| *b);
+                let (route, permit) = r.place(due, now, r.next_place(due, now), bytes).await;
+                if let Some((pending, out, _)) = fact {
+                    match self.offsets.also(&ticket) {
+                        Some(fact_ticket) => {
+                            r.send_fact(out, &pending, fact_ticket, permit.clone())
+                                .await
                         }
+                        None => self.offsets.read_marks(|m| m.acked(&ticket)),
                     }
                 }
-                r.forward(s, route, ticket, None, permit).await;
+                r.forward(s, route, ticket, None, Some(permit)).await;
             }
         }
     }

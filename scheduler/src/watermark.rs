@@ -24,6 +24,12 @@
 //! stopped, slow or of an older release) holds the gate: records with ids wait, late but never
 //! wrong, and it shows on `/healthz` (`stale_ingest_partitions`) and in
 //! `sm_ingest_watermark_lag_seconds`.
+//!
+//! Records waiting at the gate hold their shares of the memory budget, and a watermark moves only
+//! as ingest reads on: ingest must never wait for what only the gate gives back. So while the gate
+//! holds records, an ingest record only the timer could take goes to a slice instead of waiting
+//! for room among the timer's holds ([`crate::router::Router::place`]); its fact and slice write
+//! take the part of the budget that sends free as the broker acknowledges them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
