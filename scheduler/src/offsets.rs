@@ -16,7 +16,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::{oneshot, watch};
+
+use crate::watermark::ReadMarks;
 
 /// A topic partition.
 pub type Tp = (String, i32);
@@ -289,6 +293,9 @@ pub enum Note {
 pub struct Offsets {
     notes: mpsc::Sender<Note>,
     owned: watch::Receiver<Owned>,
+    /// How far each owned ingest partition is read with its facts acknowledged (for the ingest
+    /// watermarks, [`crate::watermark`]): a short lock, never held across an await.
+    marks: Arc<Mutex<ReadMarks>>,
 }
 
 /// The ends [`Offsets::channel`] makes: the stages' handle, the committer's receiver, and the
@@ -307,6 +314,7 @@ impl Offsets {
             offsets: Offsets {
                 notes: notes_tx,
                 owned: owned_rx,
+                marks: Arc::default(),
             },
             notes,
             owned,
@@ -423,6 +431,11 @@ impl Offsets {
 
     pub fn owned(&self) -> Vec<Tp> {
         self.owned.borrow().list()
+    }
+
+    /// Reads or tells the ingest partitions' read marks (see [`ReadMarks`]).
+    pub fn read_marks<R>(&self, f: impl FnOnce(&mut ReadMarks) -> R) -> R {
+        f(&mut crate::kafka::lock(&self.marks))
     }
 }
 
