@@ -65,7 +65,7 @@ impl Ingest {
     }
 
     /// Notes the consumer's position in each owned ingest partition (see
-    /// [`crate::watermark::ReadMarks::position`]).
+    /// [`crate::offsets::ReadMarks::position`]).
     fn note_positions(&self) {
         let ingest = &self.router.settings.internal.ingest;
         let owned = self.offsets.partitions_of(ingest);

@@ -16,9 +16,9 @@ use crate::metrics as m;
 use crate::offsets::Ticket;
 use crate::outbox::{in_memory, weight, Budget, Outbox, Send, Share, Then};
 use crate::progress::{ActiveSweep, Placed, SliceWrites};
-use crate::publisher::GateHeld;
 use crate::slice::{Route, SliceId};
 use crate::state::Ids;
+use crate::status::GateHeld;
 use crate::time::Clock;
 use crate::timer::{Timed, TimerCmd};
 

@@ -751,7 +751,7 @@ pub(crate) mod testing {
             let cluster = MockCluster::new(1).expect("a mock cluster");
             let dir = std::env::temp_dir().join(format!("sm-state-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
-            let config = <crate::Config as clap::Parser>::parse_from([
+            let config = <crate::config::Config as clap::Parser>::parse_from([
                 "scheduler",
                 "--bootstrap-servers",
                 &cluster.bootstrap_servers(),
@@ -874,7 +874,7 @@ mod tests {
             offsets,
             producer: mock.producer(),
             settings: mock.settings.clone(),
-            clock: Arc::new(crate::SystemClock),
+            clock: Arc::new(crate::time::SystemClock),
             life: Arc::new(Lifecycle::new()),
         });
         let life = janitor.life.clone();

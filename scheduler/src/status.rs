@@ -6,6 +6,11 @@
 
 use serde::Serialize;
 
+/// Records with ids the publish gate holds: how many, and since when the oldest. The publisher
+/// sends it; the router (ingest stops waiting on the timer's budget while the gate holds) and
+/// the monitor read it.
+pub(crate) type GateHeld = Option<(usize, std::time::Instant)>;
+
 /// How the process is doing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

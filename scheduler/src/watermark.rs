@@ -7,7 +7,7 @@
 //! the owner's clock when it asked the partition's end offset E (the high watermark): a record
 //! Kafka acknowledged to its producer before T (`acks=all`) lies below E. Once the owner's
 //! consumer has read past E and the fact of every record below E is acknowledged
-//! ([`ReadMarks::handled_to`]), it writes (p, T). An owner with nothing to read writes too, so an
+//! ([`crate::offsets::ReadMarks::handled_to`]), it writes (p, T). An owner with nothing to read writes too, so an
 //! empty partition never holds anything.
 //!
 //! Record timestamps play no part: they are the producers' clocks, which may be anywhere (and
@@ -31,7 +31,7 @@
 //! for room among the timer's holds ([`crate::router::Router::place`]); its fact and slice write
 //! take the part of the budget that sends free as the broker acknowledges them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ use crate::config::Settings;
 use crate::facts::{watermark_key, Watermark};
 use crate::kafka::{self, Lookup, BROKER_TIMEOUT};
 use crate::lifecycle::Lifecycle;
-use crate::offsets::{Offsets, Ticket};
+use crate::offsets::Offsets;
 use crate::time::Clock;
 
 /// How often an owner asks its ingest partitions' end offsets and writes their watermarks. The
@@ -50,122 +50,6 @@ use crate::time::Clock;
 /// lead (1 s). Each owned ingest partition costs one small record per round on the state topic
 /// (compacted: one key per partition).
 pub(crate) const EVERY: Duration = Duration::from_millis(100);
-
-/// How far one ingest partition is read under one assignment, on its owner.
-#[derive(Debug, Default)]
-struct Mark {
-    generation: u64,
-    /// One past the highest offset read.
-    read_next: Option<i64>,
-    /// The consumer's position, as the ingest stage last noted it between records: past
-    /// transaction markers and aborted records too, which are never handed out.
-    position: Option<i64>,
-    /// The group's committed offset when nothing had been read yet: every record below it was
-    /// handled by some owner.
-    base: Option<i64>,
-    /// Records read whose fact is not acknowledged yet, by offset.
-    unacked: BTreeMap<i64, u32>,
-}
-
-/// On the owner: how far each of its ingest partitions is read with every fact acknowledged.
-/// The ingest stage tells it what it reads ([`ReadMarks::read`]) and where its consumer stands;
-/// the outbox what facts were acknowledged; the [`Writer`] asks.
-#[derive(Debug, Default)]
-pub struct ReadMarks {
-    partitions: HashMap<i32, Mark>,
-}
-
-impl ReadMarks {
-    /// The mark of `partition` under `generation`; a newer generation starts afresh, an older
-    /// one gets nothing.
-    fn mark(&mut self, partition: i32, generation: u64) -> Option<&mut Mark> {
-        let m = self.partitions.entry(partition).or_insert_with(|| Mark {
-            generation,
-            ..Mark::default()
-        });
-        if m.generation < generation {
-            *m = Mark {
-                generation,
-                ..Mark::default()
-            };
-        }
-        (m.generation == generation).then_some(m)
-    }
-
-    /// The ticket's record was read; `fact` when a fact of it is on its way (then the record
-    /// counts as handled only once [`ReadMarks::acked`]).
-    pub fn read(&mut self, ticket: &Ticket, fact: bool) {
-        if let Some(m) = self.mark(ticket.partition, ticket.generation) {
-            if fact {
-                *m.unacked.entry(ticket.offset).or_insert(0) += 1;
-            }
-            let next = ticket.offset.saturating_add(1);
-            m.read_next = Some(m.read_next.map_or(next, |n| n.max(next)));
-        }
-    }
-
-    /// The fact of the ticket's record is acknowledged (or will not be written after all).
-    pub fn acked(&mut self, ticket: &Ticket) {
-        let Some(m) = self
-            .partitions
-            .get_mut(&ticket.partition)
-            .filter(|m| m.generation == ticket.generation)
-        else {
-            return;
-        };
-        if let Some(n) = m.unacked.get_mut(&ticket.offset) {
-            *n -= 1;
-            if *n == 0 {
-                m.unacked.remove(&ticket.offset);
-            }
-        }
-    }
-
-    /// The consumer's position in `partition`, noted by the ingest stage between two records
-    /// (so every record below it was handed to [`ReadMarks::read`] first).
-    pub fn position(&mut self, partition: i32, generation: u64, offset: i64) {
-        if let Some(m) = self.mark(partition, generation) {
-            m.position = Some(m.position.map_or(offset, |o| o.max(offset)));
-        }
-    }
-
-    /// The group's committed offset of `partition` (or its first offset, if none is committed),
-    /// for a partition nothing was read from yet.
-    pub fn base(&mut self, partition: i32, generation: u64, offset: i64) {
-        if let Some(m) = self.mark(partition, generation) {
-            m.base = Some(m.base.map_or(offset, |o| o.max(offset)));
-        }
-    }
-
-    /// Whether nothing is known of how far `partition` is read under `generation`.
-    pub fn unknown(&self, partition: i32, generation: u64) -> bool {
-        self.handled_to(partition, generation).is_none()
-    }
-
-    /// Every record of `partition` below this offset is read and its fact acknowledged (under
-    /// `generation`); `None` when nothing is known yet.
-    pub fn handled_to(&self, partition: i32, generation: u64) -> Option<i64> {
-        let m = self
-            .partitions
-            .get(&partition)
-            .filter(|m| m.generation == generation)?;
-        let read = [m.read_next, m.position, m.base]
-            .into_iter()
-            .flatten()
-            .max()?;
-        Some(
-            m.unacked
-                .first_key_value()
-                .map_or(read, |(o, _)| (*o).min(read)),
-        )
-    }
-
-    /// Forgets the partitions not owned (under these generations) any more.
-    pub fn retain(&mut self, owned: &[(i32, u64)]) {
-        self.partitions
-            .retain(|p, m| owned.contains(&(*p, m.generation)));
-    }
-}
 
 /// On every process: the newest watermark of each ingest partition, as the state reader read
 /// them.
@@ -384,6 +268,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::offsets::{ReadMarks, Ticket};
     use crate::time::ManualClock;
 
     fn ticket(partition: i32, offset: i64, generation: u64) -> Ticket {
