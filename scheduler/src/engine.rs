@@ -427,7 +427,11 @@ impl Engine {
             .max(ladder.width(1).saturating_add(ladder.lead(1)));
         let drain = Duration::from_millis(held.saturating_add(ladder.margin_ms()).max(0) as u64)
             + Duration::from_secs(1);
-        let deadline = (started + drain).min(end);
+        // The stages need a moment to end once told to (a lookup on its way, a last write):
+        // the drain stops short of `end` by up to a second, or the stop would report stages as
+        // not ended merely because it told them at its very end.
+        let grace = Duration::from_secs(1).min((end - started) / 2);
+        let deadline = (started + drain).min(end - grace);
         let mut view = self.timer_view.clone();
         let backlog = || self.publisher_backlog.load(Ordering::SeqCst);
         while (view.borrow_and_update().pending > 0 || backlog() > 0)

@@ -183,7 +183,13 @@ impl Writer {
                 // below the end offset the broker answers.
                 let before_ms = self.clock.now_ms();
                 let tps: Vec<_> = ask.iter().map(|(p, _)| (ingest.clone(), *p)).collect();
-                match kafka::look(&self.lookup, move |l| l.ends(&tps, BROKER_TIMEOUT)).await {
+                let asked = kafka::look(&self.lookup, move |l| l.ends(&tps, BROKER_TIMEOUT));
+                // A stop does not wait for the broker's answer (up to BROKER_TIMEOUT).
+                let answer = tokio::select! {
+                    _ = self.life.token().cancelled() => return,
+                    a = asked => a,
+                };
+                match answer {
                     Ok(ends) => {
                         for (p, generation) in ask {
                             if let Some(&end) = ends.get(&(ingest.clone(), p)) {
@@ -223,7 +229,7 @@ impl Writer {
             .iter()
             .map(|(p, _)| (ingest.to_string(), *p))
             .collect();
-        let found = kafka::look(&self.lookup, move |l| {
+        let asked = kafka::look(&self.lookup, move |l| {
             let committed = l.committed(&tps, BROKER_TIMEOUT)?;
             let marks = l.watermarks(&tps, BROKER_TIMEOUT)?;
             Ok(tps
@@ -233,8 +239,11 @@ impl Writer {
                     Some((tp.1, committed.get(tp).map_or(low, |&c| c.max(low))))
                 })
                 .collect::<Vec<_>>())
-        })
-        .await;
+        });
+        let found = tokio::select! {
+            _ = self.life.token().cancelled() => return,
+            f = asked => f,
+        };
         match found {
             Ok(bases) => self.offsets.read_marks(|m| {
                 for (p, base) in bases {
