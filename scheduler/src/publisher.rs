@@ -22,7 +22,8 @@ use crate::outbox::{Outbox, Send, Then};
 use crate::router::TimerEntry;
 use crate::state::Ids;
 
-use crate::status::GateHeld;
+/// Records with ids the gate holds: how many, and since when the oldest.
+pub(crate) type GateHeld = Option<(usize, Instant)>;
 
 pub(crate) struct Publisher {
     pub outbox: Arc<Outbox>,
