@@ -159,10 +159,18 @@ async fn broker_min_session_timeout(settings: &Settings) -> Result<Duration, Err
     use rdkafka::admin::ResourceSpecifier;
     const KEY: &str = "group.min.session.timeout.ms";
     let admin: AdminClient<DefaultClientContext> = base_config(settings).create()?;
-    let broker = admin
+    // Not `orig_broker_id()`: when the bootstrap connection answers, librdkafka gives that
+    // connection's id, -1, and DescribeConfigs refuses it as an invalid argument (CI saw this).
+    // Every broker of one cluster is started with the same floor, so any listed one will do.
+    let metadata = admin
         .inner()
-        .fetch_metadata(None, Duration::from_secs(10))?
-        .orig_broker_id();
+        .fetch_metadata(None, Duration::from_secs(10))?;
+    let broker = metadata
+        .brokers()
+        .iter()
+        .map(|b| b.id())
+        .min()
+        .ok_or_else(|| Error::Fatal("the metadata lists no broker".into()))?;
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .describe_configs(&[ResourceSpecifier::Broker(broker)], &opts)
