@@ -115,8 +115,9 @@ pub struct Config {
     /// honoured, whichever process delivers it: a record with an id is published only once this
     /// process's index of ids is known to hold every fact written up to this long before its
     /// due time (otherwise it waits: late, never wrong). Longer lets the index lag more before a
-    /// delivery waits; shorter lets a cancel come closer to the due time. For a cancel produced to
-    /// the ingest topic the bound also includes the ingest lag (`sm_ingest_lag` on /metrics).
+    /// delivery waits; shorter lets a cancel come closer to the due time. A cancel produced to
+    /// the ingest topic counts from Kafka's acknowledgement: the gate also waits until every
+    /// ingest partition's owner has read up to then (its watermark).
     #[arg(long, env = "SM_CANCEL_LEAD", default_value = "1s", value_parser = humantime::parse_duration)]
     pub cancel_lead: Duration,
 

@@ -195,6 +195,7 @@ impl Engine {
             producer: producer.clone(),
             slice_producer,
         });
+        let (gate_tx, gate_rx) = watch::channel(None);
         let router = Arc::new(Router {
             settings: settings.clone(),
             clock: clock.clone(),
@@ -204,6 +205,7 @@ impl Engine {
             outbox: outbox.clone(),
             slice_writes: Arc::new(SliceWrites::default()),
             ids: ids.clone(),
+            gate_held: gate_rx.clone(),
         });
         let sweeper = Arc::new(Sweeper::new(
             router.clone(),
@@ -222,7 +224,6 @@ impl Engine {
             slices: slices.clone(),
         });
         let publisher_backlog = Arc::new(AtomicUsize::new(0));
-        let (gate_tx, gate_rx) = watch::channel(None);
         let publisher = Publisher {
             outbox: outbox.clone(),
             offsets: offsets.clone(),
@@ -252,7 +253,7 @@ impl Engine {
         let janitor = Arc::new(Janitor {
             ids: ids.clone(),
             offsets: offsets.clone(),
-            producer,
+            producer: producer.clone(),
             settings: settings.clone(),
             clock: clock.clone(),
             life: life.clone(),
@@ -271,7 +272,17 @@ impl Engine {
             memory_budget: settings.config.memory_budget,
             interval: settings.config.commit_interval,
             status: status_tx,
+            ids: ids.clone(),
+            clock: clock.clone(),
         });
+        let watermarks = crate::watermark::Writer {
+            offsets: offsets.clone(),
+            lookup: lookup.clone(),
+            producer: producer.clone(),
+            settings: settings.clone(),
+            clock: clock.clone(),
+            life: life.clone(),
+        };
 
         let tasks = TaskTracker::new();
         // Every stage ends where it waits once its token is cancelled (budget, a full queue, a
@@ -309,6 +320,9 @@ impl Engine {
         until(&intake, Box::pin(planner.run_control(events_rx, jobs_tx)));
         until(&intake, Box::pin(stats.run()));
         until(&intake, Box::pin(janitor.clone().run()));
+        // Through a clean stop's drain too: records with ids the timer releases then still need
+        // this process's partitions' watermarks (read up to where the intake stopped).
+        until(&token, Box::pin(watermarks.run()));
         let state_thread = state_reader.spawn(ReaderParts {
             settings: settings.clone(),
             clock: clock.clone(),
@@ -413,7 +427,11 @@ impl Engine {
             .max(ladder.width(1).saturating_add(ladder.lead(1)));
         let drain = Duration::from_millis(held.saturating_add(ladder.margin_ms()).max(0) as u64)
             + Duration::from_secs(1);
-        let deadline = (started + drain).min(end);
+        // The stages need a moment to end once told to (a lookup on its way, a last write):
+        // the drain stops short of `end` by up to a second, or the stop would report stages as
+        // not ended merely because it told them at its very end.
+        let grace = Duration::from_secs(1).min((end - started) / 2);
+        let deadline = (started + drain).min(end - grace);
         let mut view = self.timer_view.clone();
         let backlog = || self.publisher_backlog.load(Ordering::SeqCst);
         while (view.borrow_and_update().pending > 0 || backlog() > 0)

@@ -90,6 +90,49 @@ pub fn parse_fact_key(key: &[u8]) -> Option<(String, Version)> {
     Some((id.to_string(), Version::decode(version)?))
 }
 
+/// The key of an ingest watermark in the state topic: `~watermark/<ingest partition>`, one key
+/// per partition, so compaction keeps only the newest. It never reads as a fact key (`~watermark`
+/// is no version), so the index, the janitor and the status API never see it; an older release
+/// skips it as malformed.
+pub fn watermark_key(partition: i32) -> String {
+    format!("{WATERMARK_PREFIX}{partition}")
+}
+
+const WATERMARK_PREFIX: &str = "~watermark/";
+
+/// The ingest partition of a key written by [`watermark_key`].
+pub fn parse_watermark_key(key: &[u8]) -> Option<i32> {
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(WATERMARK_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// An ingest watermark: every record of its ingest partition that Kafka acknowledged before
+/// `before_ms` (the writer's clock) has been read, and its fact is acknowledged in the state
+/// topic. In the state topic, JSON such as
+/// `{"before_ms":1764680000000,"offset":1234,"by":"scheduler-1"}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Watermark {
+    /// The writer's clock when it asked the partition's end offset.
+    pub before_ms: i64,
+    /// That end offset: every record below it is read, with its fact acknowledged.
+    pub offset: i64,
+    /// Who wrote it (the instance id, or the process id), for whoever reads the topic.
+    pub by: String,
+}
+
+impl Watermark {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(value: &[u8]) -> Option<Watermark> {
+        serde_json::from_slice(value).ok()
+    }
+}
+
 /// What the status API reports for an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdStatus {
@@ -270,6 +313,23 @@ mod tests {
             assert_eq!(Fact::decode(&fact.encode()), Some(fact));
         }
         assert_eq!(Fact::decode(b"{\"fact\":\"later\"}"), None);
+        let key = watermark_key(7);
+        assert_eq!(parse_watermark_key(key.as_bytes()), Some(7));
+        assert_eq!(
+            parse_fact_key(key.as_bytes()),
+            None,
+            "a watermark is never a fact"
+        );
+        assert_eq!(
+            parse_watermark_key(fact_key("x", v(1, 2, 3)).as_bytes()),
+            None
+        );
+        let mark = Watermark {
+            before_ms: 17,
+            offset: 4,
+            by: "a".into(),
+        };
+        assert_eq!(Watermark::decode(&mark.encode()), Some(mark));
     }
 
     #[test]

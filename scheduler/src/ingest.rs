@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 
 use crate::domain::{Incoming, Ingested};
 use crate::facts::Fact;
@@ -20,7 +20,6 @@ use crate::metrics as m;
 use crate::offsets::Offsets;
 use crate::outbox::weight;
 use crate::router::Router;
-use crate::slice::Route;
 
 /// The ingest stage: the group's consumer and what it routes with.
 pub(crate) struct Ingest {
@@ -33,9 +32,18 @@ pub(crate) struct Ingest {
 
 impl Ingest {
     pub(crate) async fn run(self) {
+        // The consumer's position is noted between records, on this task (which also serves
+        // the rebalances), for the ingest watermarks: it moves past transaction markers and
+        // aborted records, which are never handed out.
+        let mut positions = tokio::time::interval(crate::watermark::EVERY / 2);
+        positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let rec = tokio::select! {
                 _ = self.life.intake().cancelled() => break,
+                _ = positions.tick() => {
+                    self.note_positions();
+                    continue;
+                }
                 msg = self.consumer.recv() => match msg {
                     Ok(msg) => kafka::detach(&msg),
                     Err(e) => {
@@ -56,6 +64,27 @@ impl Ingest {
         }
     }
 
+    /// Notes the consumer's position in each owned ingest partition (see
+    /// [`crate::offsets::ReadMarks::position`]).
+    fn note_positions(&self) {
+        let ingest = &self.router.settings.internal.ingest;
+        let owned = self.offsets.partitions_of(ingest);
+        if owned.is_empty() {
+            return;
+        }
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for e in positions.elements_for_topic(ingest) {
+            let (p, rdkafka::Offset::Offset(at)) = (e.partition(), e.offset()) else {
+                continue;
+            };
+            if let Some(generation) = self.offsets.generation(ingest, p) {
+                self.offsets.read_marks(|m| m.position(p, generation, at));
+            }
+        }
+    }
+
     /// A record from the ingest topic: accepted and routed, or dead-lettered with its reason.
     async fn ingest(&self, rec: Incoming) {
         let Some(ticket) = self.offsets.begin(&rec.topic, rec.partition, rec.offset) else {
@@ -65,7 +94,16 @@ impl Ingest {
         tracing::trace!(source = %rec.source(), "ingested");
         let r = &*self.router;
         let internal = &r.settings.internal;
-        match Ingested::parse(&rec, r.settings.config.default_tz, internal) {
+        let parsed = Ingested::parse(&rec, r.settings.config.default_tz, internal);
+        // Read; with a fact on its way, handled (for the ingest watermarks) once it is
+        // acknowledged.
+        let fact = match &parsed {
+            Ok(Ingested::Cancel { .. }) => true,
+            Ok(Ingested::Schedule(s)) => s.version.is_some(),
+            Err(_) => false,
+        };
+        self.offsets.read_marks(|m| m.read(&ticket, fact));
+        match parsed {
             Err(why) => {
                 tracing::warn!(source = %rec.source(), reason = why.code(), detail = %why, "dead-lettering");
                 r.dead_letter_original(&rec, &why, ticket, None).await;
@@ -75,37 +113,36 @@ impl Ingest {
                 r.write_fact(&id, version, Fact::Cancelled, ticket).await;
             }
             Ok(Ingested::Schedule(s)) => {
-                if let Some(version) = s.version {
-                    // The id's newest version is this one: its fact supersedes older copies
-                    // wherever they are. The ingest offset waits for the fact and the copy.
-                    let pending = Fact::Pending {
-                        due_ms: s.due.as_millis(),
-                        target: s.target.as_str().to_string(),
-                    };
-                    let also = self.offsets.also(&ticket);
-                    if let Some(fact_ticket) = also {
-                        r.write_fact(&s.id, version, pending, fact_ticket).await;
-                    }
-                }
                 r.per_record.scheduled.increment(1);
                 let now = r.clock.now_ms();
                 let due = s.due.as_millis();
                 if due <= now {
                     r.per_record.past_due.increment(1);
                 }
-                let mut route = r.next_place(due, now);
-                let mut permit = None;
-                if due.saturating_sub(now) <= r.settings.hold_ms {
-                    if let Route::Slice(_) = route {
-                        // Near: hold it in memory and deliver it in one hop, if the budget has
-                        // room now; otherwise the slice takes it, as further records.
-                        permit = r.budget.try_reserve_hold(weight(&s));
-                        if permit.is_some() {
-                            route = Route::Timer;
+                // The id's newest version is this one: its fact supersedes older copies wherever
+                // they are. The ingest offset waits for the fact and the copy, and one share,
+                // sized for both, stays held until the last of them is acknowledged (see
+                // `outbox::Share`).
+                let fact = s.version.map(|version| {
+                    let pending = Fact::Pending {
+                        due_ms: due,
+                        target: s.target.as_str().to_string(),
+                    };
+                    let (out, bytes) = r.fact_record(&s.id, version, &pending);
+                    (pending, out, bytes)
+                });
+                let bytes = weight(&s) + fact.as_ref().map_or(0, |(_, _, b)| *b);
+                let (route, permit) = r.place(due, now, r.next_place(due, now), bytes).await;
+                if let Some((pending, out, _)) = fact {
+                    match self.offsets.also(&ticket) {
+                        Some(fact_ticket) => {
+                            r.send_fact(out, &pending, fact_ticket, permit.clone())
+                                .await
                         }
+                        None => self.offsets.read_marks(|m| m.acked(&ticket)),
                     }
                 }
-                r.forward(s, route, ticket, None, permit).await;
+                r.forward(s, route, ticket, None, Some(permit)).await;
             }
         }
     }

@@ -236,7 +236,12 @@ impl Lookup {
         let mut c = ClientConfig::new();
         c.set("client.id", "sm-lookup")
             .set("group.id", &settings.config.group_id)
-            .set("enable.auto.commit", "false");
+            .set("enable.auto.commit", "false")
+            // End offsets are high watermarks, not the last stable offset: a record Kafka
+            // acknowledged lies below it even behind an open transaction, which the ingest
+            // watermarks count on (they then wait for the transaction, late, never wrong).
+            // The scheduler's own topics have no transactions: the same offsets either way.
+            .set("isolation.level", "read_uncommitted");
         let c = merge(c, base_config(settings));
         Ok(Lookup {
             client: c.create()?,

@@ -39,6 +39,7 @@ pub mod targets;
 pub mod testkit;
 pub mod time;
 pub mod timer;
+pub mod watermark;
 
 use std::future::Future;
 use std::net::SocketAddr;

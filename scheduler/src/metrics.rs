@@ -87,6 +87,10 @@ pub const STATE_MALFORMED: &str = "sm_state_malformed_total";
 pub const INDEX_REBUILDS: &str = "sm_index_rebuilds_total";
 /// Gauge: how far behind the clock the index of ids is proven complete (seconds).
 pub const STATE_LAG: &str = "sm_state_lag_seconds";
+/// Gauge: how far behind the clock the oldest ingest watermark is (seconds): a record with an
+/// id waits while it lags by more than the cancel lead (an ingest partition unowned, or its
+/// owner stopped or slow).
+pub const INGEST_WATERMARK_LAG: &str = "sm_ingest_watermark_lag_seconds";
 
 /// The metrics touched once or more per record, looked up once: each `counter!` call hashes the
 /// name and labels and searches the recorder's registry, which was measurable at thousands of

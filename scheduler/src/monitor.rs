@@ -18,9 +18,11 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics as m;
 use crate::offsets::Offsets;
 use crate::outbox::{Budget, Outbox};
-use crate::publisher::GateHeld;
+use crate::state::Ids;
+use crate::status::GateHeld;
 use crate::status::Status;
 use crate::time::format_millis;
+use crate::time::Clock;
 use crate::timer::TimerView;
 
 pub(crate) struct Monitor {
@@ -37,7 +39,14 @@ pub(crate) struct Monitor {
     pub memory_budget: u64,
     pub interval: Duration,
     pub status: watch::Sender<Status>,
+    /// The ingest watermarks every process writes, as this one read them.
+    pub ids: Ids,
+    pub clock: Arc<dyn Clock>,
 }
+
+/// An ingest partition without a watermark for this long makes the status `degraded`: as
+/// long as a gate that holds records (above), and well past a takeover (the session timeout).
+const STALE_INGEST_DEGRADED_MS: i64 = 10_000;
 
 impl Monitor {
     /// Publishes every interval and at every change of the run state, until the engine stops
@@ -75,6 +84,25 @@ impl Monitor {
             .map(|(n, secs)| {
                 format!("{n} record(s) with ids held {secs} s for the index of ids to catch up")
             });
+        let stale = self.ids.stale_ingest(self.clock.now_ms());
+        let long_stale: Vec<String> = stale
+            .iter()
+            .filter(|(_, lag)| *lag >= STALE_INGEST_DEGRADED_MS)
+            .map(|(p, lag)| format!("{p} ({} s)", lag / 1000))
+            .collect();
+        let gate = match (gate, long_stale.is_empty()) {
+            (gate, true) => gate,
+            (gate, false) => Some(
+                gate.into_iter()
+                    .chain([format!(
+                        "ingest partition(s) {} without a watermark: unowned, or their owner \
+                         stopped; records with ids wait",
+                        long_stale.join(", ")
+                    )])
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        };
         let commits = self
             .commits
             .borrow()
@@ -99,6 +127,8 @@ impl Monitor {
             status,
             reason,
             assigned_partitions: assigned,
+            ingest_partitions: self.offsets.partitions_of(&self.ids.ingest_topic()),
+            stale_ingest_partitions: stale.iter().map(|(p, _)| *p).collect(),
             in_flight,
             timer_pending: timer.pending,
             next_due: timer.next_due.map(format_millis),

@@ -16,6 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::{oneshot, watch};
 
 /// A topic partition.
@@ -289,6 +291,9 @@ pub enum Note {
 pub struct Offsets {
     notes: mpsc::Sender<Note>,
     owned: watch::Receiver<Owned>,
+    /// How far each owned ingest partition is read with its facts acknowledged (for the ingest
+    /// watermarks, [`crate::watermark`]): a short lock, never held across an await.
+    marks: Arc<Mutex<ReadMarks>>,
 }
 
 /// The ends [`Offsets::channel`] makes: the stages' handle, the committer's receiver, and the
@@ -307,6 +312,7 @@ impl Offsets {
             offsets: Offsets {
                 notes: notes_tx,
                 owned: owned_rx,
+                marks: Arc::default(),
             },
             notes,
             owned,
@@ -423,6 +429,129 @@ impl Offsets {
 
     pub fn owned(&self) -> Vec<Tp> {
         self.owned.borrow().list()
+    }
+
+    /// Reads or tells the ingest partitions' read marks (see [`ReadMarks`]).
+    pub fn read_marks<R>(&self, f: impl FnOnce(&mut ReadMarks) -> R) -> R {
+        // A panic elsewhere while holding the marks leaves them usable: they are only counters.
+        f(&mut self.marks.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// How far one ingest partition is read under one assignment, on its owner.
+#[derive(Debug, Default)]
+struct Mark {
+    generation: u64,
+    /// One past the highest offset read.
+    read_next: Option<i64>,
+    /// The consumer's position, as the ingest stage last noted it between records: past
+    /// transaction markers and aborted records too, which are never handed out.
+    position: Option<i64>,
+    /// The group's committed offset when nothing had been read yet: every record below it was
+    /// handled by some owner.
+    base: Option<i64>,
+    /// Records read whose fact is not acknowledged yet, by offset.
+    unacked: BTreeMap<i64, u32>,
+}
+
+/// On the owner: how far each of its ingest partitions is read with every fact acknowledged.
+/// The ingest stage tells it what it reads ([`ReadMarks::read`]) and where its consumer stands;
+/// the outbox what facts were acknowledged; the watermark writer
+/// ([`crate::watermark`]) asks.
+#[derive(Debug, Default)]
+pub struct ReadMarks {
+    partitions: HashMap<i32, Mark>,
+}
+
+impl ReadMarks {
+    /// The mark of `partition` under `generation`; a newer generation starts afresh, an older
+    /// one gets nothing.
+    fn mark(&mut self, partition: i32, generation: u64) -> Option<&mut Mark> {
+        let m = self.partitions.entry(partition).or_insert_with(|| Mark {
+            generation,
+            ..Mark::default()
+        });
+        if m.generation < generation {
+            *m = Mark {
+                generation,
+                ..Mark::default()
+            };
+        }
+        (m.generation == generation).then_some(m)
+    }
+
+    /// The ticket's record was read; `fact` when a fact of it is on its way (then the record
+    /// counts as handled only once [`ReadMarks::acked`]).
+    pub fn read(&mut self, ticket: &Ticket, fact: bool) {
+        if let Some(m) = self.mark(ticket.partition, ticket.generation) {
+            if fact {
+                *m.unacked.entry(ticket.offset).or_insert(0) += 1;
+            }
+            let next = ticket.offset.saturating_add(1);
+            m.read_next = Some(m.read_next.map_or(next, |n| n.max(next)));
+        }
+    }
+
+    /// The fact of the ticket's record is acknowledged (or will not be written after all).
+    pub fn acked(&mut self, ticket: &Ticket) {
+        let Some(m) = self
+            .partitions
+            .get_mut(&ticket.partition)
+            .filter(|m| m.generation == ticket.generation)
+        else {
+            return;
+        };
+        if let Some(n) = m.unacked.get_mut(&ticket.offset) {
+            *n -= 1;
+            if *n == 0 {
+                m.unacked.remove(&ticket.offset);
+            }
+        }
+    }
+
+    /// The consumer's position in `partition`, noted by the ingest stage between two records
+    /// (so every record below it was handed to [`ReadMarks::read`] first).
+    pub fn position(&mut self, partition: i32, generation: u64, offset: i64) {
+        if let Some(m) = self.mark(partition, generation) {
+            m.position = Some(m.position.map_or(offset, |o| o.max(offset)));
+        }
+    }
+
+    /// The group's committed offset of `partition` (or its first offset, if none is committed),
+    /// for a partition nothing was read from yet.
+    pub fn base(&mut self, partition: i32, generation: u64, offset: i64) {
+        if let Some(m) = self.mark(partition, generation) {
+            m.base = Some(m.base.map_or(offset, |o| o.max(offset)));
+        }
+    }
+
+    /// Whether nothing is known of how far `partition` is read under `generation`.
+    pub fn unknown(&self, partition: i32, generation: u64) -> bool {
+        self.handled_to(partition, generation).is_none()
+    }
+
+    /// Every record of `partition` below this offset is read and its fact acknowledged (under
+    /// `generation`); `None` when nothing is known yet.
+    pub fn handled_to(&self, partition: i32, generation: u64) -> Option<i64> {
+        let m = self
+            .partitions
+            .get(&partition)
+            .filter(|m| m.generation == generation)?;
+        let read = [m.read_next, m.position, m.base]
+            .into_iter()
+            .flatten()
+            .max()?;
+        Some(
+            m.unacked
+                .first_key_value()
+                .map_or(read, |(o, _)| (*o).min(read)),
+        )
+    }
+
+    /// Forgets the partitions not owned (under these generations) any more.
+    pub fn retain(&mut self, owned: &[(i32, u64)]) {
+        self.partitions
+            .retain(|p, m| owned.contains(&(*p, m.generation)));
     }
 }
 

@@ -22,8 +22,7 @@ use crate::outbox::{Outbox, Send, Then};
 use crate::router::TimerEntry;
 use crate::state::Ids;
 
-/// Records with ids the gate holds: how many, and since when the oldest.
-pub(crate) type GateHeld = Option<(usize, Instant)>;
+use crate::status::GateHeld;
 
 pub(crate) struct Publisher {
     pub outbox: Arc<Outbox>,

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Settings;
 use crate::domain::{dlq_original, Incoming, Origin, Outgoing, Rejection, Scheduled};
@@ -18,6 +18,7 @@ use crate::outbox::{in_memory, weight, Budget, Outbox, Send, Share, Then};
 use crate::progress::{ActiveSweep, Placed, SliceWrites};
 use crate::slice::{Route, SliceId};
 use crate::state::Ids;
+use crate::status::GateHeld;
 use crate::time::Clock;
 use crate::timer::{Timed, TimerCmd};
 
@@ -49,6 +50,9 @@ pub(crate) struct Router {
     pub outbox: Arc<Outbox>,
     pub slice_writes: Arc<SliceWrites>,
     pub ids: Ids,
+    /// What the publish gate holds: while it holds records, ingest never waits for room among
+    /// the timer's holds (see [`Router::place`]).
+    pub gate_held: watch::Receiver<GateHeld>,
 }
 
 impl Router {
@@ -71,14 +75,95 @@ impl Router {
         }
     }
 
-    /// Writes a fact of an id to the state topic; `ticket` is finished once it is acknowledged.
-    pub(crate) async fn write_fact(&self, id: &str, version: Version, fact: Fact, ticket: Ticket) {
-        let out = self.ids.record(id, version, &fact);
+    /// The record that writes `fact` of `id` at `version` to the state topic, and the bytes it
+    /// occupies while it is sent.
+    pub(crate) fn fact_record(&self, id: &str, version: Version, fact: &Fact) -> (Outgoing, usize) {
+        let out = self.ids.record(id, version, fact);
         let size = out.key.as_ref().map_or(0, Vec::len) + out.payload.as_ref().map_or(0, Vec::len);
+        (out, in_memory(size))
+    }
+
+    /// Writes the fact of an id that an ingest record makes to the state topic, with a share of
+    /// its own; `ticket` is finished, and the record counts as handled for its partition's
+    /// watermark, once it is acknowledged.
+    pub(crate) async fn write_fact(&self, id: &str, version: Version, fact: Fact, ticket: Ticket) {
+        let (out, bytes) = self.fact_record(id, version, &fact);
+        let permit = self.budget.reserve(bytes).await;
+        self.send_fact(out, &fact, ticket, permit).await;
+    }
+
+    /// [`Router::write_fact`] within `permit`: a clone of the share the record's copy holds
+    /// too, sized for both (see [`Share`]).
+    pub(crate) async fn send_fact(
+        &self,
+        out: Outgoing,
+        fact: &Fact,
+        ticket: Ticket,
+        permit: Share,
+    ) {
         let then = Then::Fact {
             fact: fact.status(),
+            read_mark: true,
         };
-        self.send_copy(out, then, size, ticket, None).await;
+        self.send_within(out, then, ticket, None, permit).await;
+    }
+
+    /// Where an ingest record due at `due_ms`, routed to `route` at `now_ms`, goes, with its
+    /// share of `bytes`. Near (within the hold horizon), the timer holds it if the budget has room
+    /// now; otherwise its slice takes it.
+    ///
+    /// A record only the timer can take waits for room among the timer's holds, except while the
+    /// publish gate holds records: those hold their shares until the ingest watermarks pass them,
+    /// and the watermarks wait for ingest to read on, so waiting for holds then could wait for
+    /// ever (a burst with ids due at once, larger than the budget, behind an ingest backlog).
+    /// Then the record goes to the next slice window whose sweep is still ahead instead, like a
+    /// record routed there: a slice write takes only the part of the budget that sends free as
+    /// the broker acknowledges them, whatever the gate does. It arrives late (once that window is
+    /// swept), never early, and never wrong.
+    pub(crate) async fn place(
+        &self,
+        due_ms: i64,
+        now_ms: i64,
+        route: Route,
+        bytes: usize,
+    ) -> (Route, Share) {
+        match route {
+            Route::Slice(id) => {
+                if due_ms.saturating_sub(now_ms) <= self.settings.hold_ms {
+                    if let Some(share) = self.budget.try_reserve_hold(bytes) {
+                        return (Route::Timer, share);
+                    }
+                }
+                (Route::Slice(id), self.budget.reserve(bytes).await)
+            }
+            Route::Timer => {
+                let mut held = self.gate_held.clone();
+                tokio::select! {
+                    biased;
+                    share = self.budget.reserve_hold(bytes) => (Route::Timer, share),
+                    Ok(()) = async { held.wait_for(Option::is_some).await.map(|_| ()) } => {
+                        let now = self.clock.now_ms();
+                        match self.next_open_slice(now) {
+                            Some(id) => (Route::Slice(id), self.budget.reserve(bytes).await),
+                            None => (Route::Timer, self.budget.reserve_hold(bytes).await),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first slice window the ladder routes to at `now_ms` (the finest whose sweep is still
+    /// ahead), for a record that cannot wait in the timer.
+    fn next_open_slice(&self, now_ms: i64) -> Option<SliceId> {
+        let ladder = &self.settings.ladder;
+        let step = ladder.width(1).max(1);
+        (1..=4 * ladder.slots()).find_map(|k| {
+            match ladder.route(now_ms.saturating_add(k.saturating_mul(step)), now_ms) {
+                Route::Slice(id) => Some(id),
+                Route::Timer => None,
+            }
+        })
     }
 
     /// Sends the record as it was read to the DLQ with the reason.
@@ -106,6 +191,19 @@ impl Router {
         sweep: Option<Arc<ActiveSweep>>,
     ) {
         let permit = self.budget.reserve(in_memory(bytes)).await;
+        self.send_within(out, then, ticket, sweep, permit).await;
+    }
+
+    /// Sends a record that is not a scheduled copy, held in `permit` until the broker has
+    /// answered.
+    async fn send_within(
+        &self,
+        out: Outgoing,
+        then: Then,
+        ticket: Ticket,
+        sweep: Option<Arc<ActiveSweep>>,
+        permit: Share,
+    ) {
         self.outbox
             .send(Send {
                 out,

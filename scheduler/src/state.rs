@@ -12,6 +12,10 @@
 //! [`IDLE_REFRESH`] otherwise) the reader notes the time T, then asks the state partitions' end
 //! offsets; once it has applied every partition up to them, every fact acknowledged before T is
 //! in the index, and it publishes "fresh as of T".
+//!
+//! The state topic also carries the owners' ingest watermarks ([`crate::watermark`]): the gate
+//! is fresh as of the least of T and the lowest ingest watermark read before T was noted, so a
+//! cancel produced to the ingest topic is covered too, whoever reads it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,7 +35,7 @@ use rdkafka::producer::FutureProducer;
 use crate::config::Settings;
 use crate::domain::Outgoing;
 use crate::error::Error;
-use crate::facts::{fact_key, parse_fact_key, Fact, Version};
+use crate::facts::{fact_key, parse_fact_key, parse_watermark_key, Fact, Version, Watermark};
 use crate::index::{Entry, Index, IndexError, Learnt, Source};
 use crate::kafka::BROKER_TIMEOUT;
 use crate::kafka::{self, Fatal, Lookup};
@@ -39,6 +43,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics as m;
 use crate::offsets::{Offsets, Tp};
 use crate::time::Clock;
+use crate::watermark::{gate_ms, IngestGate};
 
 /// How often the reader asks the state partitions' end offsets while a record with an id is
 /// due soon: the freshness it can prove lags the clock by about this plus a round trip, well
@@ -64,6 +69,12 @@ pub(crate) struct Ids {
     /// Clock time (ms) as of which every acknowledged fact is in the index; `i64::MIN` until the
     /// reader first caught up.
     fresh: watch::Receiver<i64>,
+    /// Clock time (ms) as of which every fact acknowledged, and every fact of an ingest record
+    /// Kafka acknowledged, is in the index: the least of `fresh` and the ingest watermarks
+    /// ([`gate_ms`]). What the publish gate asks.
+    gate: watch::Receiver<i64>,
+    /// The newest ingest watermarks the reader read.
+    ingest: Arc<std::sync::Mutex<IngestGate>>,
     /// Clock time (ms) until which a record with an id waits in the timer: the reader proves
     /// freshness every [`REFRESH`] until then, every [`IDLE_REFRESH`] after.
     busy_until: Arc<AtomicI64>,
@@ -71,6 +82,8 @@ pub(crate) struct Ids {
     cancel_lead_ms: i64,
     /// The state topic.
     topic: String,
+    /// The ingest topic.
+    ingest_topic: String,
 }
 
 impl Ids {
@@ -84,9 +97,16 @@ impl Ids {
     }
 
     /// Whether the index is fresh enough to judge a copy due at `due_ms`: it holds every fact
-    /// acknowledged up to the cancel lead before it.
+    /// acknowledged up to the cancel lead before it, and the fact of every ingest record Kafka
+    /// acknowledged by then, whichever process reads its partition.
     pub(crate) fn fresh_for(&self, due_ms: i64) -> bool {
-        *self.fresh.borrow() >= due_ms.saturating_sub(self.cancel_lead_ms)
+        *self.gate.borrow() >= due_ms.saturating_sub(self.cancel_lead_ms)
+    }
+
+    /// The ingest partitions whose newest watermark lags `now_ms` by more than the cancel lead,
+    /// with their lag (ms): they hold the gate (unowned, or their owner stopped or slow).
+    pub(crate) fn stale_ingest(&self, now_ms: i64) -> Vec<(i32, i64)> {
+        crate::kafka::lock(&self.ingest).stale(now_ms, self.cancel_lead_ms)
     }
 
     /// Clock time (ms) as of which every acknowledged fact is in the index.
@@ -100,9 +120,10 @@ impl Ids {
         self.fresh.clone().wait_for(|f| *f >= t_ms).await.is_ok()
     }
 
-    /// Changes of [`Ids::fresh_as_of`], for the publish gate to wait on.
+    /// Changes of the gate's freshness (see [`Ids::fresh_for`]), for the publish gate to wait
+    /// on.
     pub(crate) fn freshness(&self) -> watch::Receiver<i64> {
-        self.fresh.clone()
+        self.gate.clone()
     }
 
     /// Why a copy of `id` at `version` must not be sent (a newer version, a cancel), if so.
@@ -117,6 +138,11 @@ impl Ids {
     /// What the status API reports for `id`, if anything is known of it.
     pub(crate) fn status(&self, id: &str) -> Result<Option<crate::facts::IdStatus>, IndexError> {
         self.index.status(id)
+    }
+
+    /// The ingest topic whose watermarks the gate waits for.
+    pub(crate) fn ingest_topic(&self) -> String {
+        self.ingest_topic.clone()
     }
 
     /// The record that writes `fact` of `id` at `version` to the state topic.
@@ -139,6 +165,7 @@ pub(crate) fn fact_record(topic: &str, id: &str, version: Version, fact: &Fact) 
 pub(crate) struct Reader {
     consumer: BaseConsumer,
     fresh: watch::Sender<i64>,
+    gate: watch::Sender<i64>,
     ids: Ids,
 }
 
@@ -180,24 +207,36 @@ pub(crate) fn open(settings: &Settings, dir: &std::path::Path) -> Result<(Ids, R
     let index = Index::open(dir).map_err(|e| Error::Fatal(e.to_string()))?;
     tracing::info!(path = %index.path().display(), "state index open");
     let (fresh_tx, fresh) = watch::channel(i64::MIN);
+    let (gate_tx, gate) = watch::channel(i64::MIN);
     let ids = Ids {
         index: Arc::new(index),
         fresh,
+        gate,
+        ingest: Arc::new(std::sync::Mutex::new(IngestGate::new(0, i64::MIN))),
         busy_until: Arc::new(AtomicI64::new(i64::MIN)),
         cancel_lead_ms: settings.cancel_lead_ms(),
         topic: settings.internal.state.clone(),
+        ingest_topic: settings.internal.ingest.clone(),
     };
     let reader = Reader {
         consumer: reader_config(settings).create()?,
         fresh: fresh_tx,
+        gate: gate_tx,
         ids: ids.clone(),
     };
     Ok((ids, reader))
 }
 
-/// A state record as the index stores it; a record that is not a fact is skipped (and counted),
-/// its position still moves.
+/// A state record as the index stores it; a record that is not a fact is skipped (and counted,
+/// unless it is an ingest watermark), its position still moves.
 fn learnt(msg: &impl Message) -> Learnt {
+    if msg.key().and_then(parse_watermark_key).is_some() {
+        return Learnt {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            entry: Entry::Skip,
+        };
+    }
     let entry = match (msg.key().and_then(parse_fact_key), msg.payload()) {
         (Some((id, version)), None) => Entry::Tombstone { id, version },
         (Some((id, version)), Some(value)) => match Fact::decode(value) {
@@ -226,8 +265,9 @@ struct Progress {
     tps: Vec<Tp>,
     /// The next offset to read, per partition, as applied to the index.
     applied: HashMap<i32, i64>,
-    /// The end offsets to reach, and the clock time they were asked at.
-    goal: Option<(i64, HashMap<i32, i64>)>,
+    /// The end offsets to reach, the clock time they were asked at, and the lowest ingest
+    /// watermark read before then.
+    goal: Option<(i64, HashMap<i32, i64>, i64)>,
     asked: Instant,
     stuck_since: Instant,
     /// The assignment, to pause and resume.
@@ -332,6 +372,10 @@ impl Reader {
     fn start(&self, with: &ReaderParts) -> Result<Progress, String> {
         let topic = &with.settings.internal.state;
         let partitions = self.partitions(topic, &|| with.life.token().is_cancelled())?;
+        let ingest = self.partitions(&with.settings.internal.ingest, &|| {
+            with.life.token().is_cancelled()
+        })?;
+        *crate::kafka::lock(&self.ids.ingest) = IngestGate::new(ingest, with.clock.now_ms());
         let applied = self.ids.index.positions().map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
@@ -362,18 +406,22 @@ impl Reader {
         let every = if busy { REFRESH } else { IDLE_REFRESH };
         if p.goal.is_none() && p.asked.elapsed() >= every {
             p.asked = Instant::now();
+            // The watermarks read so far, before T is noted: what they cover was acknowledged
+            // before T, so this round puts it in the index.
+            let low = crate::kafka::lock(&self.ids.ingest).low();
             let t = with.clock.now_ms();
             // The engine's lookup client (a librdkafka client costs memory and connections):
             // its requests never queue in front of any consumer's fetches.
             match with.lookup.ends(&p.tps, LOOKUP_TIMEOUT) {
                 Ok(ends) => {
-                    p.goal = Some((t, ends.into_iter().map(|((_, q), o)| (q, o)).collect()));
+                    let ends = ends.into_iter().map(|((_, q), o)| (q, o)).collect();
+                    p.goal = Some((t, ends, low));
                     p.stuck_since = Instant::now();
                 }
                 Err(e) => tracing::warn!(error = %e, "state topic end offsets"),
             }
         }
-        let unread = p.goal.as_ref().is_some_and(|(_, ends)| {
+        let unread = p.goal.as_ref().is_some_and(|(_, ends, _)| {
             ends.iter()
                 .any(|(q, end)| p.applied.get(q).copied().unwrap_or(0) < *end)
         });
@@ -387,7 +435,13 @@ impl Reader {
             switched.map_err(|e| format!("state reader pause/resume: {e}"))?;
             p.reading = want;
         }
-        let batch = self.poll_batch();
+        let (batch, marks) = self.poll_batch();
+        if !marks.is_empty() {
+            let mut ingest = crate::kafka::lock(&self.ids.ingest);
+            for (partition, before_ms) in marks {
+                ingest.learn(partition, before_ms);
+            }
+        }
         if !batch.is_empty() {
             self.ids.index.apply(&batch).map_err(|e| e.to_string())?;
             metrics::counter!(m::STATE_FACTS_READ).increment(batch.len() as u64);
@@ -396,7 +450,7 @@ impl Reader {
                 *next = (*next).max(l.offset + 1);
             }
         }
-        let Some((t, ends)) = &p.goal else {
+        let Some((t, ends, low)) = &p.goal else {
             return Ok(());
         };
         let behind: Vec<i32> = ends
@@ -405,13 +459,23 @@ impl Reader {
             .map(|(q, _)| *q)
             .collect();
         if behind.is_empty() {
-            let t = *t;
-            self.fresh.send_if_modified(|f| {
-                let moved = t > *f;
-                *f = (*f).max(t);
-                moved
-            });
-            metrics::gauge!(m::STATE_LAG).set((with.clock.now_ms() - t).max(0) as f64 / 1000.0);
+            let (t, gate) = (*t, gate_ms(*t, *low));
+            for (watch, at) in [(&self.fresh, t), (&self.gate, gate)] {
+                watch.send_if_modified(|f| {
+                    let moved = at > *f;
+                    *f = (*f).max(at);
+                    moved
+                });
+            }
+            let now = with.clock.now_ms();
+            metrics::gauge!(m::STATE_LAG).set((now - t).max(0) as f64 / 1000.0);
+            let worst = crate::kafka::lock(&self.ids.ingest)
+                .lags(now)
+                .into_iter()
+                .map(|(_, lag)| lag)
+                .max()
+                .unwrap_or(0);
+            metrics::gauge!(m::INGEST_WATERMARK_LAG).set(worst as f64 / 1000.0);
             p.goal = None;
         } else if batch.is_empty() && p.stuck_since.elapsed() > Duration::from_secs(2) {
             // Nothing comes and a partition is still short of its end: its records before the
@@ -422,14 +486,23 @@ impl Reader {
         Ok(())
     }
 
-    /// Up to [`BATCH`] records, waiting a little for the first.
-    fn poll_batch(&self) -> Vec<Learnt> {
+    /// Up to [`BATCH`] records, waiting a little for the first; and the ingest watermarks
+    /// among them (partition, before ms).
+    fn poll_batch(&self) -> (Vec<Learnt>, Vec<(i32, i64)>) {
         let mut batch = Vec::new();
+        let mut marks = Vec::new();
         let mut wait = Duration::from_millis(20);
         while batch.len() < BATCH {
             match self.consumer.poll(wait) {
                 None => break,
-                Some(Ok(msg)) => batch.push(learnt(&msg)),
+                Some(Ok(msg)) => {
+                    if let Some(p) = msg.key().and_then(parse_watermark_key) {
+                        if let Some(w) = msg.payload().and_then(Watermark::decode) {
+                            marks.push((p, w.before_ms));
+                        }
+                    }
+                    batch.push(learnt(&msg));
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "state topic read");
                     break;
@@ -437,7 +510,7 @@ impl Reader {
             }
             wait = Duration::ZERO;
         }
-        batch
+        (batch, marks)
     }
 
     /// Moves the partitions in `behind` whose earliest offset is past what was applied up to it.

@@ -6,6 +6,11 @@
 
 use serde::Serialize;
 
+/// Records with ids the publish gate holds: how many, and since when the oldest. The publisher
+/// sends it; the router (ingest stops waiting on the timer's budget while the gate holds) and
+/// the monitor read it.
+pub(crate) type GateHeld = Option<(usize, std::time::Instant)>;
+
 /// How the process is doing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,6 +35,12 @@ pub struct Status {
     pub reason: Option<String>,
     /// 0 until the group has assigned partitions: the process is up but does no work yet.
     pub assigned_partitions: usize,
+    /// The ingest partitions this process reads (and writes the watermarks of).
+    pub ingest_partitions: Vec<i32>,
+    /// Ingest partitions whose watermark lags by more than the cancel lead, whoever owns them:
+    /// records with ids wait for them (late, never wrong).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stale_ingest_partitions: Vec<i32>,
     /// Records read and not yet acknowledged in their next place.
     pub in_flight: usize,
     pub timer_pending: usize,

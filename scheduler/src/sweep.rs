@@ -27,6 +27,7 @@ use crate::kafka::{self, lock, Lookup};
 use crate::lifecycle::Lifecycle;
 use crate::metrics as m;
 use crate::offsets::{Offsets, Tp};
+use crate::outbox::weight;
 use crate::progress::{ActiveSweep, STALL};
 use crate::router::Router;
 use crate::slice::{Route, SliceId};
@@ -406,6 +407,13 @@ impl Sweeper {
                         continue;
                     }
                 }
+                // The record's share before its ticket: a record counts as in flight only
+                // once it holds its part of the memory budget.
+                let permit = match &parsed {
+                    Ok((s, Route::Timer)) => Some(self.router.budget.reserve_hold(weight(s)).await),
+                    Ok((s, Route::Slice(_))) => Some(self.router.budget.reserve(weight(s)).await),
+                    Err(_) => None,
+                };
                 let ticket = self.offsets.begin_in(
                     &rec.topic,
                     rec.partition,
@@ -426,7 +434,7 @@ impl Sweeper {
                 match parsed {
                     Ok((s, route)) => {
                         self.router
-                            .forward(s, route, ticket, Some(sweep.clone()), None)
+                            .forward(s, route, ticket, Some(sweep.clone()), permit)
                             .await
                     }
                     Err(why) => {

@@ -15,17 +15,21 @@ const MOVED_MS: i64 = 3_000;
 /// A scheduler process on its own HTTP port and index (as two processes on one machine get by
 /// default), so that a restart on the same port reopens the index its predecessor left.
 fn spawn(names: &Names, log: &str, http: u16) -> ChildGuard {
+    spawn_with(names, log, http, &[])
+}
+
+/// [`spawn`] with more flags.
+fn spawn_with(names: &Names, log: &str, http: u16, extra: &[&str]) -> ChildGuard {
     let dir = std::env::temp_dir()
         .join("sm-test-state")
         .join(format!("{}-{http}", names.group));
+    let http_addr = format!("127.0.0.1:{http}");
+    let dir = dir.to_string_lossy();
+    let mut flags = vec!["--http-addr", &http_addr, "--state-dir", &dir];
+    flags.extend_from_slice(extra);
     spawn_binary(
         env!("CARGO_BIN_EXE_scheduler"),
-        &names.args_with(&[
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-            "--state-dir",
-            &dir.to_string_lossy(),
-        ]),
+        &names.args_with(&flags),
         log,
     )
 }
@@ -418,4 +422,336 @@ async fn an_index_of_a_recreated_state_topic_is_rebuilt_not_believed() {
         "the rebuild is logged, naming what changed:\n{said}"
     );
     kill9(&mut second);
+}
+
+/// Produces one record to `partition` of `topic`; returns the test's clock once Kafka has
+/// acknowledged it.
+async fn produce_at(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: &str,
+    value: &[u8],
+    headers: &[(&str, &[u8])],
+) -> i64 {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(*v),
+        })
+    });
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .partition(partition)
+        .key(key.as_bytes())
+        .payload(value)
+        .headers(headers);
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce acknowledged");
+    now_ms()
+}
+
+/// The ingest partitions each of two processes reads, from their `/healthz`, once the group
+/// has dealt all `partitions` between them.
+async fn ingest_owners(ports: [u16; 2], partitions: i32) -> [Vec<i32>; 2] {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut owned = [Vec::new(), Vec::new()];
+        for (i, port) in ports.iter().enumerate() {
+            let h = healthz(&format!("127.0.0.1:{port}")).await;
+            owned[i] = h["ingest_partitions"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p.as_i64())
+                        .map(|p| p as i32)
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        let mut all: Vec<i32> = owned.concat();
+        all.sort_unstable();
+        if all == (0..partitions).collect::<Vec<_>>() && owned.iter().all(|o| !o.is_empty()) {
+            return owned;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ingest partitions were not dealt between both: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What becomes of the stopped process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// SIGCONT: it goes on (or, once its session expired, joins again).
+    Resumed,
+    /// SIGKILL: its partitions are taken over.
+    Killed,
+}
+
+const LEAD_MS: i64 = 1_000;
+
+/// More ingest partitions than slice partitions (17 slice topics of one partition with the test
+/// ladder): the group balances the count of partitions, not each topic's, so only then must
+/// each of two processes own some ingest partitions.
+const GATE_INGEST_PARTITIONS: i32 = 24;
+
+/// The two variants one after the other: their cancel must be acknowledged within 200 ms of
+/// being produced, which four scheduler processes on two cores made uncertain.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Issue #30: a cancel produced to the ingest topic `lead + 200 ms` before the due time, to a
+/// partition whose owner is stopped (SIGSTOP) and so cannot read it, while the other process
+/// holds the cancelled record and reaches its due time. The cancelled version is never
+/// delivered; the other records with ids wait for the stopped partition (late, never wrong,
+/// counted), records without an id do not; once the owner is resumed, or killed and its
+/// partitions taken over, everything else arrives, none early.
+async fn a_kafka_cancel_waits_for_its_stopped_partition(then: Then) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let names = Names::new(match then {
+        Then::Resumed => "gate-cont",
+        Then::Killed => "gate-kill",
+    });
+    create_topic(&names.target, 1).await;
+    let ports = [free_port(), free_port()];
+    let lead = format!("{LEAD_MS}ms");
+    let ingest_partitions = GATE_INGEST_PARTITIONS.to_string();
+    let mut procs: Vec<ChildGuard> = ["a", "b"]
+        .iter()
+        .zip(ports)
+        .map(|(name, port)| {
+            let instance = format!("{}-{name}", names.group);
+            spawn_with(
+                &names,
+                &format!("{}-{name}.log", names.group),
+                port,
+                &[
+                    "--instance-id",
+                    &instance,
+                    "--cancel-lead",
+                    &lead,
+                    "--ingest-partitions",
+                    &ingest_partitions,
+                    "--slice-partitions",
+                    "1",
+                    // Records due within 6 s go to the timer of their ingest partition's owner
+                    // at once, not through slices another process may own.
+                    "--hold-horizon",
+                    "6s",
+                ],
+            )
+        })
+        .collect();
+    for port in ports {
+        answers_ok(port).await;
+    }
+    let [x_parts, y_parts] = ingest_owners(ports, GATE_INGEST_PARTITIONS).await;
+    // X will be stopped; Y holds the records and reaches their due time.
+    let (x, y_port) = (0, ports[1]);
+    let (px, py) = (x_parts[0], y_parts[0]);
+    let y_http = format!("127.0.0.1:{y_port}");
+
+    let p = producer();
+    let due = now_ms() + 5_000;
+    let time = due.to_string();
+    let target = names.target.clone();
+    let with_id = |id: &'static str| -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("time", time.clone().into_bytes()),
+            ("topic", target.clone().into_bytes()),
+            ("id", id.as_bytes().to_vec()),
+        ]
+    };
+    let plain = [
+        ("time", time.clone().into_bytes()),
+        ("topic", target.clone().into_bytes()),
+    ];
+    let cancelled = "gate-cancelled";
+    // On Y's partition: the record to cancel, records with ids the gate must hold, records
+    // without ids it never holds. On X's: both kinds, which wait for X or its successor.
+    let y_ids = ["gate-y-1", "gate-y-2", "gate-y-3"];
+    let x_ids = ["gate-x-1", "gate-x-2"];
+    let on_partition = std::iter::once(cancelled)
+        .chain(y_ids)
+        .map(|id| (py, id))
+        .chain(x_ids.iter().map(|id| (px, *id)));
+    for (partition, id) in on_partition {
+        let h = with_id(id);
+        let h: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        produce_at(&p, &names.ingest, partition, id, id.as_bytes(), &h).await;
+    }
+    let h: Vec<(&str, &[u8])> = plain.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    let (y_plain, x_plain) = (["plain-y-1", "plain-y-2"], ["plain-x-1"]);
+    for v in y_plain {
+        produce_at(&p, &names.ingest, py, v, v.as_bytes(), &h).await;
+    }
+    for v in x_plain {
+        produce_at(&p, &names.ingest, px, v, v.as_bytes(), &h).await;
+    }
+    // Every record with an id is a fact before X stops.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in std::iter::once(cancelled).chain(y_ids).chain(x_ids) {
+        while status(y_port, id).await.as_deref() != Some("pending") {
+            assert!(Instant::now() < deadline, "{id} never became pending");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        now_ms() < due - LEAD_MS - 700,
+        "the set-up took too long for the test to mean anything"
+    );
+
+    let until = |t: i64| async move {
+        let wait = t - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+    };
+    until(due - LEAD_MS - 600).await;
+    let pid = libc::pid_t::try_from(procs[x].id()).expect("a pid");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+    until(due - LEAD_MS - 200).await;
+    let cancel = [("id", cancelled.as_bytes()), ("cancel", &b"true"[..])];
+    let acked = produce_at(&p, &names.ingest, px, "anything", b"", &cancel).await;
+    assert!(
+        acked < due - LEAD_MS,
+        "the cancel was acknowledged {} ms before the due time, not the lead",
+        due - acked
+    );
+
+    // Y reaches the due time: its records without an id arrive on time, the cancelled one
+    // never, the others wait while X's partition has no watermark.
+    let reader = reader(&names.target, 1);
+    let value =
+        |r: &Received| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned();
+    let mut got = collect(&reader, Duration::from_secs(10), |got| {
+        y_plain.iter().all(|v| got.iter().any(|r| value(r) == *v))
+    })
+    .await;
+    // And a second past the due time, reading what comes meanwhile.
+    let past = (due + 1_000 - now_ms()).max(0) as u64;
+    got.extend(collect(&reader, Duration::from_millis(past), |_| false).await);
+    assert!(
+        !got.iter().any(|r| value(r) == cancelled),
+        "the cancelled version was delivered: {got:?}"
+    );
+    for v in y_plain {
+        assert!(
+            got.iter().any(|r| value(r) == v),
+            "{v}, without an id, waited: {got:?}"
+        );
+    }
+    let y_now = healthz(&y_http).await;
+    let taken_over = y_now["ingest_partitions"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|p| p.as_i64() == Some(px.into())));
+    if !taken_over {
+        let early: Vec<&Received> = got
+            .iter()
+            .filter(|r| r.header("sm-version").is_some())
+            .collect();
+        assert!(
+            early.is_empty(),
+            "records with ids passed the gate while partition {px} was unread: {early:?}"
+        );
+        let stale = y_now["stale_ingest_partitions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            stale.iter().any(|p| p.as_i64() == Some(px.into())),
+            "partition {px} is not shown stale: {y_now}"
+        );
+        let lag = metric_sum(&y_http, "sm_ingest_watermark_lag_seconds").await;
+        assert!(
+            lag > LEAD_MS as f64 / 1000.0,
+            "the watermark lag shows: {lag}"
+        );
+    }
+
+    let resumed = now_ms();
+    match then {
+        Then::Resumed => assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "SIGCONT"),
+        Then::Killed => kill9(&mut procs[x]),
+    }
+    let everything: Vec<&str> = y_ids
+        .iter()
+        .chain(&x_ids)
+        .chain(&y_plain)
+        .chain(&x_plain)
+        .copied()
+        .collect();
+    got.extend(
+        collect(&reader, Duration::from_secs(60), |more| {
+            everything
+                .iter()
+                .all(|v| got.iter().chain(more).any(|r| value(r) == *v))
+        })
+        .await,
+    );
+    for v in &everything {
+        assert!(
+            got.iter().any(|r| value(r) == *v),
+            "{v} never arrived: {got:?}"
+        );
+    }
+    // The cancel was judged, not merely late: withheld, somewhere.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut withheld = 0.0;
+        for port in ports {
+            withheld += try_metric_sum(&format!("127.0.0.1:{port}"), "sm_withheld_total")
+                .await
+                .unwrap_or(0.0);
+        }
+        if withheld >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled version was never withheld"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    got.extend(collect(&reader, Duration::from_millis(500), |_| false).await);
+    assert!(
+        !got.iter().any(|r| value(r) == cancelled),
+        "the cancelled version was delivered"
+    );
+    for r in &got {
+        assert!(r.timestamp_ms >= due, "{} delivered early: {r:?}", value(r));
+    }
+    let held = metric_sum(&y_http, "sm_held_for_freshness_total").await;
+    assert!(
+        held >= y_ids.len() as f64,
+        "the records with ids the gate held are counted: {held}"
+    );
+    let late = got
+        .iter()
+        .filter(|r| r.header("sm-version").is_some())
+        .map(|r| r.timestamp_ms - due)
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "{then:?}: taken over before the resume: {taken_over}; records with ids up to {late} ms \
+         late, the resume at due + {} ms",
+        resumed - due
+    );
+    // Dropped: killed, the stopped one too.
+    drop(procs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_cancel_waits_for_its_stopped_owner_resumed() {
+    a_kafka_cancel_waits_for_its_stopped_partition(Then::Resumed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_cancel_waits_for_its_stopped_owner_killed() {
+    a_kafka_cancel_waits_for_its_stopped_partition(Then::Killed).await;
 }
