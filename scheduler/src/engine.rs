@@ -291,7 +291,7 @@ impl Engine {
         let until = |stop: &CancellationToken, work| spawn_until(&tasks, stop.clone(), work);
         let (jobs_tx, jobs_rx) = mpsc::channel::<u64>(1024);
         let jobs_rx = Arc::new(tokio::sync::Mutex::new(jobs_rx));
-        let collector = tokio::spawn(outbox.clone().collect(in_flight));
+        let collector = tokio::spawn(outbox.clone().collect(in_flight, tasks.clone()));
         let ingest = Ingest {
             consumer: consumer.clone(),
             offsets: offsets.clone(),

@@ -667,8 +667,11 @@ impl Outbox {
 
     /// Hands a send the producer took to the collector. Should the collector be gone (the
     /// engine stopped), the record stays uncommitted and its next owner sends it again.
-    fn await_ack(&self, tracked: Tracked, delivery: DeliveryFuture) {
-        let _ = self.in_flight.send(InFlight { tracked, delivery });
+    fn await_ack(self: &Arc<Self>, tracked: Tracked, delivery: DeliveryFuture) {
+        if let Err(refused) = self.in_flight.send(InFlight { tracked, delivery }) {
+            // Counted as handed: count it as ended too, or the stop reports it unanswered.
+            self.settle(refused.0.tracked, Outcome::Abandoned);
+        }
     }
 
     /// Does what a send's outcome says. An acknowledgement is handled here, at once; a failure
@@ -691,9 +694,17 @@ impl Outbox {
     /// each as its answer comes. One task for all sends (424 bytes held per send), where a task
     /// per send held the whole failure path in its future and cost a trip through the runtime's
     /// queue.
-    /// Ends once the engine has stopped and nothing is left in flight: no send waiting here,
-    /// none queued to it, no failure or retry lane still working.
-    pub(crate) async fn collect(self: Arc<Self>, mut queued: mpsc::UnboundedReceiver<InFlight>) {
+    /// Ends once the engine has stopped, every stage in `stages` has ended, and nothing is left
+    /// in flight: no send waiting here, none queued to it, no failure or retry lane still
+    /// working. It waits for the stages because some send after the engine's token is cancelled
+    /// (the publisher hands over what the timer released before the stop): a send handed to the
+    /// producer after the collector had ended was never settled, and a clean stop under CI's
+    /// load reported "36 deliveries unacknowledged" after its full timeout.
+    pub(crate) async fn collect(
+        self: Arc<Self>,
+        mut queued: mpsc::UnboundedReceiver<InFlight>,
+        stages: TaskTracker,
+    ) {
         let mut waiting = FuturesUnordered::new();
         // Looks for the end every 20 ms: the engine's stop is a state, not an event this loop
         // could miss (a `select!` evaluates a branch's condition only when it starts waiting).
@@ -714,7 +725,13 @@ impl Outbox {
                 },
                 _ = check.tick() => {
                     let idle = waiting.is_empty() && queued.is_empty() && self.acks.is_empty();
-                    if idle && self.life.token().is_cancelled() {
+                    if idle && self.life.token().is_cancelled() && stages.is_empty() {
+                        // A send that still comes (none should: the stages have ended) is
+                        // refused by the closed channel and settled as abandoned.
+                        queued.close();
+                        while let Ok(InFlight { tracked, .. }) = queued.try_recv() {
+                            self.settle(tracked, Outcome::Abandoned);
+                        }
                         return;
                     }
                 }
