@@ -395,10 +395,12 @@ impl Engine {
         self.outbox.refuse_target(topic, after);
     }
 
-    /// One janitor round as of `now_ms` (test builds only).
+    /// One janitor pass as of `now_ms` (test builds only).
     #[cfg(feature = "testkit")]
-    pub(crate) async fn janitor_round(&self, now_ms: i64) -> usize {
-        self.janitor.janitor_round(now_ms).await
+    pub(crate) async fn janitor_pass(&self, now_ms: i64) -> usize {
+        self.janitor
+            .janitor_pass(now_ms, crate::state::JANITOR_BATCH)
+            .await
     }
 
     /// Resolves when the engine stopped by itself (a fatal error).

@@ -99,11 +99,11 @@ impl Scheduler {
         self.engine.refuse_target(topic, after);
     }
 
-    /// Runs one round of the janitor of ids as if the clock said `now_ms` (test builds only):
+    /// Runs one pass of the janitor of ids as if the clock said `now_ms` (test builds only):
     /// the number of facts removed.
     #[cfg(feature = "testkit")]
-    pub async fn janitor_round(&self, now_ms: i64) -> usize {
-        self.engine.janitor_round(now_ms).await
+    pub async fn janitor_pass(&self, now_ms: i64) -> usize {
+        self.engine.janitor_pass(now_ms).await
     }
 
     /// Waits for `shutdown` (or a fatal error), then stops cleanly.

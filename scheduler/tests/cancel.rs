@@ -357,12 +357,12 @@ async fn the_janitor_forgets_ids_only_after_every_copy_is_gone() {
     .await;
     let retention = names.settings().retention_ms();
     assert_eq!(
-        sched.janitor_round(now + retention - 60_000).await,
+        sched.janitor_pass(now + retention - 60_000).await,
         0,
         "a copy may still be in Kafka"
     );
     assert_eq!(
-        sched.janitor_round(now + retention + 60_000).await,
+        sched.janitor_pass(now + retention + 60_000).await,
         2,
         "the two delivered ids, one fact each (delivered replaced pending)"
     );
