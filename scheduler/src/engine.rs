@@ -443,15 +443,15 @@ impl Engine {
             // The timer's view tells its changes; the publisher's backlog is looked at often.
             let _ = tokio::time::timeout(Duration::from_millis(10), view.changed()).await;
         }
+        // Records the timer or the publisher still hold (due after the drain, or waiting at the
+        // publish gate) were not delivered: the stop says so, or a stop cut short by its timeout
+        // before any send was made reported nothing left.
         let undrained = view.borrow().pending + backlog();
-        if undrained > 0 {
-            tracing::info!(
-                records = undrained,
-                "stopping with records still in the timer; they stay uncommitted for the next owner"
-            );
-        }
         self.life.stop();
         let mut left = Vec::new();
+        if undrained > 0 {
+            left.push(format!("{undrained} record(s) still in the timer"));
+        }
         if tokio::time::timeout_at(end, self.tasks.wait())
             .await
             .is_err()
