@@ -54,6 +54,9 @@ use crate::sweep::Sweeper;
 use crate::time::Clock;
 use crate::timer::{self, TimerView};
 
+/// The state topic rolls a segment this often (see the topic's creation).
+const STATE_SEGMENT_MS: i64 = 3_600_000;
+
 /// A started engine; [`Engine::stop`] shuts it down cleanly.
 pub struct Engine {
     settings: Arc<Settings>,
@@ -108,11 +111,17 @@ impl Engine {
             },
             // Facts of ids: compacted (each key is one version of one id, written once, or
             // twice: pending, then delivered), so it holds what is live however long it runs.
-            // Every process reads every partition: a few are enough.
+            // Every process reads every partition: a few are enough. The log cleaner compacts
+            // only closed segments, and the broker's defaults close one at 1 GiB or after 7
+            // days: without a roll every hour the janitor's tombstones removed nothing from the
+            // disk, and an index rebuild read every fact ever written, for a week.
             TopicSpec {
                 name: settings.internal.state.clone(),
                 partitions: cfg.slice_partitions,
-                configs: vec![("cleanup.policy".into(), "compact".to_string())],
+                configs: vec![
+                    ("cleanup.policy".into(), "compact".to_string()),
+                    ("segment.ms".into(), STATE_SEGMENT_MS.to_string()),
+                ],
             },
         ];
         let slices: HashMap<String, (usize, i64)> = settings

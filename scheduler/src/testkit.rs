@@ -470,6 +470,26 @@ pub async fn create_topic_on(
         .unwrap_or_else(|e| panic!("creating {name}: {e}"));
 }
 
+/// A topic's configuration value for `key` as the broker describes it (its default if unset).
+pub async fn topic_config(name: &str, key: &str) -> Option<String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("admin");
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(name)], &AdminOptions::new())
+        .await
+        .expect("the broker answers");
+    described
+        .into_iter()
+        .flatten()
+        .flat_map(|resource| resource.entries)
+        .find(|entry| entry.name == key)
+        .and_then(|entry| entry.value)
+}
+
 /// Deletes a topic and returns once the broker's metadata no longer lists it (deletion is
 /// asynchronous in Kafka: a topic created under the same name before then is refused).
 pub async fn delete_topic(name: &str) {

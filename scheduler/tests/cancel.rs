@@ -311,12 +311,23 @@ async fn cancels_and_reschedules_hold_across_a_sigkill_and_two_processes() {
 
 /// The janitor forgets an id only once no copy of any of its versions can still be in Kafka
 /// (every fact written, and every pending version due, more than the slice retention ago), and
-/// the status API then says `unknown`; an id still pending stays.
+/// the status API then says `unknown`; an id still pending stays. Its tombstones leave the disk
+/// only once the log cleaner may compact them: the state topic rolls a segment every hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_forgets_ids_only_after_every_copy_is_gone() {
     let names = Names::new("janitor");
     create_topic(&names.target, 1).await;
     let sched = start_in_process(&names).await;
+    let state = &names.settings().internal.state;
+    assert_eq!(
+        topic_config(state, "cleanup.policy").await.as_deref(),
+        Some("compact")
+    );
+    assert_eq!(
+        topic_config(state, "segment.ms").await.as_deref(),
+        Some("3600000"),
+        "the broker's default (7 days) keeps every fact on disk for a week"
+    );
     let http = sched.http_addr;
     let now = now_ms();
     let month = 30 * 86_400_000;
