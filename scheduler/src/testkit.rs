@@ -215,6 +215,42 @@ pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> ChildGuard {
 pub const PLANTED_PASSWORD: &str = "PlantedPassw0rd";
 
 /// Panics, showing `output`, when it carries [`PLANTED_PASSWORD`].
+/// A scheduler process (`binary`) on its own HTTP port and index, as two processes on one
+/// machine get by default, so that a restart on the same port reopens the index its
+/// predecessor left.
+pub fn spawn_on_port(
+    binary: &str,
+    names: &Names,
+    log: &str,
+    http: u16,
+    extra: &[&str],
+) -> ChildGuard {
+    let dir = std::env::temp_dir()
+        .join("sm-test-state")
+        .join(format!("{}-{http}", names.group));
+    let http_addr = format!("127.0.0.1:{http}");
+    let dir = dir.to_string_lossy();
+    let mut flags = vec!["--http-addr", &http_addr, "--state-dir", &dir];
+    flags.extend_from_slice(extra);
+    spawn_binary(binary, &names.args_with(&flags), log)
+}
+
+/// Waits until a child process's `/healthz` on `port` answers `ok` (it may not listen yet).
+pub async fn answers_ok(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = match reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await {
+            Ok(r) => r.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if h.as_ref().is_some_and(|h| h["status"] == "ok") {
+            return;
+        }
+        assert!(Instant::now() < deadline, ":{port} is not ok: {h:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn assert_no_planted_password(output: &str) {
     assert!(
         !output.contains(PLANTED_PASSWORD),

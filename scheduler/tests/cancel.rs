@@ -20,18 +20,7 @@ fn spawn(names: &Names, log: &str, http: u16) -> ChildGuard {
 
 /// [`spawn`] with more flags.
 fn spawn_with(names: &Names, log: &str, http: u16, extra: &[&str]) -> ChildGuard {
-    let dir = std::env::temp_dir()
-        .join("sm-test-state")
-        .join(format!("{}-{http}", names.group));
-    let http_addr = format!("127.0.0.1:{http}");
-    let dir = dir.to_string_lossy();
-    let mut flags = vec!["--http-addr", &http_addr, "--state-dir", &dir];
-    flags.extend_from_slice(extra);
-    spawn_binary(
-        env!("CARGO_BIN_EXE_scheduler"),
-        &names.args_with(&flags),
-        log,
-    )
+    spawn_on_port(env!("CARGO_BIN_EXE_scheduler"), names, log, http, extra)
 }
 
 /// What the test does to an id.
@@ -60,22 +49,6 @@ async fn status(http: u16, id: &str) -> Option<String> {
         .ok()?;
     let body: serde_json::Value = r.json().await.ok()?;
     body["status"].as_str().map(str::to_string)
-}
-
-/// Waits until a child process's `/healthz` answers `ok` (it may not listen yet).
-async fn answers_ok(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let h = match reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await {
-            Ok(r) => r.json::<serde_json::Value>().await.ok(),
-            Err(_) => None,
-        };
-        if h.as_ref().is_some_and(|h| h["status"] == "ok") {
-            return;
-        }
-        assert!(Instant::now() < deadline, ":{port} is not ok: {h:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
