@@ -67,6 +67,7 @@ impl Poller {
             key: row.key.clone(),
             payload: row.value.clone(),
             headers,
+            ..Default::default()
         }
     }
 

@@ -5,6 +5,7 @@
 //! target are already valid. Internal headers are rebuilt on every hop, never appended.
 
 use crate::facts::Version;
+use crate::recur::{self, RecurError, Recurrence};
 use crate::time::{DueTime, TimeError, Zone};
 
 /// Header names. Everything starting with `sm-` is reserved for the scheduler.
@@ -105,12 +106,17 @@ pub type Header = (String, Option<Vec<u8>>);
 
 /// A record on its way to its next place. Owned, so a failed send can be retried or
 /// dead-lettered without going back to the consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Outgoing {
     pub topic: String,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<Header>,
+    /// The partition to write to; `None`: the producer's partitioner chooses (by key).
+    pub partition: Option<i32>,
+    /// The record's timestamp; `None`: the producer's clock. Set only where it orders versions
+    /// (a recurring schedule's next occurrence keeps its schedule's timestamp).
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Outgoing {
@@ -229,6 +235,8 @@ pub enum Rejection {
     MissingId,
     #[error("the 'cancel' header must be exactly \"true\" (got {0:?})")]
     InvalidCancel(String),
+    #[error("invalid recurrence: {0}")]
+    InvalidRecurrence(#[from] RecurError),
 }
 
 impl Rejection {
@@ -248,6 +256,7 @@ impl Rejection {
             Rejection::TargetUnavailable { .. } => "target-unavailable",
             Rejection::MissingId => "missing-id",
             Rejection::InvalidCancel(_) => "invalid-cancel",
+            Rejection::InvalidRecurrence(_) => "invalid-recurrence",
         }
     }
 }
@@ -295,9 +304,13 @@ pub struct Scheduled {
     pub hops: u32,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
-    /// The user's headers in order, without the scheduling ones (`time`, `topic`, `id`: their
-    /// meaning is in the fields above) and without reserved `sm-*` ones.
+    /// The user's headers in order, without the scheduling ones (`time`, `topic`, `id`, and a
+    /// recurring schedule's `cron`, `every`, `zone`...: their meaning is in the fields above) and
+    /// without reserved `sm-*` ones.
     pub user_headers: Vec<Header>,
+    /// A recurring schedule's rule and where it stands: this record is one occurrence. Boxed:
+    /// every record the timer holds carries this field, few of them a recurrence.
+    pub recurrence: Option<Box<Recurrence>>,
 }
 
 /// The one internal header of a slice copy: `1;<due ms>;<hops>;<origin>;<target>;<id>`, where
@@ -337,9 +350,13 @@ impl SliceCopy {
 }
 
 /// Whether a user header is one of the scheduling headers, whose meaning the scheduler keeps in
-/// [`Scheduled`]'s fields.
-fn is_scheduling(name: &str) -> bool {
-    name == header::TIME || name == header::TOPIC || name == header::ID
+/// [`Scheduled`]'s fields: a recurring record's recurrence headers too (a one-off record's `zone`
+/// or `count` is the user's own and travels on).
+fn is_scheduling(name: &str, recurring: bool) -> bool {
+    name == header::TIME
+        || name == header::TOPIC
+        || name == header::ID
+        || (recurring && recur::header::ALL.contains(&name))
 }
 
 fn utf8(raw: &[u8]) -> Option<&str> {
@@ -347,11 +364,11 @@ fn utf8(raw: &[u8]) -> Option<&str> {
 }
 
 /// The user's headers: UTF-8 names only; reserved and scheduling ones dropped.
-fn user_headers(rec: &Incoming) -> Result<Vec<Header>, Rejection> {
+fn user_headers(rec: &Incoming, recurring: bool) -> Result<Vec<Header>, Rejection> {
     let mut out = Vec::with_capacity(rec.headers.len());
     for h in &rec.headers {
         let name = utf8(&h.name).ok_or(Rejection::InvalidHeaderName)?;
-        if !name.starts_with(header::RESERVED_PREFIX) && !is_scheduling(name) {
+        if !name.starts_with(header::RESERVED_PREFIX) && !is_scheduling(name, recurring) {
             out.push((name.to_string(), h.value.clone()));
         }
     }
@@ -377,7 +394,8 @@ impl Ingested {
         default_zone: Zone,
         internal: &InternalTopics,
     ) -> Result<Ingested, Rejection> {
-        let user_headers = user_headers(rec)?;
+        // Header names are checked first: a name that is not UTF-8 is refused as such.
+        user_headers(rec, false)?;
         let origin = Origin {
             partition: rec.partition,
             offset: rec.offset,
@@ -401,11 +419,27 @@ impl Ingested {
         if let (Command::Cancel, Some(version)) = (command(cancel, explicit_id)?, version) {
             return Ok(Ingested::Cancel { id, version });
         }
-        let time = rec
-            .last(header::TIME)
-            .and_then(|h| h.value.as_deref())
-            .ok_or(Rejection::MissingTime)?;
-        let due = DueTime::parse_bytes(time, default_zone)?;
+        let recurrence = match rec.last(recur::header::SM_RECUR) {
+            // An occurrence the scheduler filed: the recurrence as it stands.
+            Some(h) => Some(Recurrence::decode(h.value.as_deref().unwrap_or_default())?),
+            None => {
+                Recurrence::from_headers(|name| rec.last(name).and_then(|h| h.value.as_deref()))?
+            }
+        }
+        .map(Box::new);
+        if recurrence.is_some() && !explicit_id {
+            return Err(RecurError::MissingId.into());
+        }
+        let time = rec.last(header::TIME).and_then(|h| h.value.as_deref());
+        let due = match (time, &recurrence) {
+            (Some(time), _) => DueTime::parse_bytes(time, default_zone)?,
+            // A recurrence without `time`: its first occurrence from when the record was made.
+            (None, Some(r)) => {
+                let first = r.first(rec.timestamp_ms).ok_or(RecurError::NoOccurrence)?;
+                DueTime::from_millis(first)?
+            }
+            (None, None) => return Err(Rejection::MissingTime),
+        };
         let topic = rec
             .last(header::TOPIC)
             .and_then(|h| h.value.as_deref())
@@ -424,7 +458,8 @@ impl Ingested {
             hops: 0,
             key: rec.key.clone(),
             payload: rec.payload.clone(),
-            user_headers,
+            user_headers: user_headers(rec, recurrence.is_some())?,
+            recurrence,
         }))
     }
 }
@@ -482,7 +517,12 @@ impl Scheduled {
             hops,
             key: rec.key.clone(),
             payload: rec.payload.clone(),
-            user_headers: user_headers(rec)?,
+            user_headers: user_headers(rec, false)?,
+            recurrence: rec
+                .last(recur::header::SM_RECUR)
+                .map(|h| Recurrence::decode(h.value.as_deref().unwrap_or_default()).map(Box::new))
+                .transpose()
+                .map_err(|e| corrupt(&e.to_string()))?,
         })
     }
 
@@ -494,11 +534,15 @@ impl Scheduled {
         if let Some(v) = self.version {
             headers.push(h(header::SM_VERSION, v.encode()));
         }
+        if let Some(r) = &self.recurrence {
+            headers.push(h(recur::header::SM_RECUR, r.encode()));
+        }
         Outgoing {
             topic,
             key: self.key.clone(),
             payload: self.payload.clone(),
             headers,
+            ..Default::default()
         }
     }
 
@@ -514,11 +558,18 @@ impl Scheduled {
             headers.push(h(header::SM_VERSION, v.encode()));
         }
         headers.push(h(header::SM_DUE_MS, self.due.as_millis().to_string()));
+        if let Some(r) = &self.recurrence {
+            headers.push(h(
+                recur::header::SM_OCCURRENCE,
+                r.occurrence(self.due.as_millis()),
+            ));
+        }
         Outgoing {
             topic: self.target.as_str().to_string(),
             key: self.key.clone(),
             payload: self.payload.clone(),
             headers,
+            ..Default::default()
         }
     }
 
@@ -554,6 +605,9 @@ impl Scheduled {
         if self.explicit_id {
             headers.push(h(header::ID, self.id.clone()));
         }
+        if let Some(r) = &self.recurrence {
+            headers.extend(r.user_headers());
+        }
         headers.extend(self.user_headers.iter().cloned());
         headers.extend(reason_headers(why));
         headers.push(h(header::SM_ID, self.id.clone()));
@@ -562,6 +616,32 @@ impl Scheduled {
             key: self.key.clone(),
             payload: self.payload.clone(),
             headers,
+            ..Default::default()
+        }
+    }
+}
+
+impl Scheduled {
+    /// The record that files a recurring schedule's next occurrence, due at `at_ms` with the
+    /// recurrence `next`, into the ingest topic: the same key, value and user headers, `time`,
+    /// `topic`, `id` and `sm-recur`. It goes to this occurrence's ingest partition with its
+    /// version's timestamp, so that it is newer than this occurrence and older than whatever the
+    /// user sent after the schedule (see [`crate::recur`]).
+    pub fn next_occurrence(&self, ingest: &str, at_ms: i64, next: &Recurrence) -> Outgoing {
+        let mut headers = vec![
+            h(header::TIME, at_ms.to_string()),
+            h(header::TOPIC, self.target.as_str().to_string()),
+            h(header::ID, self.id.clone()),
+            h(recur::header::SM_RECUR, next.encode()),
+        ];
+        headers.extend(self.user_headers.iter().cloned());
+        Outgoing {
+            topic: ingest.to_string(),
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers,
+            partition: Some(self.origin.partition),
+            timestamp_ms: self.version.map(|v| v.timestamp_ms),
         }
     }
 }
@@ -598,6 +678,7 @@ pub fn dlq_original(rec: &Incoming, dlq: &str, why: &Rejection) -> Outgoing {
         key: rec.key.clone(),
         payload: rec.payload.clone(),
         headers,
+        ..Default::default()
     }
 }
 
@@ -643,6 +724,110 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// An outgoing record as it is read back at `offset`, with the partition and timestamp it
+    /// was written with.
+    fn read_back_at(out: &Outgoing, offset: i64) -> Incoming {
+        Incoming {
+            topic: out.topic.clone(),
+            partition: out.partition.unwrap_or(0),
+            offset,
+            timestamp_ms: out.timestamp_ms.unwrap_or(0),
+            key: out.key.clone(),
+            payload: out.payload.clone(),
+            headers: out
+                .headers
+                .iter()
+                .map(|(n, v)| RawHeader {
+                    name: n.as_bytes().to_vec(),
+                    value: v.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A recurring record: its first occurrence counts from its timestamp; its recurrence
+    /// headers are the scheduler's, not the user's; it crosses a slice whole; its delivered copy
+    /// says which occurrence it is; its next occurrence, filed into the ingest topic, is a newer
+    /// version of the id on the same partition, and reads back as the second occurrence.
+    #[test]
+    fn a_recurring_record_crosses_every_hop_and_files_its_next_occurrence() {
+        let headers: [(&str, &[u8]); 5] = [
+            ("topic", b"reminders"),
+            ("id", b"standup"),
+            ("every", b"1m"),
+            ("zone", b"Europe/Paris"),
+            ("trace-id", b"t-1"),
+        ];
+        let incoming = rec(&headers);
+        let s = schedule(&incoming, Zone::UTC, &internal()).expect("a recurring schedule");
+        assert_eq!(s.due.as_millis(), incoming.timestamp_ms + 60_000);
+        let names: Vec<&str> = s.user_headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["trace-id"], "every and zone are the schedule's");
+        let r = s.recurrence.clone().expect("a recurrence");
+        assert_eq!((r.n, r.describe()), (1, "every 1m".to_string()));
+
+        let slice = s.to_slice("__SM_SLICE.1.0".into());
+        let swept = Scheduled::from_slice(&read_back_at(&slice, 5), &internal()).expect("a copy");
+        assert_eq!(swept.recurrence, s.recurrence);
+
+        let delivered = swept.to_target();
+        assert!(delivered.header("sm-occurrence").is_some());
+        assert!(delivered.header(recur::header::SM_RECUR).is_none());
+        assert!(delivered.header("every").is_none());
+
+        let turn = r.turn(s.due.as_millis(), s.due.as_millis() + 3);
+        let (at, next) = turn.next.expect("a next occurrence");
+        let filed = swept.next_occurrence("SCHEDULED_MESSAGES", at, &next);
+        assert_eq!(filed.partition, Some(incoming.partition));
+        assert_eq!(filed.timestamp_ms, Some(incoming.timestamp_ms));
+        let again = schedule(&read_back_at(&filed, 90), Zone::UTC, &internal()).expect("parses");
+        assert_eq!(again.due.as_millis(), at);
+        assert_eq!(again.recurrence.as_ref().map(|r| r.n), Some(2));
+        assert_eq!(again.user_headers, s.user_headers);
+        assert!(
+            again.version > s.version,
+            "newer than the occurrence before it"
+        );
+
+        // A one-off record's own `zone` or `count` header is the user's, and travels on.
+        let one_off = rec(&[
+            ("time", b"2030-01-01T00:00:00Z"),
+            ("topic", b"t"),
+            ("zone", b"mine"),
+        ]);
+        let s = schedule(&one_off, Zone::UTC, &internal()).expect("a one-off schedule");
+        assert_eq!(s.recurrence, None);
+        assert_eq!(
+            s.user_headers,
+            vec![("zone".to_string(), Some(b"mine".to_vec()))]
+        );
+    }
+
+    #[test]
+    fn bad_recurrences_are_refused_with_a_reason() {
+        let parse = |h: &[(&str, &[u8])]| {
+            Ingested::parse(&rec(h), Zone::UTC, &internal()).map_err(|e| e.to_string())
+        };
+        let no_id = parse(&[("topic", b"t"), ("every", b"1m")]).expect_err("refused");
+        assert!(no_id.contains("needs an 'id'"), "{no_id}");
+        let past_end = parse(&[
+            ("topic", b"t"),
+            ("id", b"x"),
+            ("every", b"1m"),
+            ("end", b"2001-01-01T00:00:00Z"),
+        ])
+        .expect_err("refused");
+        assert!(past_end.contains("no occurrence"), "{past_end}");
+        let corrupt = parse(&[
+            ("topic", b"t"),
+            ("id", b"x"),
+            ("time", b"2030-01-01T00:00:00Z"),
+            ("sm-recur", b"{"),
+        ])
+        .expect_err("refused");
+        assert!(corrupt.contains("corrupt"), "{corrupt}");
     }
 
     #[test]
@@ -710,22 +895,7 @@ mod tests {
 
     /// The record as a consumer would read back what `out` wrote.
     fn read_back(out: &Outgoing) -> Incoming {
-        Incoming {
-            topic: out.topic.clone(),
-            partition: 0,
-            offset: 0,
-            timestamp_ms: 0,
-            key: out.key.clone(),
-            payload: out.payload.clone(),
-            headers: out
-                .headers
-                .iter()
-                .map(|(n, v)| RawHeader {
-                    name: n.clone().into_bytes(),
-                    value: v.clone(),
-                })
-                .collect(),
-        }
+        read_back_at(out, 0)
     }
 
     #[test]

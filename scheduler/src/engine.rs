@@ -235,6 +235,8 @@ impl Engine {
         let publisher_backlog = Arc::new(AtomicUsize::new(0));
         let publisher = Publisher {
             outbox: outbox.clone(),
+            clock: clock.clone(),
+            ingest_topic: settings.config.ingest_topic.clone(),
             offsets: offsets.clone(),
             ids: ids.clone(),
             life: life.clone(),

@@ -49,8 +49,14 @@ impl Version {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "fact", rename_all = "lowercase")]
 pub enum Fact {
-    /// Scheduled for `due_ms` to `target`.
-    Pending { due_ms: i64, target: String },
+    /// Scheduled for `due_ms` to `target`; `recurrence` describes a recurring schedule (whose
+    /// occurrence this version is).
+    Pending {
+        due_ms: i64,
+        target: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recurrence: Option<String>,
+    },
     /// A cancel.
     Cancelled,
     /// Acknowledged by its target.
@@ -142,6 +148,8 @@ pub struct IdStatus {
     pub version: Version,
     /// The due time of a pending version.
     pub due_ms: Option<i64>,
+    /// A pending recurring schedule's rule (`every 5m`, `cron 0 9 * * * in Europe/Paris`).
+    pub recurrence: Option<String>,
 }
 
 /// The status of an id from its facts (any order): the newest fact's, except that a cancel that
@@ -166,6 +174,10 @@ pub fn status(facts: &[(Version, Fact)]) -> Option<IdStatus> {
         version: *version,
         due_ms: match newest {
             Fact::Pending { due_ms, .. } => Some(*due_ms),
+            _ => None,
+        },
+        recurrence: match newest {
+            Fact::Pending { recurrence, .. } => recurrence.clone(),
             _ => None,
         },
     })
@@ -268,6 +280,7 @@ mod tests {
         let pending = |due_ms| Fact::Pending {
             due_ms,
             target: "t".into(),
+            recurrence: None,
         };
         f.learn("x", v(10, 0, 1), pending(100));
         assert!(f.may_deliver("x", v(10, 0, 1)));
@@ -306,6 +319,7 @@ mod tests {
             Fact::Pending {
                 due_ms: 5,
                 target: "sms".into(),
+                recurrence: None,
             },
             Fact::Cancelled,
             Fact::Delivered,
@@ -337,6 +351,7 @@ mod tests {
         let pending = Fact::Pending {
             due_ms: 9,
             target: "t".into(),
+            recurrence: None,
         };
         assert_eq!(status(&[]), None);
         let s = status(&[(v(1, 0, 0), pending.clone())]).unwrap();
@@ -399,7 +414,7 @@ mod tests {
             let mut cancelled_seen: Vec<(String, Version)> = Vec::new();
             for (i, (id, version, cancel)) in shuffled.iter().enumerate() {
                 let id = format!("id-{id}");
-                let fact = if *cancel { Fact::Cancelled } else { Fact::Pending { due_ms: 0, target: "t".into() } };
+                let fact = if *cancel { Fact::Cancelled } else { Fact::Pending { due_ms: 0, target: "t".into() , recurrence: None} };
                 index.learn(&id, *version, fact);
                 if *cancel {
                     cancelled_seen.push((id.clone(), *version));

@@ -126,6 +126,7 @@ async fn schedule_status(State(api): State<Api>, Path(id): Path<String>) -> impl
                 "id": id,
                 "status": s.status,
                 "due": s.due_ms.and_then(rfc3339),
+                "recurrence": s.recurrence,
                 "version": s.version.encode(),
                 "fresh_as_of": rfc3339(fresh),
             })),

@@ -314,29 +314,45 @@ impl Index {
     /// every pending version of it fell due, more than `keep_ms` before `now_ms` (a copy lives in
     /// Kafka at most the slice retention). All of an id's facts go together, so a verdict never
     /// changes for a copy that might still exist. At most about `limit`, whole ids only.
+    ///
+    /// An id that lives on (a recurring schedule files a version per occurrence) also loses its
+    /// old versions one by one, once each is past that horizon: all but its newest two, so that
+    /// the newest fact, which alone decides a verdict, and the status it reports stay as they are.
     pub fn expired(
         &self,
         now_ms: i64,
         keep_ms: i64,
         limit: usize,
     ) -> Result<Vec<(String, Version)>, IndexError> {
+        /// The versions an id that lives on keeps whatever their age.
+        const KEEP_NEWEST: usize = 2;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(FACTS)?;
         let mut out = Vec::new();
-        let mut group: Vec<(String, Version)> = Vec::new();
-        let mut horizon = i64::MIN;
-        let flush = |out: &mut Vec<_>, group: &mut Vec<(String, Version)>, horizon: i64| {
-            if horizon.saturating_add(keep_ms) < now_ms {
-                out.append(group);
-            }
+        // One id's versions in order, each with the later of its write and its due time.
+        let mut group: Vec<(String, Version, i64)> = Vec::new();
+        let old = |horizon: i64| horizon.saturating_add(keep_ms) < now_ms;
+        let flush = |out: &mut Vec<(String, Version)>, group: &mut Vec<(String, Version, i64)>| {
+            let whole = group.iter().all(|(_, _, h)| old(*h));
+            let removable = if whole {
+                group.len()
+            } else {
+                group.len().saturating_sub(KEEP_NEWEST)
+            };
+            out.extend(
+                group
+                    .drain(..)
+                    .take(removable)
+                    .filter(|(_, _, h)| old(*h))
+                    .map(|(id, version, _)| (id, version)),
+            );
             group.clear();
         };
         for entry in table.iter()? {
             let (k, v) = entry?;
             let key: FactKey<'_> = k.value();
-            if group.first().is_some_and(|(id, _)| id != key.0) {
-                flush(&mut out, &mut group, horizon);
-                horizon = i64::MIN;
+            if group.first().is_some_and(|(id, _, _)| id != key.0) {
+                flush(&mut out, &mut group);
                 if out.len() >= limit {
                     return Ok(out);
                 }
@@ -346,10 +362,9 @@ impl Index {
                 Fact::Pending { due_ms, .. } => due_ms,
                 _ => i64::MIN,
             };
-            horizon = horizon.max(written).max(due);
-            group.push((key.0.to_string(), Self::version(key)));
+            group.push((key.0.to_string(), Self::version(key), written.max(due)));
         }
-        flush(&mut out, &mut group, horizon);
+        flush(&mut out, &mut group);
         Ok(out)
     }
 
@@ -461,6 +476,18 @@ mod tests {
         d
     }
 
+    /// The janitor's tombstones for `gone`, read from partition 0 from `offset` on.
+    fn tombstones(gone: Vec<(String, Version)>, offset: i64) -> Vec<Learnt> {
+        gone.into_iter()
+            .enumerate()
+            .map(|(i, (id, version))| Learnt {
+                partition: 0,
+                offset: offset + i as i64,
+                entry: Entry::Tombstone { id, version },
+            })
+            .collect()
+    }
+
     fn learnt(partition: i32, offset: i64, id: &str, version: Version, fact: Fact) -> Learnt {
         Learnt {
             partition,
@@ -480,6 +507,7 @@ mod tests {
         let pending = |due_ms| Fact::Pending {
             due_ms,
             target: "t".into(),
+            recurrence: None,
         };
         {
             let index = Index::open(&d).unwrap();
@@ -550,6 +578,7 @@ mod tests {
         let pending = |due_ms| Fact::Pending {
             due_ms,
             target: "t".into(),
+            recurrence: None,
         };
         index
             .apply(&[
@@ -582,19 +611,55 @@ mod tests {
             2,
             "whole ids only"
         );
-        let tombstones: Vec<Learnt> = gone
-            .into_iter()
-            .enumerate()
-            .map(|(i, (id, version))| Learnt {
-                partition: 0,
-                offset: 5 + i as i64,
-                entry: Entry::Tombstone { id, version },
-            })
-            .collect();
-        index.apply(&tombstones).unwrap();
+        index.apply(&tombstones(gone, 5)).unwrap();
         assert_eq!(index.facts("b").unwrap(), vec![]);
         assert_eq!(index.withheld("b", v(10, 0, 3)).unwrap(), None, "forgotten");
         assert_eq!(index.facts("a").unwrap().len(), 2);
+        drop(index);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A recurring schedule files a version per occurrence and never expires whole: its old
+    /// versions go one by one, all but the newest two, and verdicts and status stay as they were.
+    #[test]
+    fn an_id_that_lives_on_loses_its_old_versions_but_its_newest_two() {
+        let d = dir("lives-on");
+        let index = Index::open(&d).unwrap();
+        let occurrence = |due_ms| Fact::Pending {
+            due_ms,
+            target: "t".into(),
+            recurrence: Some("every 1s".into()),
+        };
+        index
+            .apply(&[
+                learnt(0, 0, "r", v(10, 0, 1), occurrence(100)),
+                learnt(0, 1, "r", v(10, 0, 2), occurrence(200)),
+                learnt(0, 2, "r", v(10, 0, 3), occurrence(300)),
+                learnt(0, 3, "r", v(10, 0, 4), occurrence(5_000)),
+            ])
+            .unwrap();
+        let status = index.status("r").unwrap();
+        let gone = index.expired(1_000, 100, 10).unwrap();
+        assert_eq!(
+            gone,
+            vec![
+                ("r".to_string(), v(10, 0, 1)),
+                ("r".to_string(), v(10, 0, 2))
+            ],
+            "the third is old too, but one of the newest two"
+        );
+        index.apply(&tombstones(gone, 4)).unwrap();
+        assert_eq!(index.status("r").unwrap(), status);
+        assert_eq!(index.withheld("r", v(10, 0, 4)).unwrap(), None);
+        assert_eq!(
+            index.withheld("r", v(10, 0, 3)).unwrap(),
+            Some("superseded")
+        );
+        assert_eq!(
+            index.expired(5_101, 100, 10).unwrap().len(),
+            2,
+            "then whole"
+        );
         drop(index);
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -634,6 +699,7 @@ mod tests {
         let pending = |due_ms| Fact::Pending {
             due_ms,
             target: "t".into(),
+            recurrence: None,
         };
         let batch: Vec<Learnt> = (0..N)
             .map(|i| learnt(0, i, "x", v(i, 0, i), pending(i)))

@@ -127,6 +127,7 @@ impl Ingest {
                     let pending = Fact::Pending {
                         due_ms: due,
                         target: s.target.as_str().to_string(),
+                        recurrence: s.recurrence.as_ref().map(|r| r.describe()),
                     };
                     let (out, bytes) = r.fact_record(&s.id, version, &pending);
                     (pending, out, bytes)

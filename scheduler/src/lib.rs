@@ -27,6 +27,7 @@ pub mod outbox;
 mod planner;
 mod progress;
 mod publisher;
+pub mod recur;
 pub mod retry;
 mod router;
 pub mod secret;

@@ -80,6 +80,11 @@ pub const FACTS_WRITTEN: &str = "sm_state_facts_written_total";
 pub const STATE_FACTS_READ: &str = "sm_state_facts_read_total";
 /// Counter: facts of ids the janitor removed (tombstoned) from the state topic.
 pub const FACTS_REMOVED: &str = "sm_state_facts_removed_total";
+/// Counter: next occurrences of recurring schedules filed into the ingest topic.
+pub const OCCURRENCES_FILED: &str = "sm_occurrences_filed_total";
+/// Counter: occurrences of recurring schedules not delivered because they were missed and the
+/// schedule says `missed: none`.
+pub const OCCURRENCES_SKIPPED: &str = "sm_occurrences_skipped_total";
 /// Counter: state records that are not facts (skipped).
 pub const STATE_MALFORMED: &str = "sm_state_malformed_total";
 /// Counter: state indexes emptied at start to be read again, because they were read from
@@ -161,6 +166,8 @@ pub fn register_counters() {
         STATE_FACTS_READ,
         STATE_MALFORMED,
         FACTS_REMOVED,
+        OCCURRENCES_FILED,
+        OCCURRENCES_SKIPPED,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -209,6 +209,8 @@ pub enum Then {
         fact: &'static str,
         read_mark: bool,
     },
+    /// A recurring schedule's next occurrence, filed into the ingest topic.
+    Recur,
 }
 
 /// A record on its way, with what to do once it is acknowledged.
@@ -222,6 +224,9 @@ pub(crate) struct Send {
     pub(crate) sweep: Option<Arc<ActiveSweep>>,
     /// Held while the record is on its way into a slice window (see `sweep::SliceWrites`).
     pub(crate) slice_write: Option<SliceWrite>,
+    /// A recurring schedule's next occurrence, filed into the ingest topic once this delivery is
+    /// acknowledged, before the record's offset may be committed ([`crate::recur`]).
+    pub(crate) next: Option<Box<Outgoing>>,
     /// Its share of the memory budget, held until the send is dropped (acknowledged, or
     /// abandoned at shutdown).
     pub(crate) _permit: Share,
@@ -234,6 +239,8 @@ pub enum Destination {
     Slice,
     DeadLetter,
     State,
+    /// A recurring schedule's next occurrence, into the ingest topic.
+    Ingest,
 }
 
 impl Then {
@@ -243,6 +250,7 @@ impl Then {
             Then::Deliver { .. } => Destination::Target,
             Then::DeadLetter { .. } => Destination::DeadLetter,
             Then::Fact { .. } => Destination::State,
+            Then::Recur => Destination::Ingest,
         }
     }
 }
@@ -276,6 +284,9 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
     let refused = || match to {
         Destination::DeadLetter => Fate::Halt(format!("the DLQ refused a record: {code}")),
         Destination::State => Fate::Halt(format!("the state topic refused a fact: {code}")),
+        Destination::Ingest => Fate::Halt(format!(
+            "the ingest topic refused a recurring schedule's next occurrence: {code}"
+        )),
         _ => Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string())),
     };
     let ours_refused = || match to {
@@ -283,6 +294,7 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
         Destination::Slice => Fate::Halt(format!("a slice topic refuses our writes: {code}")),
         Destination::DeadLetter => Fate::Halt(format!("the DLQ refuses our writes: {code}")),
         Destination::State => Fate::Halt(format!("the state topic refuses our writes: {code}")),
+        Destination::Ingest => Fate::Halt(format!("the ingest topic refuses our writes: {code}")),
     };
     match code {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => match to {
@@ -290,6 +302,7 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
             Destination::Slice => Fate::RecreateSlice,
             Destination::DeadLetter => Fate::Halt(format!("the DLQ topic is missing: {code}")),
             Destination::State => Fate::Halt(format!("the state topic is missing: {code}")),
+            Destination::Ingest => Fate::Halt(format!("the ingest topic is missing: {code}")),
         },
         // The record itself is unacceptable, whoever sends it wherever.
         C::MessageSizeTooLarge
@@ -971,7 +984,10 @@ impl Outbox {
         }
     }
 
-    fn acknowledged(self: &Arc<Self>, send: Send) {
+    fn acknowledged(self: &Arc<Self>, mut send: Send) {
+        if let Some(next) = send.next.take() {
+            self.file_next(*next, &send);
+        }
         let placed = match send.then {
             Then::Slice { level } => {
                 self.per_record.slice_write(level);
@@ -1001,6 +1017,7 @@ impl Outbox {
                         ticket: send.ticket,
                         sweep: None,
                         slice_write: None,
+                        next: None,
                         _permit: send._permit,
                     };
                     let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
@@ -1020,10 +1037,53 @@ impl Outbox {
                 }
                 None
             }
+            Then::Recur => {
+                metrics::counter!(m::OCCURRENCES_FILED).increment(1);
+                None
+            }
         };
         self.offsets.finish(&send.ticket);
         if let (Some(sweep), Some(placed)) = (&send.sweep, placed) {
             sweep.placed(placed);
+        }
+    }
+}
+
+impl Outbox {
+    /// Files a recurring schedule's next occurrence once the current one is acknowledged: the
+    /// record's offset waits for this write too, so a crash delivers the occurrence again rather
+    /// than lose the schedule.
+    fn file_next(self: &Arc<Self>, out: Outgoing, current: &Send) {
+        // `None`: the partition was revoked; its next owner delivers the occurrence again and
+        // files the next one.
+        let Some(ticket) = self.offsets.also(&current.ticket) else {
+            return;
+        };
+        self.follow_up(Tracked::new(
+            Self::recur(out, ticket, current._permit.clone()),
+            self.send_seq.fetch_add(1, Ordering::Relaxed),
+        ));
+    }
+
+    /// Files a recurring schedule's next occurrence in place of an occurrence not delivered
+    /// (missed, and the schedule says `missed: none`): its record's offset waits for it.
+    pub(crate) fn file_instead(self: &Arc<Self>, out: Outgoing, ticket: Ticket, permit: Share) {
+        self.follow_up(Tracked::new(
+            Self::recur(out, ticket, permit),
+            self.send_seq.fetch_add(1, Ordering::Relaxed),
+        ));
+    }
+
+    fn recur(out: Outgoing, ticket: Ticket, permit: Share) -> Send {
+        Send {
+            out,
+            then: Then::Recur,
+            scheduled: None,
+            ticket,
+            sweep: None,
+            slice_write: None,
+            next: None,
+            _permit: permit,
         }
     }
 }

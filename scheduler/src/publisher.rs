@@ -21,11 +21,16 @@ use crate::offsets::Offsets;
 use crate::outbox::{Outbox, Send, Then};
 use crate::router::TimerEntry;
 use crate::state::Ids;
+use crate::time::Clock;
 
 use crate::status::GateHeld;
 
 pub(crate) struct Publisher {
     pub outbox: Arc<Outbox>,
+    /// When a recurring schedule's occurrence is published: whether it was missed.
+    pub clock: Arc<dyn Clock>,
+    /// Where a recurring schedule's next occurrence is filed.
+    pub ingest_topic: String,
     /// Asked whether a ticket is still current; told "finished" for a withheld copy.
     pub offsets: Offsets,
     pub ids: Ids,
@@ -103,6 +108,23 @@ impl Publisher {
                 Err(e) => return self.life.fail(Fatal::Other(e.to_string())),
             }
         }
+        // A recurring schedule's occurrence: deliver it or not (missed, `missed: none`), and its
+        // next occurrence, filed once this one is settled.
+        let turn = scheduled
+            .recurrence
+            .as_ref()
+            .map(|r| r.turn(scheduled.due.as_millis(), self.clock.now_ms()));
+        let next = turn
+            .as_ref()
+            .and_then(|t| t.next.as_ref())
+            .map(|(at, r)| Box::new(scheduled.next_occurrence(&self.ingest_topic, *at, r)));
+        if turn.is_some_and(|t| !t.deliver) {
+            metrics::counter!(m::OCCURRENCES_SKIPPED).increment(1);
+            return match next {
+                Some(next) => self.outbox.file_instead(*next, entry.ticket, entry.permit),
+                None => self.offsets.finish(&entry.ticket),
+            };
+        }
         let out = scheduled.lend_body(Scheduled::to_target);
         let send = Send {
             out,
@@ -113,6 +135,7 @@ impl Publisher {
             ticket: entry.ticket,
             sweep: None,
             slice_write: None,
+            next,
             _permit: entry.permit,
         };
         self.outbox.send(send).await;

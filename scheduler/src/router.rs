@@ -212,6 +212,7 @@ impl Router {
                 ticket,
                 sweep,
                 slice_write: None,
+                next: None,
                 _permit: permit,
             })
             .await;
@@ -269,6 +270,7 @@ impl Router {
                         ticket,
                         sweep,
                         slice_write: Some(self.slice_writes.begin(id)),
+                        next: None,
                         _permit: permit,
                     })
                     .await;

@@ -158,6 +158,7 @@ pub(crate) fn fact_record(topic: &str, id: &str, version: Version, fact: &Fact) 
         key: Some(fact_key(id, version).into_bytes()),
         payload: Some(fact.encode()),
         headers: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -731,6 +732,7 @@ impl Janitor {
                 key: Some(fact_key(&id, version).into_bytes()),
                 payload: None,
                 headers: Vec::new(),
+                ..Default::default()
             };
             async move {
                 producer
