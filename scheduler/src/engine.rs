@@ -71,6 +71,8 @@ pub struct Engine {
     _close_on_drop: CloseOnDrop,
     board: Arc<Board>,
     ids: crate::state::Ids,
+    /// Positions of the slice topics, for the load ahead (`/api/upcoming`).
+    lookup: Arc<kafka::Lookup>,
     timer_view: watch::Receiver<TimerView>,
     /// Records the timer released that the publisher has not published yet.
     publisher_backlog: Arc<AtomicUsize>,
@@ -331,13 +333,22 @@ impl Engine {
         until(&intake, Box::pin(planner.run_control(events_rx, jobs_tx)));
         until(&intake, Box::pin(stats.run()));
         until(&intake, Box::pin(janitor.clone().run()));
+        until(
+            &intake,
+            Box::pin(crate::upcoming::keep_gauge(
+                settings.clone(),
+                lookup.clone(),
+                clock.clone(),
+                view_rx.clone(),
+            )),
+        );
         // Through a clean stop's drain too: records with ids the timer releases then still need
         // this process's partitions' watermarks (read up to where the intake stopped).
         until(&token, Box::pin(watermarks.run()));
         let state_thread = state_reader.spawn(ReaderParts {
             settings: settings.clone(),
             clock: clock.clone(),
-            lookup,
+            lookup: lookup.clone(),
             life: life.clone(),
         })?;
         for (n, readers) in worker_readers.into_iter().enumerate() {
@@ -367,6 +378,7 @@ impl Engine {
             _close_on_drop: CloseOnDrop(offsets.clone()),
             board,
             ids,
+            lookup,
             timer_view: view_rx,
             publisher_backlog,
             status,
@@ -390,6 +402,7 @@ impl Engine {
             producer: self.outbox.producer(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
+            lookup: self.lookup.clone(),
             prometheus,
         }
     }

@@ -36,6 +36,8 @@ pub(crate) struct Api {
     pub producer: FutureProducer,
     pub settings: Arc<Settings>,
     pub clock: Arc<dyn Clock>,
+    /// Positions of the slice topics, for the load ahead.
+    pub lookup: Arc<crate::kafka::Lookup>,
     pub prometheus: PrometheusHandle,
 }
 
@@ -49,6 +51,7 @@ pub(crate) fn router(api: Api) -> Router {
             "/api/schedules/{id}",
             get(schedule_status).delete(cancel_schedule),
         )
+        .route("/api/upcoming", get(upcoming))
         .route("/config", get(config))
         .route("/healthz", get(health))
         .route("/metrics", get(prometheus))
@@ -80,6 +83,74 @@ async fn health(State(api): State<Api>) -> impl IntoResponse {
         Health::Failed | Health::Stopping => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, Json(status))
+}
+
+/// `?minutes=N` of `/api/upcoming` (60 by default, at most a week).
+#[derive(serde::Deserialize)]
+struct Ahead {
+    minutes: Option<u32>,
+}
+
+/// The load ahead: records due in each slice window that begins within `minutes` (from the slice
+/// topics' offsets, [`crate::upcoming`]), what the timer holds, and their total.
+async fn upcoming(
+    State(api): State<Api>,
+    axum::extract::Query(ahead): axum::extract::Query<Ahead>,
+) -> impl IntoResponse {
+    let minutes = ahead.minutes.unwrap_or(60).clamp(1, 7 * 24 * 60);
+    let now = api.clock.now_ms();
+    let (settings, lookup) = (api.settings.clone(), api.lookup.clone());
+    let windows = tokio::task::spawn_blocking(move || {
+        crate::upcoming::windows(
+            &settings,
+            &lookup,
+            now,
+            minutes,
+            std::time::Duration::from_secs(5),
+        )
+    })
+    .await;
+    let windows = match windows {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": format!("the broker did not answer: {e}") })),
+            )
+        }
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": e.to_string() })),
+            )
+        }
+    };
+    let status = api.status.borrow().clone();
+    let in_slices: u64 = windows.iter().map(|w| w.records).sum();
+    crate::upcoming::record_next_hour(&windows, now, status.timer_pending);
+    let slices: Vec<serde_json::Value> = windows
+        .iter()
+        .map(|w| {
+            json!({
+                "from": rfc3339(w.from_ms),
+                "to": rfc3339(w.to_ms),
+                "level": w.level,
+                "topic": w.topic,
+                "records": w.records,
+                "open_ended": w.open_ended,
+            })
+        })
+        .collect();
+    (
+        StatusCode::OK,
+        Json(json!({
+            "now": rfc3339(now),
+            "minutes": minutes,
+            "timer": { "records": status.timer_pending, "next_due": status.next_due },
+            "slices": slices,
+            "total": in_slices + status.timer_pending as u64,
+        })),
+    )
 }
 
 fn rfc3339(ms: i64) -> Option<String> {
@@ -222,6 +293,7 @@ mod tests {
             producer: mock.producer(),
             settings: mock.settings.clone(),
             clock: Arc::new(Moving(AtomicI64::new(1_800_000_000_000))),
+            lookup: Arc::new(crate::kafka::Lookup::new(&mock.settings).expect("a lookup client")),
             prometheus: crate::metrics::install(),
         };
         let lead = api.settings.cancel_lead_ms();

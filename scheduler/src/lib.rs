@@ -40,6 +40,7 @@ pub mod targets;
 pub mod testkit;
 pub mod time;
 pub mod timer;
+pub mod upcoming;
 pub mod watermark;
 
 use std::future::Future;

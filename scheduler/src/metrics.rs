@@ -80,6 +80,9 @@ pub const FACTS_WRITTEN: &str = "sm_state_facts_written_total";
 pub const STATE_FACTS_READ: &str = "sm_state_facts_read_total";
 /// Counter: facts of ids the janitor removed (tombstoned) from the state topic.
 pub const FACTS_REMOVED: &str = "sm_state_facts_removed_total";
+/// Gauge: records due within the next hour (slice windows that begin within it, and the timer),
+/// as `/api/upcoming` or the monitor last counted them.
+pub const UPCOMING_HOUR: &str = "sm_upcoming_hour_records";
 /// Counter: next occurrences of recurring schedules filed into the ingest topic.
 pub const OCCURRENCES_FILED: &str = "sm_occurrences_filed_total";
 /// Counter: occurrences of recurring schedules not delivered because they were missed and the

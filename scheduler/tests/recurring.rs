@@ -288,3 +288,75 @@ async fn a_cron_with_a_count_fires_that_often_and_bad_recurrences_are_dead_lette
     }
     sched.stop().await.expect("clean stop");
 }
+
+/// `/api/upcoming` counts what the slices hold without reading them: records due 20 to 40
+/// minutes ahead (in windows whose sweeps are minutes away, so nothing moves meanwhile) are
+/// all counted once placed, and each window's count equals what reading its slot topic finds
+/// due within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_ahead_agrees_with_reading_the_slices() {
+    let names = Names::new("upcoming");
+    create_topic(&names.target, 1).await;
+    let sched = start_in_process(&names).await;
+    let http = sched.http_addr.to_string();
+    let now = now_ms();
+    let records: Vec<(String, i64)> = (0..300)
+        .map(|i| (format!("u-{i}"), now + 20 * 60_000 + i * 4_000))
+        .collect();
+    schedule_records(&names, &records).await;
+
+    let ask = || async {
+        reqwest::get(format!("http://{http}/api/upcoming?minutes=60"))
+            .await
+            .expect("the API answers")
+            .json::<serde_json::Value>()
+            .await
+            .expect("JSON")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut answer = ask().await;
+    while answer["total"] != 300 {
+        assert!(Instant::now() < deadline, "never counted all 300: {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        answer = ask().await;
+    }
+    let settings = names.settings();
+    let partitions = settings.config.slice_partitions;
+    let mut counted = 0;
+    for window in answer["slices"].as_array().expect("slices") {
+        let records = window["records"].as_u64().expect("a count");
+        if records == 0 {
+            continue;
+        }
+        let millis = |k: &str| {
+            chrono::DateTime::parse_from_rfc3339(window[k].as_str().expect("a time"))
+                .expect("RFC 3339")
+                .timestamp_millis()
+        };
+        let (from, to) = (millis("from"), millis("to"));
+        let topic = window["topic"].as_str().expect("a topic");
+        let read = drain_to_end(&reader(topic, partitions)).await;
+        let within = read
+            .iter()
+            .filter(|r| {
+                let due = records_due(r);
+                (from..to).contains(&due) || window["open_ended"] == true && due >= from
+            })
+            .count() as u64;
+        assert_eq!(within, records, "{window}: read {} records", read.len());
+        counted += records;
+    }
+    assert_eq!(counted, 300);
+    assert!(
+        metric_sum(&http, "sm_upcoming_hour_records").await >= 300.0,
+        "the gauge counts the next hour"
+    );
+    sched.stop().await.expect("clean stop");
+}
+
+/// The due time a slice copy carries (`sm-copy`: `1;<due ms>;...`).
+fn records_due(r: &Received) -> i64 {
+    r.header("sm-copy")
+        .and_then(|c| c.split(';').nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("a slice copy without sm-copy: {r:?}"))
+}
