@@ -49,12 +49,42 @@ pub(crate) fn router(messenger: Arc<Messenger>) -> Router {
         .route("/monitor", get(monitor))
         .route("/events", get(events))
         .route("/api/report", get(report))
+        .route("/api/upcoming", get(upcoming))
         .route("/metrics", get(render_metrics))
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .with_state(app)
+}
+
+/// The scheduler's load ahead (`/api/upcoming?minutes=60` at `SM_SCHEDULER_URL`), for the live
+/// page's chart of what is due: the page asks its own origin, which the browser allows.
+async fn upcoming(State(app): State<App>) -> Response {
+    let base = app
+        .messenger
+        .conn
+        .scheduler_url
+        .expose()
+        .trim_end_matches('/');
+    let url = format!("{base}/api/upcoming?minutes=60");
+    let asked = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    let answer = match asked {
+        Ok(r) => r.json::<serde_json::Value>().await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(body) => Json(body).into_response(),
+        // The URL may carry a password: never in the answer.
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("the scheduler did not answer: {}", e.without_url()),
+        ),
+    }
 }
 
 fn error(status: StatusCode, message: impl ToString) -> Response {

@@ -200,6 +200,11 @@ try {
   if (problem) await fail(`the chart has no time axis: ${problem}`);
   const ticks = (await page.evaluate(() => window.__chartFrame)).texts.map((l) => l.text).filter((t) => /^\d\d:/.test(t));
 
+  // The load ahead: the scheduler's /api/upcoming, asked through the messenger, drawn.
+  const upcoming = await json("/api/upcoming");
+  if (typeof upcoming.total !== "number" || !Array.isArray(upcoming.slices)) await fail(`/api/upcoming: ${JSON.stringify(upcoming)}`);
+  await page.waitForFunction(() => window.__aheadDrawn > 0 && document.getElementById("ahead-status").textContent === "", null, { timeout: 15000 });
+
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`OK: received ${JSON.stringify(first)} then ${JSON.stringify(later)}; page = report of ${report.run_id} (${per}); time axis ${ticks.join(" ")} UTC; screenshot ${screenshot}`);
   await browser.close();
