@@ -658,6 +658,23 @@ async fn a_clean_stop_ends_within_its_timeout_and_says_what_was_left() {
         health["memory_used"].as_u64().unwrap_or(0) >= holds_full,
         "the budget's holds never filled: {health}"
     );
+    // Deliveries to the target are on their way and stuck (its health says so after 5 s without
+    // an answer), not parked at the publish gate, which may hold them a moment at start: a stop
+    // then had nothing unanswered to report (CI, 1 run in 5 here).
+    let stuck = |h: &serde_json::Value| {
+        h["failing_targets"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["topic"] == names.target.as_str()))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !stuck(&health) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        health = healthz(&http).await;
+    }
+    assert!(
+        stuck(&health),
+        "deliveries to the target never got stuck: {health}"
+    );
 
     let started = std::time::Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(30), sched.stop())
@@ -666,7 +683,7 @@ async fn a_clean_stop_ends_within_its_timeout_and_says_what_was_left() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(6), "the stop took {took:?}");
     assert!(
-        matches!(&result, Err(scheduler::Error::Unfinished(what)) if what.contains("unacknowledged") || what.contains("lanes") || what.contains("timer")),
+        matches!(&result, Err(scheduler::Error::Unfinished(what)) if what.contains("unacknowledged") || what.contains("lanes")),
         "{result:?}"
     );
 
