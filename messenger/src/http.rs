@@ -74,11 +74,14 @@ async fn upcoming(State(app): State<App>) -> Response {
         .send()
         .await;
     let answer = match asked {
-        Ok(r) => r.json::<serde_json::Value>().await,
+        Ok(r) => {
+            let code = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            r.json::<serde_json::Value>().await.map(|body| (code, body))
+        }
         Err(e) => Err(e),
     };
     match answer {
-        Ok(body) => Json(body).into_response(),
+        Ok((code, body)) => (code, Json(body)).into_response(),
         // The URL may carry a password: never in the answer.
         Err(e) => error(
             StatusCode::BAD_GATEWAY,

@@ -114,9 +114,6 @@ pub struct Outgoing {
     pub headers: Vec<Header>,
     /// The partition to write to; `None`: the producer's partitioner chooses (by key).
     pub partition: Option<i32>,
-    /// The record's timestamp; `None`: the producer's clock. Set only where it orders versions
-    /// (a recurring schedule's next occurrence keeps its schedule's timestamp).
-    pub timestamp_ms: Option<i64>,
 }
 
 impl Outgoing {
@@ -419,7 +416,7 @@ impl Ingested {
         if let (Command::Cancel, Some(version)) = (command(cancel, explicit_id)?, version) {
             return Ok(Ingested::Cancel { id, version });
         }
-        let recurrence = match rec.last(recur::header::SM_RECUR) {
+        let mut recurrence = match rec.last(recur::header::SM_RECUR) {
             // An occurrence the scheduler filed: the recurrence as it stands.
             Some(h) => Some(Recurrence::decode(h.value.as_deref().unwrap_or_default())?),
             None => {
@@ -427,9 +424,26 @@ impl Ingested {
             }
         }
         .map(Box::new);
-        if recurrence.is_some() && !explicit_id {
-            return Err(RecurError::MissingId.into());
+        if let Some(r) = recurrence.as_mut() {
+            if !explicit_id {
+                return Err(RecurError::MissingId.into());
+            }
+            // The schedule's versions order by its own record's timestamp, carried by every
+            // occurrence the scheduler files (see `crate::recur`).
+            if r.version_ms.is_none() {
+                if rec.timestamp_ms <= 0 {
+                    return Err(RecurError::NoTimestamp.into());
+                }
+                r.version_ms = Some(rec.timestamp_ms);
+            }
         }
+        let version = version.map(|v| Version {
+            timestamp_ms: recurrence
+                .as_ref()
+                .and_then(|r| r.version_ms)
+                .unwrap_or(v.timestamp_ms),
+            ..v
+        });
         let time = rec.last(header::TIME).and_then(|h| h.value.as_deref());
         let due = match (time, &recurrence) {
             (Some(time), _) => DueTime::parse_bytes(time, default_zone)?,
@@ -624,12 +638,16 @@ impl Scheduled {
 impl Scheduled {
     /// The record that files a recurring schedule's next occurrence, due at `at_ms` with the
     /// recurrence `next`, into the ingest topic: the same key, value and user headers, `time`,
-    /// `topic`, `id` and `sm-recur`. It goes to this occurrence's ingest partition with its
-    /// version's timestamp, so that it is newer than this occurrence and older than whatever the
-    /// user sent after the schedule (see [`crate::recur`]).
+    /// `topic`, `id` and `sm-recur`, which carries the schedule's own timestamp for its version.
+    /// It goes to this occurrence's ingest partition, so that it is newer than this occurrence
+    /// (a later offset) and older than whatever the user sent after the schedule (see
+    /// [`crate::recur`]); its record timestamp is the producer's clock, so retention and the
+    /// broker's timestamp checks treat it as the new record it is.
     pub fn next_occurrence(&self, ingest: &str, at_ms: i64, next: &Recurrence) -> Outgoing {
+        let time =
+            DueTime::from_millis(at_ms).map_or_else(|_| at_ms.to_string(), |d| d.to_rfc3339());
         let mut headers = vec![
-            h(header::TIME, at_ms.to_string()),
+            h(header::TIME, time),
             h(header::TOPIC, self.target.as_str().to_string()),
             h(header::ID, self.id.clone()),
             h(recur::header::SM_RECUR, next.encode()),
@@ -641,7 +659,6 @@ impl Scheduled {
             payload: self.payload.clone(),
             headers,
             partition: Some(self.origin.partition),
-            timestamp_ms: self.version.map(|v| v.timestamp_ms),
         }
     }
 }
@@ -655,6 +672,15 @@ fn reason_headers(why: &Rejection) -> [Header; 2] {
         h(header::SM_ERROR, why.code().to_string()),
         h(header::SM_ERROR_DETAIL, why.to_string()),
     ]
+}
+
+/// The dead-lettered copy of a record the scheduler made itself (a recurring schedule's next
+/// occurrence the ingest topic refused): the record as it was, to the DLQ, with the reason.
+pub fn dead_lettered(mut out: Outgoing, dlq: &str, why: &Rejection) -> Outgoing {
+    out.topic = dlq.to_string();
+    out.partition = None;
+    out.headers.extend(reason_headers(why));
+    out
 }
 
 /// The dead-lettered copy of a record refused at the door: the original record with every header
@@ -733,7 +759,7 @@ mod tests {
             topic: out.topic.clone(),
             partition: out.partition.unwrap_or(0),
             offset,
-            timestamp_ms: out.timestamp_ms.unwrap_or(0),
+            timestamp_ms: 1_800_000_000_000,
             key: out.key.clone(),
             payload: out.payload.clone(),
             headers: out
@@ -781,7 +807,6 @@ mod tests {
         let (at, next) = turn.next.expect("a next occurrence");
         let filed = swept.next_occurrence("SCHEDULED_MESSAGES", at, &next);
         assert_eq!(filed.partition, Some(incoming.partition));
-        assert_eq!(filed.timestamp_ms, Some(incoming.timestamp_ms));
         let again = schedule(&read_back_at(&filed, 90), Zone::UTC, &internal()).expect("parses");
         assert_eq!(again.due.as_millis(), at);
         assert_eq!(again.recurrence.as_ref().map(|r| r.n), Some(2));
@@ -789,6 +814,11 @@ mod tests {
         assert!(
             again.version > s.version,
             "newer than the occurrence before it"
+        );
+        // Read back with the filing's own record timestamp, it still orders by the schedule's.
+        assert_eq!(
+            again.version.map(|v| v.timestamp_ms),
+            Some(incoming.timestamp_ms)
         );
 
         // A one-off record's own `zone` or `count` header is the user's, and travels on.

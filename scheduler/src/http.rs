@@ -127,7 +127,9 @@ async fn upcoming(
     };
     let status = api.status.borrow().clone();
     let in_slices: u64 = windows.iter().map(|w| w.records).sum();
-    crate::upcoming::record_next_hour(&windows, now, status.timer_pending);
+    if minutes >= 60 {
+        crate::upcoming::record_next_hour(&windows, now, status.timer_pending);
+    }
     let slices: Vec<serde_json::Value> = windows
         .iter()
         .map(|w| {

@@ -316,42 +316,48 @@ impl Index {
     /// changes for a copy that might still exist. At most about `limit`, whole ids only.
     ///
     /// An id that lives on (a recurring schedule files a version per occurrence) also loses its
-    /// old versions one by one, once each is past that horizon: all but its newest two, so that
-    /// the newest fact, which alone decides a verdict, and the status it reports stay as they are.
+    /// old versions one by one, once each is past that horizon, except its newest version that is
+    /// not a cancel and every version after it: the newest fact alone decides a verdict, and the
+    /// status reads back from it through trailing cancels to that version (a cancel after a
+    /// delivery reports `delivered`), so neither changes.
     pub fn expired(
         &self,
         now_ms: i64,
         keep_ms: i64,
         limit: usize,
     ) -> Result<Vec<(String, Version)>, IndexError> {
-        /// The versions an id that lives on keeps whatever their age.
-        const KEEP_NEWEST: usize = 2;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(FACTS)?;
         let mut out = Vec::new();
-        // One id's versions in order, each with the later of its write and its due time.
-        let mut group: Vec<(String, Version, i64)> = Vec::new();
+        // One id's versions in order: each with the later of its write and its due time, and
+        // whether it is a cancel.
+        type Group = Vec<(String, Version, i64, bool)>;
+        let mut group: Group = Vec::new();
         let old = |horizon: i64| horizon.saturating_add(keep_ms) < now_ms;
-        let flush = |out: &mut Vec<(String, Version)>, group: &mut Vec<(String, Version, i64)>| {
-            let whole = group.iter().all(|(_, _, h)| old(*h));
+        let flush = |out: &mut Vec<(String, Version)>, group: &mut Group| {
+            let whole = group.iter().all(|(_, _, h, _)| old(*h));
             let removable = if whole {
                 group.len()
             } else {
-                group.len().saturating_sub(KEEP_NEWEST)
+                // Up to the newest version that is not a cancel, which stays with all after it.
+                group
+                    .iter()
+                    .rposition(|(_, _, _, cancel)| !cancel)
+                    .unwrap_or(group.len().saturating_sub(1))
             };
             out.extend(
                 group
                     .drain(..)
                     .take(removable)
-                    .filter(|(_, _, h)| old(*h))
-                    .map(|(id, version, _)| (id, version)),
+                    .filter(|(_, _, h, _)| old(*h))
+                    .map(|(id, version, _, _)| (id, version)),
             );
             group.clear();
         };
         for entry in table.iter()? {
             let (k, v) = entry?;
             let key: FactKey<'_> = k.value();
-            if group.first().is_some_and(|(id, _, _)| id != key.0) {
+            if group.first().is_some_and(|(id, _, _, _)| id != key.0) {
                 flush(&mut out, &mut group);
                 if out.len() >= limit {
                     return Ok(out);
@@ -362,7 +368,13 @@ impl Index {
                 Fact::Pending { due_ms, .. } => due_ms,
                 _ => i64::MIN,
             };
-            group.push((key.0.to_string(), Self::version(key), written.max(due)));
+            let cancel = fact == Fact::Cancelled;
+            group.push((
+                key.0.to_string(),
+                Self::version(key),
+                written.max(due),
+                cancel,
+            ));
         }
         flush(&mut out, &mut group);
         Ok(out)
@@ -644,9 +656,10 @@ mod tests {
             gone,
             vec![
                 ("r".to_string(), v(10, 0, 1)),
-                ("r".to_string(), v(10, 0, 2))
+                ("r".to_string(), v(10, 0, 2)),
+                ("r".to_string(), v(10, 0, 3))
             ],
-            "the third is old too, but one of the newest two"
+            "the old versions before the newest"
         );
         index.apply(&tombstones(gone, 4)).unwrap();
         assert_eq!(index.status("r").unwrap(), status);
@@ -657,8 +670,29 @@ mod tests {
         );
         assert_eq!(
             index.expired(5_101, 100, 10).unwrap().len(),
-            2,
+            1,
             "then whole"
+        );
+        // Cancels after a delivery: the delivered version stays while a newer fact is young, or
+        // the status would turn from `delivered` to `cancelled`.
+        index
+            .apply(&[
+                learnt(0, 10, "c", v(10, 0, 11), Fact::Delivered),
+                learnt(0, 11, "c", v(20, Version::HTTP, 12), Fact::Cancelled),
+                learnt(0, 12, "c", v(5_000, Version::HTTP, 13), Fact::Cancelled),
+            ])
+            .unwrap();
+        assert_eq!(
+            index.status("c").unwrap().map(|s| s.status),
+            Some("delivered")
+        );
+        assert!(
+            !index
+                .expired(1_000, 100, 10)
+                .unwrap()
+                .iter()
+                .any(|(id, _)| id == "c"),
+            "nothing of c goes while its newest cancel is young"
         );
         drop(index);
         let _ = std::fs::remove_dir_all(&d);

@@ -538,9 +538,6 @@ pub fn record<'a>(out: &'a Outgoing) -> FutureRecord<'a, [u8], [u8]> {
     if let Some(partition) = out.partition {
         r = r.partition(partition);
     }
-    if let Some(ts) = out.timestamp_ms {
-        r = r.timestamp(ts);
-    }
     r
 }
 

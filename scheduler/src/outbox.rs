@@ -284,17 +284,18 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
     let refused = || match to {
         Destination::DeadLetter => Fate::Halt(format!("the DLQ refused a record: {code}")),
         Destination::State => Fate::Halt(format!("the state topic refused a fact: {code}")),
-        Destination::Ingest => Fate::Halt(format!(
-            "the ingest topic refused a recurring schedule's next occurrence: {code}"
-        )),
         _ => Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string())),
     };
     let ours_refused = || match to {
-        Destination::Target => Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string())),
+        // A next occurrence the ingest topic will not take (no WRITE there, a policy) ends its
+        // schedule in the DLQ, where it can be sent back once fixed: halting would only have the
+        // next owner deliver the occurrence again and halt again.
+        Destination::Target | Destination::Ingest => {
+            Fate::DeadLetter(Rejection::RefusedByBroker(code.to_string()))
+        }
         Destination::Slice => Fate::Halt(format!("a slice topic refuses our writes: {code}")),
         Destination::DeadLetter => Fate::Halt(format!("the DLQ refuses our writes: {code}")),
         Destination::State => Fate::Halt(format!("the state topic refuses our writes: {code}")),
-        Destination::Ingest => Fate::Halt(format!("the ingest topic refuses our writes: {code}")),
     };
     match code {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => match to {
@@ -772,7 +773,7 @@ impl Outbox {
             t.unknown_attempts += 1;
             fate = if t.unknown_attempts < UNKNOWN_ERROR_ATTEMPTS {
                 Fate::Retry
-            } else if to == Destination::Target {
+            } else if matches!(to, Destination::Target | Destination::Ingest) {
                 Fate::DeadLetter(Rejection::RefusedByBroker(format!(
                     "{err} (after {} attempts)",
                     t.unknown_attempts
@@ -840,10 +841,13 @@ impl Outbox {
                 s.restore_body(&mut send.out);
                 s.to_dlq(dlq, why)
             }
-            None => send.out,
+            // A recurring schedule's next occurrence: the record as it was to be filed.
+            None => crate::domain::dead_lettered(send.out, dlq, why),
         };
         send.then = Then::DeadLetter { reason: why.code() };
         send.slice_write = None;
+        // A dead-lettered occurrence ends its schedule: its DLQ copy carries the recurrence.
+        send.next = None;
         let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
         self.follow_up(Tracked::new(send, seq));
     }
@@ -1110,6 +1114,24 @@ mod tests {
         fate(&KafkaError::MessageProduction(code), to, "t")
     }
 
+    /// A recurring schedule's next occurrence the ingest topic refuses (too large, not
+    /// authorised, a policy) ends its schedule in the DLQ; it never halts the process, whose
+    /// successor would deliver the occurrence again and halt again.
+    #[test]
+    fn a_refused_next_occurrence_is_dead_lettered_not_a_halt() {
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidTimestamp,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::PolicyViolation,
+        ] {
+            assert!(
+                matches!(of(code, Destination::Ingest), Fate::DeadLetter(_)),
+                "{code:?}"
+            );
+        }
+    }
+
     /// An acknowledgement that names no offset (librdkafka's implicit acks, which lost records
     /// on new partitions here) is a failure the outbox retries: a duplicate, never a loss.
     #[test]
@@ -1128,6 +1150,7 @@ mod tests {
             Destination::Slice,
             Destination::DeadLetter,
             Destination::State,
+            Destination::Ingest,
         ] {
             assert_eq!(fate(&err, to, "t"), Fate::Retry, "{to:?}");
         }

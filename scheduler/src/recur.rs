@@ -8,10 +8,13 @@
 //! ([`crate::offsets::Offsets::also`]): a crash can deliver an occurrence twice (same `sm-id` and
 //! `sm-occurrence`), never skip one.
 //!
-//! Each occurrence is a version of the schedule's id. A filed occurrence keeps the original
-//! record's timestamp and ingest partition, so it is newer than the occurrence before it (a later
-//! offset of the same partition) and older than anything the user sends later: a cancel or a new
-//! record with the same id ends the recurrence, because the next occurrence is then superseded.
+//! Each occurrence is a version of the schedule's id. A filed occurrence goes to the original
+//! record's ingest partition and carries its timestamp ([`Recurrence::version_ms`]), which its
+//! version orders by, so it is newer than the occurrence before it (a later offset of the same
+//! partition) and older than anything the user sends later: a cancel or a new record with the
+//! same id ends the recurrence, because the next occurrence is then superseded. Its own record
+//! timestamp is the filing's clock: with the schedule's, a schedule older than the ingest topic's
+//! retention sat in a segment Kafka could delete before it was read.
 //!
 //! Time rules: `every` is elapsed time (a grid from `start`, or from the record's timestamp);
 //! `cron` is wall-clock time in `zone`, evaluated by the `croner` crate: it fires once per
@@ -93,6 +96,8 @@ pub enum RecurError {
     InvalidCount(String),
     #[error("invalid 'missed' {0:?}: one of one, all, none")]
     InvalidMissed(String),
+    #[error("a recurring schedule needs a record timestamp (CreateTime or LogAppendTime): its versions are ordered by it")]
+    NoTimestamp,
     #[error("the schedule has no occurrence (its end, or its count, is already reached)")]
     NoOccurrence,
     #[error("an internal recurrence header is corrupt: {0}")]
@@ -141,6 +146,9 @@ pub struct Recurrence {
     pub n: u32,
     /// Missed occurrences `missed: all` has delivered in a row so far.
     pub catching_up: u32,
+    /// The timestamp of the record that made the schedule: every occurrence's version orders by
+    /// it, not by its own record's timestamp (the filing's clock). `None` until ingest sets it.
+    pub version_ms: Option<i64>,
 }
 
 /// The form of [`Recurrence`] in the `sm-recur` header.
@@ -161,6 +169,8 @@ struct Wire {
     n: u32,
     #[serde(default)]
     catching_up: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version_ms: Option<i64>,
 }
 
 /// What to do with an occurrence about to be published.
@@ -258,6 +268,7 @@ impl Recurrence {
             missed,
             n: 1,
             catching_up: 0,
+            version_ms: None,
         }))
     }
 
@@ -277,6 +288,7 @@ impl Recurrence {
             missed: self.missed,
             n: self.n,
             catching_up: self.catching_up,
+            version_ms: self.version_ms,
         };
         serde_json::to_string(&wire).unwrap_or_default()
     }
@@ -301,11 +313,13 @@ impl Recurrence {
             missed: wire.missed,
             n: wire.n.max(1),
             catching_up: wire.catching_up,
+            version_ms: wire.version_ms,
         })
     }
 
     /// The user-facing headers that make this schedule again (on a DLQ copy, so that it can be
-    /// sent back as it is): the rule, the zone, and the bounds as epoch milliseconds.
+    /// sent back as it is): the rule, the zone, `missed`, `count`, and the bounds as epoch
+    /// milliseconds. Sent back, it starts afresh: `count` counts from there.
     pub fn user_headers(&self) -> Vec<(String, Option<Vec<u8>>)> {
         let rule = match self.rule {
             Rule::Cron(_) => header::CRON,
@@ -337,8 +351,10 @@ impl Recurrence {
         }
     }
 
-    /// The first occurrence at or after `from_ms` (and `start`): the due time of a user's record
-    /// that gives no `time`, with `from_ms` its timestamp.
+    /// The first occurrence of a user's record that gives no `time`, made at `from_ms` (its
+    /// timestamp): for `cron`, the first match at or after it (and `start`); for `every`, the
+    /// first point of the grid from `start` at or after it, or one period after it without a
+    /// `start`. `None` past `end` or out of range.
     pub fn first(&self, from_ms: i64) -> Option<i64> {
         let from = self.start_ms.map_or(from_ms, |s| s.max(from_ms));
         let at = match &self.rule {
@@ -346,10 +362,13 @@ impl Recurrence {
             Rule::Every(period) => match self.start_ms {
                 // On the grid from `start`.
                 Some(start) => {
-                    start + period * ((from - start).max(0) + period - 1).div_euclid(*period)
+                    let steps = (from.checked_sub(start)?.max(0))
+                        .checked_add(period - 1)?
+                        .div_euclid(*period);
+                    start.checked_add(period.checked_mul(steps)?)?
                 }
                 // A period after the record was made.
-                None => from_ms.saturating_add(*period),
+                None => from_ms.checked_add(*period)?,
             },
         };
         self.within_end(at)
@@ -361,15 +380,16 @@ impl Recurrence {
         let at = match &self.rule {
             Rule::Cron(cron) => cron_at_or_after(cron, self.zone, t_ms.checked_add(1)?)?,
             Rule::Every(period) => {
-                let steps = (t_ms - due_ms).max(0).div_euclid(*period) + 1;
+                let steps = t_ms.checked_sub(due_ms)?.max(0).div_euclid(*period) + 1;
                 due_ms.checked_add(period.checked_mul(steps)?)?
             }
         };
         self.within_end(at)
     }
 
+    /// `at`, unless it is past `end` or beyond what a due time can be.
     fn within_end(&self, at: i64) -> Option<i64> {
-        (self.end_ms.is_none_or(|end| at <= end)).then_some(at)
+        (self.end_ms.is_none_or(|end| at <= end) && DueTime::from_millis(at).is_ok()).then_some(at)
     }
 
     /// What to do with this occurrence, due at `due_ms`, published at `now_ms`: deliver it or
@@ -398,7 +418,11 @@ impl Recurrence {
         };
         let next = at.map(|at| {
             let mut r = self.clone();
-            r.n = if deliver { self.n + 1 } else { self.n };
+            r.n = if deliver {
+                self.n.saturating_add(1)
+            } else {
+                self.n
+            };
             r.catching_up = catching_up;
             (at, r)
         });
@@ -417,15 +441,51 @@ impl Recurrence {
 }
 
 /// The first instant at or after `from_ms` (rounded up to the second: cron has no finer unit)
-/// whose wall clock in `zone` the pattern matches.
+/// whose wall clock in `zone` the pattern matches, a repeated wall-clock time counting on its
+/// first pass only.
+///
+/// croner answers a wall-clock time that happens twice with its earlier instant, even when the
+/// search began in the later pass: from 01:30:30 EST on a fall-back night, `*/5 * * * *` gave
+/// 01:35 EDT, an hour before the search began, and a chain filed from it would come due again
+/// and again until the clock left the repeated hour. Such an answer is searched again from the
+/// end of the repeated hour.
 fn cron_at_or_after(cron: &Cron, zone: Zone, from_ms: i64) -> Option<i64> {
-    let from_s = from_ms.div_euclid(1000) + i64::from(from_ms.rem_euclid(1000) != 0);
-    let from: DateTime<chrono_tz::Tz> = Utc
-        .timestamp_opt(from_s, 0)
-        .single()?
-        .with_timezone(&zone.tz());
-    let at = cron.find_next_occurrence(&from, true).ok()?;
-    Some(at.timestamp_millis())
+    let mut search = from_ms.div_euclid(1000) + i64::from(from_ms.rem_euclid(1000) != 0);
+    for _ in 0..3 {
+        let from: DateTime<chrono_tz::Tz> = Utc
+            .timestamp_opt(search, 0)
+            .single()?
+            .with_timezone(&zone.tz());
+        let at = cron
+            .find_next_occurrence(&from, true)
+            .ok()?
+            .timestamp_millis();
+        if at >= from_ms {
+            return Some(at);
+        }
+        search = end_of_repeat(zone, search)?;
+    }
+    None
+}
+
+/// The first whole minute at or after `t_s` (epoch seconds) whose wall-clock time in `zone`
+/// happens once: the end of a repeated hour that `t_s` lies in. Daylight-saving overlaps last
+/// an hour or two, and change on a whole minute.
+fn end_of_repeat(zone: Zone, t_s: i64) -> Option<i64> {
+    let tz = zone.tz();
+    let mut t = t_s.div_euclid(60) * 60;
+    for _ in 0..=(24 * 60) {
+        let local = Utc
+            .timestamp_opt(t, 0)
+            .single()?
+            .with_timezone(&tz)
+            .naive_local();
+        if t > t_s && tz.from_local_datetime(&local).single().is_some() {
+            return Some(t);
+        }
+        t += 60;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -664,6 +724,17 @@ mod tests {
                 "2027-11-08T02:30:00-05:00",
             ]
         );
+        // From inside the repeated hour's second pass: nothing until the clock leaves it (croner
+        // alone answered 01:35 EDT, an hour in the past).
+        let every_five = rec(&[("cron", "*/5 * * * *"), ("zone", "America/New_York")])
+            .unwrap()
+            .unwrap();
+        let inside = ms("2027-11-07T01:30:30-05:00");
+        let first = every_five.first(inside).expect("an occurrence");
+        assert_eq!(every_five.occurrence(first), "2027-11-07T02:00:00-05:00");
+        let next = every_five.turn(first, inside).next.expect("goes on").0;
+        assert!(next > first, "never back in time");
+
         let half_past_one = rec(&[("cron", "30 1 * * *"), ("zone", "America/New_York")])
             .unwrap()
             .unwrap();

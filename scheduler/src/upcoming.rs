@@ -3,8 +3,9 @@
 //!
 //! A slot topic holds one window at a time (its ring is sized so: [`crate::slice::Ladder::slots`]),
 //! and its sweep commits past each window's records once they are placed, so the records of the
-//! slot's current window are those between the group's committed offset and the end: one
-//! ListOffsets and one OffsetFetch request for every slot topic's partitions together. The top
+//! slot's current window are those between the group's committed offset and the end: two
+//! ListOffsets requests (earliest, latest) and one OffsetFetch for every slot topic's partitions
+//! together. Its `timer` part is the asking process's own. The top
 //! level also holds what is due beyond the ladder's horizon, in any of its windows: its counts are
 //! "due at the window's start or later".
 
@@ -110,7 +111,7 @@ pub fn record_next_hour(windows: &[Window], now_ms: i64, timer: usize) {
 const GAUGE_EVERY: Duration = Duration::from_secs(30);
 
 /// Keeps [`crate::metrics::UPCOMING_HOUR`] current: the next hour's count every [`GAUGE_EVERY`]
-/// (two requests to the broker each time, whatever the number of slot topics).
+/// (three requests to the broker each time, whatever the number of slot topics).
 pub(crate) async fn keep_gauge(
     settings: std::sync::Arc<Settings>,
     lookup: std::sync::Arc<Lookup>,
