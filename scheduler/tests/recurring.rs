@@ -82,7 +82,14 @@ async fn every_second_survives_a_sigkill_without_a_gap_and_a_cancel_stops_it() {
         "occurrences before the kill: {}",
         got.len()
     );
-    let pending = status(http, "tick").await;
+    // Between an occurrence's delivery and the next one's ingest the id reads `delivered`; the
+    // next occurrence is pending a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pending = status(http, "tick").await;
+    while pending["status"] != "pending" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pending = status(http, "tick").await;
+    }
     assert_eq!(pending["status"], "pending", "{pending}");
     assert_eq!(pending["recurrence"], "every 1s", "{pending}");
 
@@ -144,8 +151,8 @@ async fn every_second_survives_a_sigkill_without_a_gap_and_a_cancel_stops_it() {
         "delivered after the cancel: due {last}, cancel acknowledged at {cancelled_at}"
     );
     assert!(
-        last >= cancelled_at - 2_000,
-        "the schedule stopped before the cancel: last due {last}, cancel at {cancelled_at}"
+        last >= start + 60_000,
+        "the schedule stopped before its minute: last due {last}, start {start}"
     );
     let mut duplicates = 0;
     for (due, copies) in &occurrences {
@@ -297,11 +304,22 @@ async fn a_cron_with_a_count_fires_that_often_and_bad_recurrences_are_dead_lette
 /// minutes ahead (in windows whose sweeps are minutes away, so nothing moves meanwhile) are
 /// all counted once placed, and each window's count equals what reading its slot topic finds
 /// due within it.
+///
+/// On a ladder up to 4,096 s: the tests' own (up to 6.4 s) keeps such records in its top level,
+/// whose windows are swept every 6.4 s and move them on, so a count and a read never met (CI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_ahead_agrees_with_reading_the_slices() {
     let names = Names::new("upcoming");
     create_topic(&names.target, 1).await;
-    let sched = start_in_process(&names).await;
+    let ladder = [
+        "--smallest-slice",
+        "1s",
+        "--slice-ratio",
+        "4",
+        "--largest-slice",
+        "4096s",
+    ];
+    let sched = start_in_process_with(&names, &ladder).await;
     let http = sched.http_addr.to_string();
     let now = now_ms();
     let records: Vec<(String, i64)> = (0..300)
@@ -324,7 +342,7 @@ async fn the_load_ahead_agrees_with_reading_the_slices() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         answer = ask().await;
     }
-    let settings = names.settings();
+    let settings = names.settings_with(&ladder);
     let partitions = settings.config.slice_partitions;
     let mut counted = 0;
     for window in answer["slices"].as_array().expect("slices") {
@@ -348,6 +366,10 @@ async fn the_load_ahead_agrees_with_reading_the_slices() {
             })
             .count() as u64;
         assert_eq!(within, records, "{window}: read {} records", read.len());
+        assert_eq!(
+            window["open_ended"], false,
+            "{window}: not in the top level"
+        );
         counted += records;
     }
     assert_eq!(counted, 300);
