@@ -99,18 +99,9 @@ async fn upcoming(
 ) -> impl IntoResponse {
     let minutes = ahead.minutes.unwrap_or(60).clamp(1, 7 * 24 * 60);
     let now = api.clock.now_ms();
-    let (settings, lookup) = (api.settings.clone(), api.lookup.clone());
-    let windows = tokio::task::spawn_blocking(move || {
-        crate::upcoming::windows(
-            &settings,
-            &lookup,
-            now,
-            minutes,
-            std::time::Duration::from_secs(5),
-        )
-    })
-    .await;
-    let windows = match windows {
+    let counted =
+        crate::upcoming::count(api.settings.clone(), api.lookup.clone(), now, minutes).await;
+    let windows = match counted {
         Ok(Ok(w)) => w,
         Ok(Err(e)) => {
             return (

@@ -1063,23 +1063,14 @@ impl Outbox {
         let Some(ticket) = self.offsets.also(&current.ticket) else {
             return;
         };
-        self.follow_up(Tracked::new(
-            Self::recur(out, ticket, current._permit.clone()),
-            self.send_seq.fetch_add(1, Ordering::Relaxed),
-        ));
+        self.file_instead(out, ticket, current._permit.clone());
     }
 
-    /// Files a recurring schedule's next occurrence in place of an occurrence not delivered
-    /// (missed, and the schedule says `missed: none`): its record's offset waits for it.
+    /// Files a recurring schedule's next occurrence under `ticket`: in place of an occurrence
+    /// not delivered (missed, and the schedule says `missed: none`), or beside one delivered
+    /// ([`Outbox::file_next`]). The ticket's offset waits for it.
     pub(crate) fn file_instead(self: &Arc<Self>, out: Outgoing, ticket: Ticket, permit: Share) {
-        self.follow_up(Tracked::new(
-            Self::recur(out, ticket, permit),
-            self.send_seq.fetch_add(1, Ordering::Relaxed),
-        ));
-    }
-
-    fn recur(out: Outgoing, ticket: Ticket, permit: Share) -> Send {
-        Send {
+        let send = Send {
             out,
             then: Then::Recur,
             scheduled: None,
@@ -1088,7 +1079,11 @@ impl Outbox {
             slice_write: None,
             next: None,
             _permit: permit,
-        }
+        };
+        self.follow_up(Tracked::new(
+            send,
+            self.send_seq.fetch_add(1, Ordering::Relaxed),
+        ));
     }
 }
 

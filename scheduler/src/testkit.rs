@@ -235,6 +235,15 @@ pub fn spawn_on_port(
     spawn_binary(binary, &names.args_with(&flags), log)
 }
 
+/// `GET /api/schedules/{id}` of the process whose HTTP API is on `port`; `Null` while it does
+/// not answer (it may be restarting).
+pub async fn schedule_status(port: u16, id: &str) -> serde_json::Value {
+    match reqwest::get(format!("http://127.0.0.1:{port}/api/schedules/{id}")).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
 /// Waits until a child process's `/healthz` on `port` answers `ok` (it may not listen yet).
 pub async fn answers_ok(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(60);

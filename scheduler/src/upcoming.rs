@@ -123,12 +123,21 @@ pub(crate) async fn keep_gauge(
     loop {
         tick.tick().await;
         let now = clock.now_ms();
-        let (s, l) = (settings.clone(), lookup.clone());
-        let counted =
-            tokio::task::spawn_blocking(move || windows(&s, &l, now, 60, Duration::from_secs(5)))
-                .await;
-        if let Ok(Ok(w)) = counted {
+        if let Ok(Ok(w)) = count(settings.clone(), lookup.clone(), now, 60).await {
             record_next_hour(&w, now, timer.borrow().pending);
         }
     }
+}
+
+/// [`windows`] off the async threads (its broker round trips block), within 5 s each.
+pub(crate) async fn count(
+    settings: std::sync::Arc<Settings>,
+    lookup: std::sync::Arc<Lookup>,
+    now_ms: i64,
+    minutes: u32,
+) -> Result<rdkafka::error::KafkaResult<Vec<Window>>, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || {
+        windows(&settings, &lookup, now_ms, minutes, Duration::from_secs(5))
+    })
+    .await
 }

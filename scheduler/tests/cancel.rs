@@ -44,11 +44,9 @@ fn change(i: usize) -> Change {
 }
 
 async fn status(http: u16, id: &str) -> Option<String> {
-    let r = reqwest::get(format!("http://127.0.0.1:{http}/api/schedules/{id}"))
-        .await
-        .ok()?;
-    let body: serde_json::Value = r.json().await.ok()?;
-    body["status"].as_str().map(str::to_string)
+    schedule_status(http, id).await["status"]
+        .as_str()
+        .map(str::to_string)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,62 +109,41 @@ fn plan(rng: &mut StdRng, start: i64) -> Plan {
             e.last = Some(n);
             Op::Reschedule { n, due_ms: due }
         };
+        // A change of this id at `at_ms`, replacing the version due at `replaces`.
+        let change = |changes: &mut Vec<Change>, at_ms, op, replaces| {
+            changes.push(Change {
+                at_ms,
+                id,
+                op,
+                replaces_due_ms: replaces,
+            })
+        };
         match rng.random_range(0..100) {
             0..40 => {
-                changes.push(Change {
-                    at_ms: at1,
-                    id,
-                    op: Op::Cancel(via(rng)),
-                    replaces_due_ms: Some(d0),
-                });
+                change(&mut changes, at1, Op::Cancel(via(rng)), Some(d0));
                 e.last = None;
             }
             40..60 => {
                 let d1 = moved(rng, at1, d0);
                 let op = reschedule(&mut e, d1);
-                changes.push(Change {
-                    at_ms: at1,
-                    id,
-                    op,
-                    replaces_due_ms: Some(d0),
-                });
+                change(&mut changes, at1, op, Some(d0));
             }
             60..70 => {
                 // Rescheduled, then the new version cancelled.
                 let d1 = moved(rng, at1, d0);
                 let op = reschedule(&mut e, d1);
-                changes.push(Change {
-                    at_ms: at1,
-                    id,
-                    op,
-                    replaces_due_ms: Some(d0),
-                });
+                change(&mut changes, at1, op, Some(d0));
                 let at2 = rng.random_range(at1 + 1_000..=d1 - min_lead);
-                changes.push(Change {
-                    at_ms: at2,
-                    id,
-                    op: Op::Cancel(via(rng)),
-                    replaces_due_ms: Some(d1),
-                });
+                change(&mut changes, at2, Op::Cancel(via(rng)), Some(d1));
                 e.last = None;
             }
             70..75 => {
                 // Cancelled, then scheduled again: the newer version wins again.
-                changes.push(Change {
-                    at_ms: at1,
-                    id,
-                    op: Op::Cancel(via(rng)),
-                    replaces_due_ms: Some(d0),
-                });
+                change(&mut changes, at1, Op::Cancel(via(rng)), Some(d0));
                 let at2 = at1 + rng.random_range(1_000..=5_000);
                 let d2 = moved(rng, at2, d0);
                 let op = reschedule(&mut e, d2);
-                changes.push(Change {
-                    at_ms: at2,
-                    id,
-                    op,
-                    replaces_due_ms: None,
-                });
+                change(&mut changes, at2, op, None);
             }
             _ => {}
         }

@@ -21,14 +21,6 @@ fn spawn(names: &Names, log: &str, http: u16) -> ChildGuard {
     )
 }
 
-async fn status(http: u16, id: &str) -> serde_json::Value {
-    let url = format!("http://127.0.0.1:{http}/api/schedules/{id}");
-    match reqwest::get(url).await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
-    }
-}
-
 /// Headers as the test produces them.
 type Headers<'a> = &'a [(&'a str, &'a [u8])];
 
@@ -85,10 +77,10 @@ async fn every_second_survives_a_sigkill_without_a_gap_and_a_cancel_stops_it() {
     // Between an occurrence's delivery and the next one's ingest the id reads `delivered`; the
     // next occurrence is pending a moment later.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut pending = status(http, "tick").await;
+    let mut pending = schedule_status(http, "tick").await;
     while pending["status"] != "pending" && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        pending = status(http, "tick").await;
+        pending = schedule_status(http, "tick").await;
     }
     assert_eq!(pending["status"], "pending", "{pending}");
     assert_eq!(pending["recurrence"], "every 1s", "{pending}");
@@ -190,7 +182,7 @@ async fn every_second_survives_a_sigkill_without_a_gap_and_a_cancel_stops_it() {
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let s = status(http, "tick").await;
+        let s = schedule_status(http, "tick").await;
         if s["status"] == "cancelled" {
             break;
         }
