@@ -25,13 +25,14 @@ use rdkafka::error::KafkaResult;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::Settings;
-use crate::kafka::{commit_offsets, EngineContext, Lookup, BROKER_TIMEOUT};
+use crate::kafka::{commit_offsets, EngineContext, Fatal, Lookup, BROKER_TIMEOUT};
 use crate::lifecycle::Lifecycle;
 use crate::memory::release_free_memory;
 use crate::metrics as m;
 use crate::offsets::{CommitOutcome, CommitPoint, Note, OffsetTracker, Offsets};
 use crate::outbox::Budget;
 use crate::retry::backoff_builder;
+use crate::transaction::{Txn, TxnError};
 
 /// How long the committer lets notes gather after a batch (see [`Committer::run`]).
 const GATHER: Duration = Duration::from_millis(2);
@@ -49,6 +50,9 @@ pub(crate) struct Committer {
     pub failing: watch::Sender<CommitsFailing>,
     /// Records begun and not yet finished, after each commit and tick.
     pub in_flight: watch::Sender<usize>,
+    /// The exactly-once mode: commits are transactions ([`Committer::transact`]).
+    pub txn: Option<Arc<Txn>>,
+    pub life: Arc<Lifecycle>,
 }
 
 /// The committer's loop state besides the tracker: the commit in flight, if any, and who waits
@@ -89,6 +93,9 @@ impl Committer {
         }
         let mut tracker = OffsetTracker::default();
         let mut commits = Commits::default();
+        if let Some(txn) = self.txn.clone() {
+            return self.run_transactions(&txn, tracker);
+        }
         let mut trimmer = Trimmer::default();
         let mut next_tick = Instant::now() + self.interval;
         loop {
@@ -130,6 +137,157 @@ impl Committer {
         self.in_flight.send_replace(tracker.in_flight());
     }
 
+    /// The exactly-once mode's loop: as [`Committer::run`], but each commit is a transaction,
+    /// run on this thread (it must see every note of the sends it commits).
+    fn run_transactions(&self, txn: &Txn, mut tracker: OffsetTracker) {
+        let mut deferred = std::collections::VecDeque::new();
+        let mut next_tick = Instant::now() + self.interval;
+        loop {
+            let note = match deferred.pop_front() {
+                Some(note) => Ok(note),
+                None => self
+                    .notes
+                    .recv_timeout(next_tick.saturating_duration_since(Instant::now())),
+            };
+            match note {
+                Ok(Note::Close) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Note::Revoked(tps, reply)) => {
+                    // The partitions' progress commits with everything written for them, before
+                    // they move; the callback then has nothing left to commit.
+                    let _ = self.transact(txn, &mut tracker, &tps, &mut deferred);
+                    let _ = reply.send(Vec::new());
+                }
+                Ok(Note::CommitNow(reply)) => {
+                    let outcome = self
+                        .transact(txn, &mut tracker, &[], &mut deferred)
+                        .map(|()| tracker.in_flight());
+                    let _ = reply.send(outcome);
+                }
+                Ok(note) => self.track(note, &mut tracker),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_tick {
+                let moved = !tracker.commit_points().is_empty();
+                if txn.dirty() || moved {
+                    let _ = self.transact(txn, &mut tracker, &[], &mut deferred);
+                }
+                self.in_flight.send_replace(tracker.in_flight());
+                next_tick = Instant::now() + self.interval;
+            }
+        }
+        self.in_flight.send_replace(tracker.in_flight());
+    }
+
+    /// The notes that only change the tracker.
+    fn track(&self, note: Note, tracker: &mut OffsetTracker) {
+        match note {
+            Note::Assigned(list, done) => tracker.assign(list, &done),
+            Note::Begun(ticket) => {
+                tracker.begin(&ticket);
+            }
+            Note::Also(ticket) => {
+                tracker.also(&ticket);
+            }
+            Note::Finished(ticket) => tracker.finish(&ticket),
+            _ => {}
+        }
+    }
+
+    /// Commits the open transaction: closes the gate (no stage enqueues a send), waits until
+    /// every send in it is settled (applying the notes they send meanwhile; others are kept for
+    /// after), then commits every partition's point and progress with it, and opens the next.
+    /// Partitions being `revoking` leave the tracker only then, once every write for them is
+    /// known; if their commit fails, the transaction aborts, since what it wrote for them would
+    /// otherwise commit later without their offsets. An abort or a fence stops the engine: the
+    /// next engine, or the next owner, goes on from the last committed transaction.
+    fn transact(
+        &self,
+        txn: &Txn,
+        tracker: &mut OffsetTracker,
+        revoking: &[crate::offsets::Tp],
+        deferred: &mut std::collections::VecDeque<Note>,
+    ) -> Result<(), String> {
+        let failed = self.life.fatal().map(|f| f.reason().to_string());
+        let gate = txn.close();
+        if let Some(why) = failed {
+            // Stopped by a fatal error: nothing more of this transaction may become visible.
+            drop(txn.abort(why.clone(), BROKER_TIMEOUT));
+            return Err(why);
+        }
+        let mut take = |note: Note, tracker: &mut OffsetTracker| match note {
+            n @ (Note::Revoked(..) | Note::CommitNow(_) | Note::Close | Note::Committed(..)) => {
+                deferred.push_back(n)
+            }
+            n => self.track(n, tracker),
+        };
+        while txn.unsettled() > 0 {
+            match self.notes.recv_timeout(Duration::from_millis(1)) {
+                Ok(note) => take(note, tracker),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err("the engine has gone".into()),
+            }
+            if self.life.token().is_cancelled() && self.life.fatal().is_some() {
+                break; // failed meanwhile: the commit below aborts (the transaction is doomed)
+            }
+        }
+        while let Ok(note) = self.notes.try_recv() {
+            take(note, tracker);
+        }
+        if let Some(fatal) = self.life.fatal() {
+            txn.doom(fatal.reason().to_string());
+        }
+        let mut points = tracker.transaction_points();
+        if !revoking.is_empty() {
+            points.retain(|p| !revoking.contains(&p.tp));
+            points.extend(tracker.revoke(revoking, true));
+            points.sort_by(|a, b| a.tp.cmp(&b.tp));
+        }
+        let group = rdkafka::consumer::Consumer::group_metadata(&*self.consumer);
+        let mut result = txn.commit(&points, group.as_ref(), BROKER_TIMEOUT);
+        if let (false, Err(TxnError::Later(e))) = (revoking.is_empty(), &result) {
+            result = Err(txn.abort(
+                format!("the commit before a revoke failed: {e}"),
+                BROKER_TIMEOUT,
+            ));
+        }
+        drop(gate);
+        match result {
+            Ok(marks) => {
+                tracker.committed(&points);
+                if !marks.is_empty() {
+                    self.offsets.read_marks(|m| {
+                        for ticket in &marks {
+                            m.acked(ticket);
+                        }
+                    });
+                }
+                self.failing.send_if_modified(|f| f.take().is_some());
+                Ok(())
+            }
+            Err(TxnError::Later(e)) => {
+                metrics::counter!(m::COMMIT_FAILURES).increment(1);
+                self.failing.send_modify(|failing| {
+                    let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
+                    if failing.is_none() {
+                        tracing::warn!(error = %e, "transaction not committed yet; trying again");
+                    }
+                    *failing = Some((since, e.clone()));
+                });
+                Err(e)
+            }
+            Err(TxnError::Aborted(e)) => {
+                let why = format!("transaction aborted, nothing of it is visible: {e}");
+                self.life.fail(Fatal::Aborted(why.clone()));
+                Err(why)
+            }
+            Err(TxnError::Fenced(e)) => {
+                let why = format!("transactional producer fenced: {e}");
+                self.life.fail(Fatal::Fenced(why.clone()));
+                Err(why)
+            }
+        }
+    }
+
     fn apply(
         &self,
         note: Note,
@@ -138,9 +296,9 @@ impl Committer {
         points_tx: &mpsc::SyncSender<Vec<CommitPoint>>,
     ) {
         match note {
-            Note::Assigned(list) => tracker.assign(list),
+            Note::Assigned(list, done) => tracker.assign(list, &done),
             Note::Revoked(tps, reply) => {
-                let _ = reply.send(tracker.revoke(&tps));
+                let _ = reply.send(tracker.revoke(&tps, false));
             }
             Note::Begun(ticket) => {
                 tracker.begin(&ticket);

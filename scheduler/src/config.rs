@@ -8,6 +8,14 @@ use clap::Parser;
 use serde::Serialize;
 
 use crate::domain::InternalTopics;
+
+/// The delivery guarantee (`--delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    AtLeastOnce,
+    ExactlyOnce,
+}
 use crate::secret;
 use crate::slice::{Ladder, LadderError};
 use crate::time::Zone;
@@ -154,9 +162,25 @@ pub struct Config {
     #[arg(long, env = "SM_SLICE_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub slice_retention: Duration,
 
-    /// How often safe offsets are committed.
+    /// How often safe offsets are committed; in the exactly-once mode, how often a transaction
+    /// commits (its records become visible to read_committed consumers then).
     #[arg(long, env = "SM_COMMIT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub commit_interval: Duration,
+
+    /// The delivery guarantee. `at-least-once`: a crash, a rebalance or a broker restart may
+    /// publish a record twice (deduplicate on `sm-id`). `exactly-once`: every write and the
+    /// offsets it consumed commit in one Kafka transaction, so a consumer with
+    /// `isolation.level=read_committed` sees each record once; records become visible when
+    /// their transaction commits (every --commit-interval).
+    #[arg(long, env = "SM_DELIVERY", value_enum, default_value_t = Delivery::AtLeastOnce)]
+    pub delivery: Delivery,
+
+    /// The producer's transactional id in the exactly-once mode: unique to this process and
+    /// the same across its restarts, so that a restart aborts at once what the crashed process
+    /// left open (another process with the same id is fenced). Default: the instance id, or
+    /// `<group>-<hostname>-<http port>`.
+    #[arg(long, env = "SM_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
 
     /// How long a target topic may keep refusing deliveries (or leave them unacknowledged) while
     /// the broker itself answers, before its records go to the DLQ as `target-unavailable`. Its
@@ -439,6 +463,19 @@ impl Settings {
         self.ladder.topic(&self.config.slice_prefix, level, slot)
     }
 
+    /// The transactional id of the exactly-once mode (see [`Config::transactional_id`]).
+    pub fn transactional_id(&self, http_port: u16) -> String {
+        let c = &self.config;
+        c.transactional_id
+            .clone()
+            .or_else(|| c.instance_id.clone())
+            .unwrap_or_else(|| format!("{}-{}-{http_port}", c.group_id, hostname()))
+    }
+
+    pub fn exactly_once(&self) -> bool {
+        self.config.delivery == Delivery::ExactlyOnce
+    }
+
     /// What `GET /api/config` shows: everything but secrets.
     pub fn view(&self) -> ConfigView {
         let c = &self.config;
@@ -467,6 +504,8 @@ impl Settings {
             replication_factor: c.replication_factor,
             slice_retention_ms: millis(c.slice_retention),
             commit_interval_ms: millis(c.commit_interval),
+            delivery: c.delivery,
+            transactional_id: c.transactional_id.clone(),
             shutdown_timeout_ms: millis(c.shutdown_timeout),
             target_give_up_ms: millis(c.target_give_up),
             kafka_properties: c
@@ -515,6 +554,8 @@ pub struct ConfigView {
     pub replication_factor: i32,
     pub slice_retention_ms: i64,
     pub commit_interval_ms: i64,
+    pub delivery: Delivery,
+    pub transactional_id: Option<String>,
     pub shutdown_timeout_ms: i64,
     pub target_give_up_ms: i64,
     pub kafka_properties: Vec<(String, String)>,

@@ -57,6 +57,24 @@ use crate::timer::{self, TimerView};
 /// The state topic rolls a segment this often (see the topic's creation).
 const STATE_SEGMENT_MS: i64 = 3_600_000;
 
+/// Takes this process's transactional id (the exactly-once mode), which aborts what an earlier
+/// process with the id left open, and opens the first transaction.
+async fn start_transactions(settings: &Settings) -> Result<crate::transaction::Txn, Error> {
+    let id = settings
+        .config
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| settings.transactional_id(0));
+    let producer: FutureProducer = kafka::transactional_producer_config(settings, &id).create()?;
+    let txn = tokio::task::spawn_blocking(move || {
+        crate::transaction::Txn::start(producer, kafka::BROKER_TIMEOUT)
+    })
+    .await
+    .map_err(|e| Error::Fatal(e.to_string()))??;
+    tracing::info!(transactional_id = %id, "exactly-once: transactions started");
+    Ok(txn)
+}
+
 /// A started engine; [`Engine::stop`] shuts it down cleanly.
 pub struct Engine {
     settings: Arc<Settings>,
@@ -155,6 +173,7 @@ impl Engine {
             owned,
         } = Offsets::channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let life = Arc::new(Lifecycle::new());
         let context = EngineContext {
             offsets: offsets.clone(),
             owned,
@@ -163,6 +182,7 @@ impl Engine {
             // there are read by the catch-up sweep on assignment.)
             slice_topics: slices.keys().cloned().collect(),
             events: events_tx,
+            exactly_once: settings.exactly_once(),
         };
         let consumer: StreamConsumer<EngineContext> =
             kafka::consumer_config(&settings).create_with_context(context)?;
@@ -171,16 +191,28 @@ impl Engine {
         consumer.subscribe(&subscription)?;
         let consumer = Arc::new(consumer);
         let lookup = Arc::new(kafka::Lookup::new(&settings)?);
-        let producer: FutureProducer = kafka::producer_config(
+        let plain: FutureProducer = kafka::producer_config(
             &settings.config.bootstrap_servers,
             &settings.config.kafka_properties,
         )
         .create()?;
-        let slice_producer: FutureProducer = kafka::slice_producer_config(
-            &settings.config.bootstrap_servers,
-            &settings.config.kafka_properties,
-        )
-        .create()?;
+        let txn = if settings.exactly_once() {
+            Some(Arc::new(start_transactions(&settings).await?))
+        } else {
+            None
+        };
+        // Exactly-once: every send of the engine goes through the one transactional producer.
+        let (producer, slice_producer) = match &txn {
+            Some(txn) => (txn.producer().clone(), txn.producer().clone()),
+            None => (
+                plain.clone(),
+                kafka::slice_producer_config(
+                    &settings.config.bootstrap_servers,
+                    &settings.config.kafka_properties,
+                )
+                .create()?,
+            ),
+        };
         // Each worker's own readers.
         let worker_readers = (0..settings.config.workers)
             .map(|_| crate::sweep::readers(&settings))
@@ -189,7 +221,6 @@ impl Engine {
         let state_reader = state_reader.verify(settings.clone()).await?;
 
         m::register_counters();
-        let life = Arc::new(Lifecycle::new());
         let (timer_tx, timer_rx) = mpsc::channel(4096);
         let (view_tx, view_rx) = watch::channel(TimerView::default());
         let budget = Budget::new(settings.config.memory_budget);
@@ -205,6 +236,8 @@ impl Engine {
             lookup: lookup.clone(),
             producer: producer.clone(),
             slice_producer,
+            plain: plain.clone(),
+            txn: txn.clone(),
         });
         let (gate_tx, gate_rx) = watch::channel(None);
         let router = Arc::new(Router {
@@ -255,6 +288,8 @@ impl Engine {
             interval: settings.config.commit_interval,
             failing: commits_tx,
             in_flight: in_flight_tx,
+            txn,
+            life: life.clone(),
         };
         let stats = Arc::new(Stats {
             offsets: offsets.clone(),
@@ -266,7 +301,7 @@ impl Engine {
         let janitor = Arc::new(Janitor {
             ids: ids.clone(),
             offsets: offsets.clone(),
-            producer: producer.clone(),
+            producer: plain.clone(),
             settings: settings.clone(),
             clock: clock.clone(),
             life: life.clone(),
@@ -291,7 +326,7 @@ impl Engine {
         let watermarks = crate::watermark::Writer {
             offsets: offsets.clone(),
             lookup: lookup.clone(),
-            producer: producer.clone(),
+            producer: plain,
             settings: settings.clone(),
             clock: clock.clone(),
             life: life.clone(),
@@ -502,8 +537,13 @@ impl Engine {
         if waiting > 0 {
             left.push(format!("{waiting} record(s) waiting in retry lanes"));
         }
-        // The flushes' 2 s are kept out of `end`; the commit may use up to 1 s of them.
-        if !crate::committer::commit_before(&self.offsets, end + Duration::from_secs(1)).await {
+        // The flushes' 2 s are kept out of `end`; the commit may use up to 1 s of them. An
+        // engine stopped by a fatal error in the exactly-once mode commits nothing: its
+        // transaction is aborted, and the next engine goes on from the last committed one.
+        let aborted = self.settings.exactly_once() && self.life.fatal().is_some();
+        if !aborted
+            && !crate::committer::commit_before(&self.offsets, end + Duration::from_secs(1)).await
+        {
             left.push("the last commit failed".to_string());
         }
         // librdkafka's flush and unsubscribe block their thread: off the async ones.
@@ -515,6 +555,7 @@ impl Engine {
         let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
         match self.life.fatal().cloned() {
             Some(Fatal::Fenced(reason)) => Err(Error::Fenced(reason)),
+            Some(Fatal::Aborted(reason)) => Err(Error::Aborted(reason)),
             Some(Fatal::Other(reason)) => Err(Error::Fatal(reason)),
             None if left.is_empty() => Ok(()),
             None => {

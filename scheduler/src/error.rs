@@ -22,6 +22,9 @@ pub enum Error {
     /// The consumer group fenced this process's static member id (see [`crate::kafka::Fatal::Fenced`]).
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The exactly-once mode's transaction was aborted (see [`crate::kafka::Fatal::Aborted`]).
+    #[error("transaction aborted: {0}")]
+    Aborted(String),
     /// A clean stop ran out of time with work left (what, and what stays uncommitted).
     #[error("stopped with work left: {0}")]
     Unfinished(String),

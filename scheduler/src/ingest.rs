@@ -91,6 +91,17 @@ impl Ingest {
             tracing::debug!(source = %rec.source(), "a record of a partition not assigned here: left to its owner");
             return;
         };
+        if self
+            .offsets
+            .already_done(&rec.topic, rec.partition, rec.offset)
+        {
+            // Placed by the previous owner's committed transaction (exactly-once): read and
+            // finished at once, so the commit point passes it.
+            self.offsets.read_marks(|m| m.read(&ticket, false));
+            self.offsets.finish(&ticket);
+            metrics::counter!(m::REPLAY_SKIPPED).increment(1);
+            return;
+        }
         tracing::trace!(source = %rec.source(), "ingested");
         let r = &*self.router;
         let internal = &r.settings.internal;

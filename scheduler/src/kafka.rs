@@ -68,6 +68,23 @@ pub fn slice_producer_config(bootstrap: &str, properties: &[Property]) -> Client
     merge(c, client_config(bootstrap, properties))
 }
 
+/// The exactly-once mode's producer: as [`producer_config`] (idempotent, `acks=all`), with a
+/// transactional id. A transaction left open by a process that died blocks read_committed
+/// readers of what it wrote until the broker aborts it: at once when a process with the same id
+/// starts, else after `transaction.timeout.ms`, kept short (10 s) because a transaction commits
+/// every --commit-interval.
+pub fn transactional_producer_config(settings: &Settings, transactional_id: &str) -> ClientConfig {
+    let mut c = producer_config(&settings.config.bootstrap_servers, &[]);
+    c.set("client.id", "sm-transactions")
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "10000")
+        // librdkafka requires it within the transaction's timeout: a send unacknowledged for
+        // that long fails, its transaction aborts, and the engine starts again from the last
+        // committed one.
+        .set("message.timeout.ms", "10000");
+    merge(c, base_config(settings))
+}
+
 /// Consumer settings: nothing is committed or stored automatically; the engine commits what the
 /// offset tracker says is safe.
 pub fn consumer_config(settings: &Settings) -> ClientConfig {
@@ -252,6 +269,18 @@ impl Lookup {
     /// target's own trouble (the broker answers) from the broker's (it does not).
     pub fn answers(&self, topic: &str, timeout: Duration) -> KafkaResult<()> {
         self.client.fetch_metadata(Some(topic), timeout).map(drop)
+    }
+
+    /// How many partitions `topic` has: 0 when it does not exist (this client never creates
+    /// topics: `allow.auto.create.topics` is off for consumers).
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> KafkaResult<usize> {
+        let md = self.client.fetch_metadata(Some(topic), timeout)?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .sum())
     }
 
     /// The earliest and the latest offset of each partition: two requests, however many
@@ -551,6 +580,10 @@ pub enum Fatal {
     /// the engine again, once per [`crate::REJOIN_WINDOW`]; a second fence within it means
     /// another process really uses the id.
     Fenced(String),
+    /// The exactly-once mode's transaction was aborted (a send in it failed, or the group
+    /// moved on while this process was away): [`crate::run`] starts the engine again, which
+    /// goes on from the last committed transaction.
+    Aborted(String),
     /// Anything else: authorisation, an invalid configuration, a refused DLQ write.
     Other(String),
 }
@@ -558,7 +591,7 @@ pub enum Fatal {
 impl Fatal {
     pub fn reason(&self) -> &str {
         match self {
-            Fatal::Fenced(r) | Fatal::Other(r) => r,
+            Fatal::Fenced(r) | Fatal::Aborted(r) | Fatal::Other(r) => r,
         }
     }
 }
@@ -592,6 +625,9 @@ pub fn fatal_consumer_error(err: &KafkaError) -> Option<Fatal> {
 pub enum RebalanceEvent {
     Assigned(Vec<Tp>),
     Revoked(Vec<Tp>),
+    /// Assigned, but where their previous owner left them could not be read (exactly-once):
+    /// they stay unowned, and the engine must start again.
+    Unreadable(Vec<Tp>),
 }
 
 /// The consumer context. It keeps the ownership every stage reads ([`Owned`]) and the committer's
@@ -606,6 +642,59 @@ pub struct EngineContext {
     pub owned: watch::Sender<Owned>,
     pub slice_topics: HashSet<String>,
     pub events: UnboundedSender<RebalanceEvent>,
+    /// The exactly-once mode: an assignment reads what the previous owner's last transaction
+    /// had done (the committed offsets' metadata), so that it is skipped, not done again.
+    pub exactly_once: bool,
+}
+
+/// Where newly assigned partitions were committed, and what their metadata (written by the
+/// exactly-once mode's transactions) says is done above that. Read by the group's consumer,
+/// which asks for stable offsets (`read_committed`): a transaction's offsets count only once
+/// its markers are written, after its commit returned. Tried again for up to a minute; `None`
+/// when it could not be read, and then nothing of these partitions may be read (their done
+/// records would be done again).
+fn replayed<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    assigned: &[Tp],
+) -> Option<HashMap<Tp, Arc<crate::replay::Progress>>> {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in assigned {
+        tpl.add_partition(topic, *partition);
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let mut delays = crate::retry::backoff(Duration::from_millis(50), Duration::from_secs(2));
+    let committed = loop {
+        match consumer.committed_offsets(tpl.clone(), BROKER_TIMEOUT) {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < end => {
+                tracing::warn!(error = %e, "reading the committed progress of assigned partitions; trying again");
+                std::thread::sleep(delays.next().unwrap_or(Duration::from_secs(2)));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading the committed progress of assigned partitions failed");
+                return None;
+            }
+        }
+    };
+    Some(
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let Offset::Offset(from) = e.offset() else {
+                    return None;
+                };
+                let progress = crate::replay::Progress::decode(from, e.metadata()).unwrap_or(
+                    crate::replay::Progress {
+                        from,
+                        upto: from,
+                        pending: Vec::new(),
+                    },
+                );
+                Some(((e.topic().to_string(), e.partition()), Arc::new(progress)))
+            })
+            .collect(),
+    )
 }
 
 fn tps(list: &TopicPartitionList) -> Vec<Tp> {
@@ -650,10 +739,25 @@ impl ConsumerContext for EngineContext {
                         tracing::error!(error = %e, "could not pause slice partitions");
                     }
                 }
+                let done = if self.exactly_once {
+                    match replayed(consumer, &assigned) {
+                        Some(done) => done,
+                        None => {
+                            // Unowned, nothing of them is read; the engine starts again.
+                            let _ = self.events.send(RebalanceEvent::Unreadable(assigned));
+                            return;
+                        }
+                    }
+                } else {
+                    HashMap::new()
+                };
                 // The tracker hears of them while the watch is held for writing, before any
                 // stage can see them as owned, so every "begun" note of theirs comes after it.
-                self.owned
-                    .send_modify(|o| self.offsets.assigned(o.assign(assigned.iter().cloned())));
+                self.owned.send_modify(|o| {
+                    let list = o.assign(assigned.iter().cloned());
+                    o.replay(done.clone());
+                    self.offsets.assigned(list, done);
+                });
                 let _ = self.events.send(RebalanceEvent::Assigned(assigned));
             }
             Rebalance::Revoke(_) => {}

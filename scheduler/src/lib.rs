@@ -28,6 +28,7 @@ mod planner;
 mod progress;
 mod publisher;
 pub mod recur;
+pub mod replay;
 pub mod retry;
 mod router;
 pub mod secret;
@@ -40,6 +41,7 @@ pub mod targets;
 pub mod testkit;
 pub mod time;
 pub mod timer;
+pub mod transaction;
 pub mod upcoming;
 pub mod watermark;
 
@@ -66,6 +68,10 @@ impl Scheduler {
         let prometheus = metrics::install();
         let listener = tokio::net::TcpListener::bind(settings.config.http_addr).await?;
         let http_addr = listener.local_addr()?;
+        let mut settings = settings;
+        if settings.exactly_once() {
+            settings.config.transactional_id = Some(settings.transactional_id(http_addr.port()));
+        }
         let state_dir = settings.state_dir(http_addr.port());
         let engine = engine::Engine::start(settings, clock, &state_dir).await?;
         let app = http::router(engine.api(prometheus));
@@ -162,8 +168,9 @@ impl RejoinBudget {
 }
 
 /// Runs the scheduler with the system clock until `shutdown` resolves. A fenced static member
-/// starts again with new clients (the HTTP API too) within the [`RejoinBudget`]; every other
-/// fatal error returns.
+/// starts again with new clients (the HTTP API too) within the [`RejoinBudget`]; an aborted
+/// transaction (exactly-once) starts again a second later, from the last committed one; every
+/// other fatal error returns.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut budget = RejoinBudget::default();
@@ -186,6 +193,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                     REJOIN_WINDOW.as_secs()
                 );
                 ::metrics::counter!(metrics::ENGINE_RESTARTS, "reason" => "fenced").increment(1);
+            }
+            Err(Error::Aborted(reason)) if !asked_to_stop => {
+                tracing::warn!(%reason, "starting again from the last committed transaction");
+                ::metrics::counter!(metrics::ENGINE_RESTARTS, "reason" => "aborted").increment(1);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
             done => return done,
         }

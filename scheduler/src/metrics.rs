@@ -57,6 +57,17 @@ pub const SLICE_DATA_LOST: &str = "sm_slice_records_lost_total";
 pub const SLICE_READ_ERRORS: &str = "sm_slice_read_errors_total";
 /// Counter: engine restarts with new Kafka clients inside the process, label `reason` (`fenced`).
 pub const ENGINE_RESTARTS: &str = "sm_engine_restarts_total";
+/// Counter: transactions of the exactly-once mode, label `outcome` (`committed`, `aborted`,
+/// `fenced`).
+pub const TRANSACTIONS: &str = "sm_transactions_total";
+/// Counter: transaction commits put off to the next tick (a partition's progress too long for
+/// the offset metadata, or the broker asked to retry).
+pub const TXN_POSTPONED: &str = "sm_transaction_postponed_total";
+/// Histogram: how long a transaction's commit took (offsets and commit, gate closed).
+pub const TXN_COMMIT_SECONDS: &str = "sm_transaction_commit_seconds";
+/// Counter: records skipped on replay because the previous owner's committed transaction had
+/// already written them (exactly-once).
+pub const REPLAY_SKIPPED: &str = "sm_replay_skipped_total";
 /// Counter: offset commits the broker refused (retried on the next tick).
 pub const COMMIT_FAILURES: &str = "sm_commit_failures_total";
 /// Gauge: target topics that refuse deliveries or leave them unacknowledged now (`/healthz`
@@ -165,6 +176,8 @@ pub fn register_counters() {
         SLICE_READ_ERRORS,
         UNCONFIRMED_ACKS,
         COMMIT_FAILURES,
+        TXN_POSTPONED,
+        REPLAY_SKIPPED,
         HELD_FOR_FRESHNESS,
         STATE_FACTS_READ,
         STATE_MALFORMED,
@@ -173,6 +186,9 @@ pub fn register_counters() {
         OCCURRENCES_SKIPPED,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for outcome in ["committed", "aborted", "fenced"] {
+        metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(0);
     }
     for via in ["kafka", "http"] {
         metrics::counter!(CANCELS, "via" => via).increment(0);

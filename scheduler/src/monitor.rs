@@ -136,6 +136,7 @@ impl Monitor {
             memory_budget: self.memory_budget,
             sweeps_behind: behind,
             failing_targets: failing,
+            last_transaction_abort: crate::transaction::last_abort(),
         });
     }
 }

@@ -12,13 +12,15 @@
 //!   the other stages send it [`Note`]s ("begun", "also", "finished") through an [`Offsets`]
 //!   handle, which never waits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
+
+use crate::replay::Progress;
 
 /// A topic partition.
 pub type Tp = (String, i32);
@@ -40,6 +42,8 @@ pub struct CommitPoint {
     pub tp: Tp,
     pub offset: i64,
     pub generation: u64,
+    /// What is done above `offset` (the exactly-once mode commits it as the offset's metadata).
+    pub progress: Progress,
 }
 
 /// The partitions this process owns, each under the generation of its assignment. Published by
@@ -49,6 +53,9 @@ pub struct CommitPoint {
 pub struct Owned {
     partitions: HashMap<Tp, u64>,
     generations: u64,
+    /// What the last transaction of each partition's previous owner had done above its commit
+    /// point (the exactly-once mode): those records are skipped, not done again.
+    done: HashMap<Tp, Arc<Progress>>,
 }
 
 impl Owned {
@@ -66,7 +73,22 @@ impl Owned {
     pub fn revoke<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) {
         for tp in tps {
             self.partitions.remove(tp);
+            self.done.remove(tp);
         }
+    }
+
+    /// What the partition's committed transaction says is done above its commit point; set by
+    /// the rebalance callback with the assignment, before any record of it is read.
+    pub fn replay(&mut self, done: HashMap<Tp, Arc<Progress>>) {
+        self.done.extend(done);
+    }
+
+    /// Whether the record at `offset` was already written where it goes, in a committed
+    /// transaction, by an earlier owner: it is skipped (begun and finished at once).
+    pub fn already_done(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.done
+            .get(&(topic.to_string(), partition))
+            .is_some_and(|p| p.is_done(offset))
     }
 
     /// The generation a partition is owned under, if it is ours.
@@ -125,14 +147,37 @@ struct PartitionState {
     /// One past the highest offset begun.
     next: Option<i64>,
     committed: Option<i64>,
+    /// Records the previous owner left pending (exactly-once), not read again yet: they hold
+    /// the commit point as records in flight do.
+    unread: BTreeSet<i64>,
 }
 
 impl PartitionState {
     fn commit_point(&self) -> Option<i64> {
-        self.in_flight
-            .first_key_value()
-            .map(|(o, _)| *o)
-            .or(self.next)
+        let first = self.in_flight.first_key_value().map(|(o, _)| *o);
+        match (first, self.unread.first().copied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b).or(self.next),
+        }
+    }
+
+    /// The commit point with what is done above it.
+    fn point(&self, tp: &Tp) -> Option<CommitPoint> {
+        let offset = self.commit_point()?;
+        let mut pending: Vec<i64> = self.in_flight.keys().copied().collect();
+        pending.extend(self.unread.iter().copied());
+        pending.sort_unstable();
+        pending.dedup();
+        Some(CommitPoint {
+            tp: tp.clone(),
+            offset,
+            generation: self.generation,
+            progress: Progress {
+                from: offset,
+                upto: self.next.unwrap_or(offset).max(offset),
+                pending,
+            },
+        })
     }
 }
 
@@ -146,32 +191,44 @@ pub struct OffsetTracker {
 
 impl OffsetTracker {
     /// Starts tracking newly assigned partitions under the generations [`Owned::assign`] gave.
-    pub fn assign(&mut self, tps: impl IntoIterator<Item = (Tp, u64)>) {
+    /// `done` holds, for a partition whose previous owner committed a transaction, what it had
+    /// done above its commit point: its pending records hold the commit point until read again,
+    /// and the rest of its span counts as read.
+    pub fn assign(
+        &mut self,
+        tps: impl IntoIterator<Item = (Tp, u64)>,
+        done: &HashMap<Tp, Arc<Progress>>,
+    ) {
         for (tp, generation) in tps {
+            let inherited = done.get(&tp);
             self.partitions.insert(
                 tp,
                 PartitionState {
                     generation,
                     in_flight: BTreeMap::new(),
-                    next: None,
+                    next: inherited.filter(|p| p.upto > p.from).map(|p| p.upto),
                     committed: None,
+                    unread: inherited
+                        .map(|p| p.pending.iter().copied().collect())
+                        .unwrap_or_default(),
                 },
             );
         }
     }
 
     /// Stops tracking revoked partitions; returns their last safe commit points, to commit before
-    /// they are handed to another member.
-    pub fn revoke<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) -> Vec<CommitPoint> {
+    /// they are handed to another member: those that moved since the last commit, or every one
+    /// (`all`: a transaction states each partition's progress).
+    pub fn revoke<'a>(
+        &mut self,
+        tps: impl IntoIterator<Item = &'a Tp>,
+        all: bool,
+    ) -> Vec<CommitPoint> {
         tps.into_iter()
             .filter_map(|tp| {
                 let state = self.partitions.remove(tp)?;
-                let point = state.commit_point()?;
-                (Some(point) != state.committed).then(|| CommitPoint {
-                    tp: tp.clone(),
-                    offset: point,
-                    generation: state.generation,
-                })
+                let point = state.point(tp)?;
+                (all || Some(point.offset) != state.committed).then_some(point)
             })
             .collect()
     }
@@ -183,6 +240,7 @@ impl OffsetTracker {
             return false;
         };
         *state.in_flight.entry(ticket.offset).or_insert(0) += 1;
+        state.unread.remove(&ticket.offset);
         let after = ticket.offset.saturating_add(1);
         state.next = Some(state.next.map_or(after, |n| n.max(after)));
         true
@@ -226,18 +284,25 @@ impl OffsetTracker {
     /// committed here: only [`OffsetTracker::committed`], once the broker has acknowledged the
     /// commit, does that, so a failed commit is simply offered again.
     pub fn commit_points(&self) -> Vec<CommitPoint> {
-        let mut out = Vec::new();
-        for (tp, state) in &self.partitions {
-            if let Some(point) = state.commit_point() {
-                if state.committed != Some(point) {
-                    out.push(CommitPoint {
-                        tp: tp.clone(),
-                        offset: point,
-                        generation: state.generation,
-                    });
-                }
-            }
-        }
+        let mut out: Vec<CommitPoint> = self
+            .partitions
+            .iter()
+            .filter_map(|(tp, state)| state.point(tp))
+            .filter(|p| self.partitions[&p.tp].committed != Some(p.offset))
+            .collect();
+        out.sort_by(|a, b| a.tp.cmp(&b.tp));
+        out
+    }
+
+    /// Every partition's commit point with its progress, moved or not: a transaction states
+    /// them all, so that what is done above a point that did not move is not forgotten, and
+    /// the group coordinator checks the generation of every transaction that wrote anything.
+    pub fn transaction_points(&self) -> Vec<CommitPoint> {
+        let mut out: Vec<CommitPoint> = self
+            .partitions
+            .iter()
+            .filter_map(|(tp, state)| state.point(tp))
+            .collect();
         out.sort_by(|a, b| a.tp.cmp(&b.tp));
         out
     }
@@ -267,9 +332,10 @@ pub type CommitOutcome = Result<usize, String>;
 /// What the committer's thread receives, in the order it was sent.
 #[derive(Debug)]
 pub enum Note {
-    /// Partitions assigned, with their generations (from the rebalance callback, before any
+    /// Partitions assigned, with their generations and, in the exactly-once mode, what their
+    /// previous owner's last transaction had done (from the rebalance callback, before any
     /// stage can see them as owned).
-    Assigned(Vec<(Tp, u64)>),
+    Assigned(Vec<(Tp, u64)>, HashMap<Tp, Arc<Progress>>),
     /// Partitions revoked: the reply carries their last safe commit points.
     Revoked(Vec<Tp>, mpsc::SyncSender<Vec<CommitPoint>>),
     Begun(Ticket),
@@ -375,8 +441,8 @@ impl Offsets {
 
     /// Tells the tracker of partitions assigned (the rebalance callback, before it publishes
     /// them as owned).
-    pub fn assigned(&self, tps: Vec<(Tp, u64)>) {
-        self.tell(Note::Assigned(tps));
+    pub fn assigned(&self, tps: Vec<(Tp, u64)>, done: HashMap<Tp, Arc<Progress>>) {
+        self.tell(Note::Assigned(tps, done));
     }
 
     /// Asks the tracker for revoked partitions' last safe commit points, waiting up to
@@ -413,6 +479,21 @@ impl Offsets {
 
     pub fn owns(&self, topic: &str, partition: i32) -> bool {
         self.owned.borrow().owns(topic, partition)
+    }
+
+    /// Where the partition was committed when assigned (exactly-once), as the group's consumer
+    /// read it: a stable offset, which the lookup client (read_uncommitted) may not yet see.
+    pub fn committed_at(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.owned
+            .borrow()
+            .done
+            .get(&(topic.to_string(), partition))
+            .map(|p| p.from)
+    }
+
+    /// See [`Owned::already_done`].
+    pub fn already_done(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.owned.borrow().already_done(topic, partition, offset)
     }
 
     pub fn generation(&self, topic: &str, partition: i32) -> Option<u64> {
@@ -577,12 +658,17 @@ mod tests {
 
     impl Both {
         fn assign(&mut self, tps: &[Tp]) {
+            self.assign_after(tps, HashMap::new());
+        }
+        /// Assigns as the exactly-once mode does, with what the previous owner had done.
+        fn assign_after(&mut self, tps: &[Tp], done: HashMap<Tp, Arc<Progress>>) {
             let list = self.owned.assign(tps.iter().cloned());
-            self.t.assign(list);
+            self.owned.replay(done.clone());
+            self.t.assign(list, &done);
         }
         fn revoke(&mut self, tps: &[Tp]) -> Vec<CommitPoint> {
             self.owned.revoke(tps);
-            self.t.revoke(tps)
+            self.t.revoke(tps, false)
         }
         fn begin(&mut self, p: i32, offset: i64) -> Option<Ticket> {
             let ticket = self.owned.ticket("t", p, offset)?;
@@ -697,7 +783,7 @@ mod tests {
         assert_eq!(offsets.begin("t", 0, 1), None);
         let mut next = owned.borrow().clone();
         let list = next.assign([tp(0)]);
-        offsets.assigned(list);
+        offsets.assigned(list, HashMap::new());
         owned.send_replace(next);
         let ticket = offsets.begin("t", 0, 1).expect("owned now");
         assert!(offsets.also(&ticket).is_some());
@@ -705,7 +791,7 @@ mod tests {
         let mut t = OffsetTracker::default();
         for note in notes.try_iter() {
             match note {
-                Note::Assigned(list) => t.assign(list),
+                Note::Assigned(list, done) => t.assign(list, &done),
                 Note::Begun(k) => assert!(t.begin(&k)),
                 Note::Also(k) => assert!(t.also(&k)),
                 Note::Finished(k) => t.finish(&k),
@@ -714,5 +800,76 @@ mod tests {
         }
         assert_eq!(t.in_flight(), 1, "begun, written twice, acknowledged once");
         assert_eq!(offsets.begin_in("t", 0, 2, ticket.generation + 1), None);
+    }
+
+    #[test]
+    fn a_transaction_states_what_is_done_above_the_commit_point() {
+        let mut b = Both::default();
+        b.assign(&[tp(0)]);
+        let held = b.begin(0, 10).unwrap();
+        let sent = b.begin(0, 11).unwrap();
+        let _unacked = b.begin(0, 12).unwrap();
+        b.t.finish(&sent);
+        let points = b.t.transaction_points();
+        assert_eq!(offsets(&points), vec![(tp(0), 10)]);
+        assert_eq!(
+            points[0].progress,
+            Progress {
+                from: 10,
+                upto: 13,
+                pending: vec![10, 12]
+            }
+        );
+        b.t.committed(&points);
+        assert_eq!(
+            b.t.transaction_points().len(),
+            1,
+            "a transaction states every partition, moved or not"
+        );
+        b.t.finish(&held);
+        assert_eq!(b.t.transaction_points()[0].progress.pending, vec![12]);
+    }
+
+    #[test]
+    fn the_next_owner_skips_what_was_done_and_keeps_stating_it_until_read_past() {
+        // The previous owner committed at 10: 10 and 12 pending, 11, 13 and 14 done.
+        let done = Progress {
+            from: 10,
+            upto: 15,
+            pending: vec![10, 12],
+        };
+        let mut b = Both::default();
+        b.assign_after(&[tp(0)], HashMap::from([(tp(0), Arc::new(done.clone()))]));
+        let skipped: Vec<i64> = (10..16)
+            .filter(|&o| b.owned.already_done("t", 0, o))
+            .collect();
+        assert_eq!(skipped, vec![11, 13, 14]);
+        assert_eq!(
+            b.t.transaction_points()[0].progress,
+            done,
+            "before anything is read again, the inherited progress is stated as it was"
+        );
+        let ten = b.begin(0, 10).unwrap();
+        b.t.finish(&ten);
+        assert_eq!(
+            b.t.transaction_points()[0].progress,
+            Progress {
+                from: 12,
+                upto: 15,
+                pending: vec![12]
+            },
+            "10 done now; 12 still unread holds the point; 13 and 14 stay done"
+        );
+        let twelve = b.begin(0, 12).unwrap();
+        b.t.finish(&twelve);
+        let fifteen = b.begin(0, 15).unwrap();
+        assert_eq!(offsets(&b.t.transaction_points()), vec![(tp(0), 15)]);
+        b.t.finish(&fifteen);
+        assert_eq!(offsets(&b.t.transaction_points()), vec![(tp(0), 16)]);
+        b.revoke(&[tp(0)]);
+        assert!(
+            !b.owned.already_done("t", 0, 11),
+            "a revoked partition's replay is forgotten"
+        );
     }
 }

@@ -369,6 +369,11 @@ pub(crate) struct Tracked {
     send: Send,
     seq: u64,
     unknown_attempts: usize,
+    /// Holds one of the open transaction's unsettled sends (exactly-once; see
+    /// [`crate::transaction::Txn::sent`]).
+    counted: bool,
+    /// Handed to the producer: a failure now is a failure of the transaction.
+    enqueued: bool,
     /// When it was first handed over: a record waits at most `--target-give-up` for a target
     /// in trouble.
     born: Instant,
@@ -380,6 +385,8 @@ impl Tracked {
             send,
             seq,
             unknown_attempts: 0,
+            counted: false,
+            enqueued: false,
             born: Instant::now(),
         }
     }
@@ -430,8 +437,17 @@ pub(crate) struct Outbox {
     lookup: Arc<Lookup>,
     /// Deliveries, facts and the DLQ.
     producer: FutureProducer,
-    /// Slice writes: batched longer, and never in front of a due delivery.
+    /// Slice writes: batched longer, and never in front of a due delivery. In the exactly-once
+    /// mode both are the transactional producer.
     slice_producer: FutureProducer,
+    /// For writes that are not the engine's sends (an HTTP cancel, the janitor's tombstones):
+    /// never transactional.
+    plain: FutureProducer,
+    /// The exactly-once mode's transaction: first sends pass its gate.
+    txn: Option<Arc<crate::transaction::Txn>>,
+    /// Targets known to exist (exactly-once: a write to a missing topic would abort the whole
+    /// transaction, so a record for one is dead-lettered before it is sent).
+    known_targets: Mutex<std::collections::HashSet<String>>,
     /// The tasks settling failed sends, and the retry lanes: rare, and each may wait.
     acks: TaskTracker,
     /// Sends the producer took, to the acknowledgement collector ([`Outbox::collect`]).
@@ -461,6 +477,8 @@ pub(crate) struct OutboxParts {
     pub lookup: Arc<Lookup>,
     pub producer: FutureProducer,
     pub slice_producer: FutureProducer,
+    pub plain: FutureProducer,
+    pub txn: Option<Arc<crate::transaction::Txn>>,
 }
 
 impl Outbox {
@@ -478,6 +496,9 @@ impl Outbox {
             lookup: p.lookup,
             producer: p.producer,
             slice_producer: p.slice_producer,
+            plain: p.plain,
+            txn: p.txn,
+            known_targets: Mutex::default(),
             acks: TaskTracker::new(),
             in_flight,
             lanes: Mutex::default(),
@@ -490,10 +511,10 @@ impl Outbox {
         (Arc::new(outbox), queued)
     }
 
-    /// The deliveries' producer, for a write that is not a send of the engine's (the HTTP
-    /// cancel's fact, the janitor's tombstones).
+    /// A producer for a write that is not a send of the engine's (the HTTP cancel's fact, the
+    /// janitor's tombstones): never transactional.
     pub(crate) fn producer(&self) -> FutureProducer {
-        self.producer.clone()
+        self.plain.clone()
     }
 
     /// The targets failing now, for the status.
@@ -556,18 +577,68 @@ impl Outbox {
         self.send_now(t).await;
     }
 
-    /// Hands a send to the producer, past any lane.
+    /// Hands a send to the producer, past any lane. In the exactly-once mode a first send
+    /// passes the transaction's gate, and only while its partition is still ours: after a
+    /// revoke committed the partition's progress, a send of it would reach the target twice.
     async fn send_now(self: &Arc<Self>, t: Tracked) {
         #[cfg(feature = "testkit")]
         let Some(t) = self.inject_refusal(t) else {
             return;
         };
+        let mut t = t;
+        let mut pass = None;
+        if let Some(txn) = self.txn.as_ref().filter(|_| !t.counted) {
+            if t.to_target() && !self.target_exists(&t.send.out.topic).await {
+                let why = Rejection::UnknownTopic(t.send.out.topic.clone());
+                tracing::warn!(topic = %t.send.out.topic, "target topic does not exist; dead-lettering");
+                return self.dead_letter_send(t.send, &why);
+            }
+            let entered = txn.enter().await;
+            if !self.offsets.is_current(&t.send.ticket) {
+                return self.revoked(t.send);
+            }
+            txn.sent();
+            t.counted = true;
+            pass = Some(entered);
+        }
         match enqueue(self.producer_for(t.send.then), &t.send.out).await {
             Ok(delivery) => {
+                t.enqueued = true;
                 self.handed(&t);
                 self.await_ack(t, delivery);
             }
             Err(e) => self.settle(t, Outcome::Failed(e)),
+        }
+        drop(pass);
+    }
+
+    /// A first send of a partition revoked meanwhile (exactly-once): not sent; it is pending in
+    /// the progress its revoke committed, and its next owner sends it.
+    fn revoked(&self, send: Send) {
+        if let Some(sweep) = &send.sweep {
+            sweep.placed(Placed::Elsewhere);
+        }
+    }
+
+    /// Whether a target topic exists (exactly-once), from the metadata of the lookup client,
+    /// which never creates topics. Known targets are remembered; when the broker does not
+    /// answer, the send goes ahead (and a failure aborts the transaction, as any other).
+    async fn target_exists(&self, topic: &str) -> bool {
+        if kafka::lock(&self.known_targets).contains(topic) {
+            return true;
+        }
+        let name = topic.to_string();
+        match kafka::look(&self.lookup, move |l| {
+            l.partition_count(&name, BROKER_TIMEOUT)
+        })
+        .await
+        {
+            Ok(0) => false,
+            Ok(_) => {
+                kafka::lock(&self.known_targets).insert(topic.to_string());
+                true
+            }
+            Err(_) => true,
         }
     }
 
@@ -635,13 +706,20 @@ impl Outbox {
     /// [`Outbox::dispatch`] for a send made while settling another (a DLQ copy, a delivered
     /// fact), which must not wait: at once when the producer's queue has room, else from a task
     /// that waits for it.
-    fn follow_up(self: &Arc<Self>, t: Tracked) {
-        let Some(t) = self.divert(t) else { return };
+    fn follow_up(self: &Arc<Self>, mut t: Tracked) {
+        // A follow-up belongs to the transaction of the send that caused it: counted before
+        // that send is settled, and past the gate, which the commit waiting for it holds.
+        if let Some(txn) = &self.txn {
+            txn.sent();
+            t.counted = true;
+        }
+        let Some(mut t) = self.divert(t) else { return };
         match self
             .producer_for(t.send.then)
             .send_result(kafka::record(&t.send.out))
         {
             Ok(delivery) => {
+                t.enqueued = true;
                 self.handed(&t);
                 self.await_ack(t, delivery)
             }
@@ -690,17 +768,31 @@ impl Outbox {
 
     /// Does what a send's outcome says. An acknowledgement is handled here, at once; a failure
     /// (rare, and it may wait: a backoff, creating a topic) in a task of its own.
-    fn settle(self: &Arc<Self>, t: Tracked, outcome: Outcome) {
+    ///
+    /// In the exactly-once mode a send the producer took that fails dooms the transaction (it
+    /// aborts, and the engine starts again from the last committed one); one the producer
+    /// refused to take fails as in the other mode, and is sent again outside the count.
+    fn settle(self: &Arc<Self>, mut t: Tracked, outcome: Outcome) {
         self.ended(&t, &outcome);
+        let counted = std::mem::take(&mut t.counted);
         match outcome {
             Outcome::Acknowledged => self.acknowledged(t.send),
             Outcome::Abandoned => {}
-            Outcome::Failed(e) => {
-                let me = self.clone();
-                self.acks.spawn(async move {
-                    me.failed(t, e).await;
-                });
-            }
+            Outcome::Failed(e) => match &self.txn {
+                Some(txn) if t.enqueued => {
+                    txn.doom(format!("a write to {} failed: {e}", t.send.out.topic));
+                }
+                _ => {
+                    t.enqueued = false;
+                    let me = self.clone();
+                    self.acks.spawn(async move {
+                        me.failed(t, e).await;
+                    });
+                }
+            },
+        }
+        if let Some(txn) = self.txn.as_ref().filter(|_| counted) {
+            txn.settled();
         }
     }
 
@@ -1037,7 +1129,11 @@ impl Outbox {
             Then::Fact { fact, read_mark } => {
                 self.per_record.fact_written(fact);
                 if read_mark {
-                    self.offsets.read_marks(|m| m.acked(&send.ticket));
+                    match &self.txn {
+                        // Counts for the watermarks once its transaction is visible.
+                        Some(txn) => txn.mark_on_commit(send.ticket.clone()),
+                        None => self.offsets.read_marks(|m| m.acked(&send.ticket)),
+                    }
                 }
                 None
             }

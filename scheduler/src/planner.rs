@@ -84,6 +84,12 @@ impl Planner {
                     let keep = move |e: &TimerEntry| offsets.is_current(&e.ticket);
                     let _ = self.timer.send(TimerCmd::Retain(Box::new(keep))).await;
                 }
+                Some(RebalanceEvent::Unreadable(tps)) => {
+                    return self.life.fail(crate::kafka::Fatal::Aborted(format!(
+                        "could not read where the previous owner left {} assigned partitions",
+                        tps.len()
+                    )));
+                }
                 Some(RebalanceEvent::Assigned(tps)) => {
                     tracing::info!(partitions = tps.len(), "partitions assigned");
                     let topics: BTreeSet<&String> = tps

@@ -99,6 +99,8 @@ pub(crate) enum Placed {
     Slice,
     Timer,
     DeadLetter,
+    /// Not sent: its partition was revoked first (exactly-once); its next owner places it.
+    Elsewhere,
 }
 
 impl ActiveSweep {
@@ -116,6 +118,7 @@ impl ActiveSweep {
                 Placed::Slice => p.counts.to_slices += 1,
                 Placed::Timer => p.counts.to_timer += 1,
                 Placed::DeadLetter => p.counts.dead_lettered += 1,
+                Placed::Elsewhere => {}
             }
         }
         self.wake.notify_waiters();

@@ -451,6 +451,19 @@ impl Reader {
                 *next = (*next).max(l.offset + 1);
             }
         }
+        if batch.is_empty() && p.goal.is_some() {
+            // Nothing came: the reader may have passed records it never hands out (the markers
+            // of the exactly-once mode's transactions, aborted facts), which only its position
+            // shows.
+            if let Ok(positions) = self.consumer.position() {
+                for e in positions.elements() {
+                    if let Some(at) = e.offset().to_raw() {
+                        let next = p.applied.entry(e.partition()).or_insert(0);
+                        *next = (*next).max(at);
+                    }
+                }
+            }
+        }
         let Some((t, ends, low)) = &p.goal else {
             return Ok(());
         };

@@ -54,6 +54,10 @@ pub struct Status {
     /// Target topics that refuse deliveries or leave them unacknowledged, longest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failing_targets: Vec<FailingTarget>,
+    /// The exactly-once mode: when this process's last transaction abort or fence was, and why
+    /// (the engine started again from the last committed transaction).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_transaction_abort: Option<String>,
 }
 
 /// A target topic in trouble (see `targets`).

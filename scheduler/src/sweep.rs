@@ -33,6 +33,10 @@ use crate::router::Router;
 use crate::slice::{Route, SliceId};
 use crate::time::Clock;
 
+/// How long a sweep's reader may wait for a record before it looks at its position (which
+/// moves past transaction markers without a record to show for it).
+const QUIET_CHECK: Duration = Duration::from_millis(200);
+
 /// Where a slice partition's next sweep starts, under the assignment generation it was learnt in.
 #[derive(Debug, Default)]
 pub(crate) struct Cursor {
@@ -303,7 +307,10 @@ impl Sweeper {
                 let &(low, high) = marks
                     .get(&tp)
                     .ok_or_else(|| format!("no watermarks for partition {}", tp.1))?;
-                let known = cursor.next.or(committed.get(&tp).copied());
+                let known = cursor
+                    .next
+                    .or(self.offsets.committed_at(&tp.0, tp.1))
+                    .or(committed.get(&tp).copied());
                 if let Some(from) = known.filter(|&from| from < low) {
                     // Retention deleted records this process never swept: they are lost. Count
                     // and report it; carry on from what is left rather than stop for ever.
@@ -372,19 +379,43 @@ impl Sweeper {
         reader.assign(&tpl).map_err(|e| e.to_string())?;
         // Read to the end in a block of its own, so that every way out of it unassigns.
         let outcome = async {
+            let mut quiet = Duration::ZERO;
             while parts.iter().any(|p| !p.done) {
                 let msg = tokio::select! {
-                    m = tokio::time::timeout(STALL, reader.recv()) => m,
+                    m = tokio::time::timeout(QUIET_CHECK, reader.recv()) => m,
                     _ = self.life.intake().cancelled() => return Err("shutting down".into()),
                 };
                 let rec = match msg {
-                    Err(_) => return Err(format!("no record for {STALL:?}")),
+                    Err(_) => {
+                        // Nothing came: the reader may have passed records it never hands out
+                        // (transaction markers, aborted records: the exactly-once mode writes
+                        // slices in transactions), so its position, not the last record, says
+                        // how far it read.
+                        quiet += QUIET_CHECK;
+                        if quiet >= STALL {
+                            return Err(format!("no record for {STALL:?}"));
+                        }
+                        let positions = reader.position().map_err(|e| e.to_string())?;
+                        for p in parts.iter_mut().filter(|p| !p.done) {
+                            let at = positions
+                                .find_partition(topic, p.tp.1)
+                                .and_then(|e| e.offset().to_raw());
+                            if let Some(at) = at.filter(|&at| at > p.next) {
+                                p.next = at;
+                            }
+                            if p.next >= p.end {
+                                self.caught_up(p).await?;
+                            }
+                        }
+                        continue;
+                    }
                     Ok(Err(e)) => {
                         metrics::counter!(m::SLICE_READ_ERRORS).increment(1);
                         return Err(format!("reading the slice failed: {e}"));
                     }
                     Ok(Ok(m)) => kafka::detach(&m),
                 };
+                quiet = Duration::ZERO;
                 let Some(p) = parts
                     .iter_mut()
                     .find(|p| p.tp.1 == rec.partition && rec.topic == topic)
@@ -393,6 +424,22 @@ impl Sweeper {
                 };
                 if p.done || rec.offset < p.next {
                     continue; // past where this partition stops, or read again after a seek
+                }
+                if self.offsets.already_done(topic, rec.partition, rec.offset) {
+                    // Written on by the previous owner's committed transaction (exactly-once):
+                    // begun and finished at once, so the commit point passes it.
+                    if let Some(t) =
+                        self.offsets
+                            .begin_in(&rec.topic, rec.partition, rec.offset, p.generation)
+                    {
+                        self.offsets.finish(&t);
+                        metrics::counter!(m::REPLAY_SKIPPED).increment(1);
+                    }
+                    p.next = rec.offset + 1;
+                    if p.next >= p.end {
+                        self.caught_up(p).await?;
+                    }
+                    continue;
                 }
                 let now = self.clock.now_ms();
                 let parsed = Scheduled::from_slice(&rec, &self.settings.internal).map(|s| {
@@ -445,18 +492,7 @@ impl Sweeper {
                     }
                 }
                 if p.next >= p.end {
-                    // Caught up: take stragglers written since the sweep began, then stop.
-                    let tps = vec![p.tp.clone()];
-                    let tp = p.tp.clone();
-                    let end = p.end;
-                    let h = kafka::look(&self.lookup, move |l| l.ends(&tps, BROKER_TIMEOUT))
-                        .await
-                        .map(|ends| ends.get(&tp).copied().unwrap_or(end))?;
-                    if h > p.end {
-                        p.end = h;
-                    } else {
-                        p.done = true;
-                    }
+                    self.caught_up(p).await?;
                 }
             }
             Ok(())
@@ -466,6 +502,23 @@ impl Sweeper {
             tracing::warn!(error = %e, "unassigning the sweep reader failed");
         }
         outcome
+    }
+
+    /// A partition read to where its sweep was to end: takes stragglers written since the sweep
+    /// began (the end moves on), or stops.
+    async fn caught_up(&self, p: &mut PartitionSweep) -> Result<(), String> {
+        let tps = vec![p.tp.clone()];
+        let tp = p.tp.clone();
+        let end = p.end;
+        let h = kafka::look(&self.lookup, move |l| l.ends(&tps, BROKER_TIMEOUT))
+            .await
+            .map(|ends| ends.get(&tp).copied().unwrap_or(end))?;
+        if h > p.end {
+            p.end = h;
+        } else {
+            p.done = true;
+        }
+        Ok(())
     }
 }
 

@@ -611,6 +611,14 @@ pub async fn produce(
     crate::kafka::confirmed(delivery).expect("produce acknowledged, with an offset");
 }
 
+/// `n` records `(prefix-i, due)` due between `base` and `base + spread_ms`, scattered (by a
+/// multiplier prime to the spread) so that the order they are produced in is not their due order.
+pub fn scattered(prefix: &str, n: i64, base: i64, spread_ms: i64) -> Vec<(String, i64)> {
+    (0..n)
+        .map(|i| (format!("{prefix}-{i}"), base + (i * 7_919) % spread_ms))
+        .collect()
+}
+
 /// Schedules records `(id, due_ms)` to the test's target through its ingest topic, all at once
 /// (key and `id` header = the id), and waits for every acknowledgement.
 pub async fn schedule_records(names: &Names, records: &[(String, i64)]) {
@@ -918,51 +926,61 @@ pub async fn collect_ids<'a>(
 
 /// Reads until the reader has every record its partitions held when called (their high
 /// watermarks then): after the writers stopped, that is everything there is, duplicates
-/// included, with no guessed pause. Panics if that takes over 60 s.
+/// included, with no guessed pause. The reader's position counts, not only the records it got:
+/// it passes transaction markers and aborted records, which it never hands out. Panics if that
+/// takes over 60 s.
 pub async fn drain_to_end(consumer: &StreamConsumer) -> Vec<Received> {
     let assignment = consumer.assignment().expect("the reader's assignment");
-    let positions = consumer.position().expect("the reader's positions");
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-    let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for e in assignment.elements() {
         let tp = (e.topic().to_string(), e.partition());
         let (_, high) = tokio::task::block_in_place(|| {
             consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10))
         })
         .expect("high watermark");
-        let at = positions
-            .find_partition(&tp.0, tp.1)
-            .and_then(|p| p.offset().to_raw())
-            .filter(|&o| o >= 0)
-            .unwrap_or(0);
-        ends.insert(tp.clone(), high);
-        next.insert(tp, at);
-    }
-    let mut seen = 0;
-    let reached =
-        |next: &HashMap<(String, i32), i64>| ends.iter().all(|(tp, high)| next[tp] >= *high);
-    if reached(&next) {
-        return Vec::new();
+        ends.insert(tp, high);
     }
     let topic = ends
         .keys()
         .next()
         .map(|tp| tp.0.clone())
         .unwrap_or_default();
-    let got = collect(consumer, Duration::from_secs(60), |r| {
-        for x in &r[seen..] {
-            let n = next.entry((topic.clone(), x.partition)).or_insert(0);
-            *n = (*n).max(x.offset + 1);
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    let reached = |next: &HashMap<(String, i32), i64>| {
+        ends.iter()
+            .all(|(tp, high)| next.get(tp).copied().unwrap_or(0) >= *high)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    loop {
+        let positions = consumer.position().expect("the reader's positions");
+        for e in positions.elements() {
+            if let Some(at) = e.offset().to_raw().filter(|&o| o >= 0) {
+                let n = next
+                    .entry((e.topic().to_string(), e.partition()))
+                    .or_insert(0);
+                *n = (*n).max(at);
+            }
         }
-        seen = r.len();
-        reached(&next)
-    })
-    .await;
-    assert!(
-        reached(&next),
-        "the reader did not reach the end of {topic} in 60 s"
-    );
-    got
+        if reached(&next) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reader did not reach the end of {topic} in 60 s"
+        );
+        let mut seen = 0;
+        let batch = collect(consumer, Duration::from_millis(200), |r| {
+            for x in &r[seen..] {
+                let n = next.entry((topic.clone(), x.partition)).or_insert(0);
+                *n = (*n).max(x.offset + 1);
+            }
+            seen = r.len();
+            reached(&next)
+        })
+        .await;
+        got.extend(batch);
+    }
 }
 
 /// Fails the test if any expected id never arrived.

@@ -16,9 +16,7 @@ async fn the_broker_killed_and_restarted_mid_run_loses_nothing() {
     create_topic(&names.target, 2).await;
     let sched = start_in_process(&names).await;
     let base = now_ms() + 1_500;
-    let records: Vec<(String, i64)> = (0..600)
-        .map(|i| (format!("r-{i}"), base + (i * 7_919) % 8_000))
-        .collect();
+    let records = scattered("r", 600, base, 8_000);
     schedule_records(&names, &records).await;
     let due: std::collections::HashMap<String, i64> = records.into_iter().collect();
     let reader = reader(&names.target, 2);

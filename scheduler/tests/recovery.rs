@@ -12,9 +12,7 @@ const TARGET_PARTITIONS: i32 = 2;
 /// Produces `n` records due between `lead_ms` and `lead_ms + spread_ms` from now; returns id -> due.
 async fn schedule(names: &Names, n: usize, lead_ms: i64, spread_ms: i64) -> HashMap<String, i64> {
     let base = now_ms() + lead_ms;
-    let records: Vec<(String, i64)> = (0..n)
-        .map(|i| (format!("r-{i}"), base + (i as i64 * 7_919) % spread_ms))
-        .collect();
+    let records = scattered("r", n as i64, base, spread_ms);
     schedule_records(names, &records).await;
     records.into_iter().collect()
 }
