@@ -88,6 +88,9 @@ struct Args {
     /// Records produced at once before each stop, due over the next 3 s.
     #[arg(long, default_value_t = 20_000)]
     stop_records: usize,
+    /// Rates (records/s) of the ordinary client in the delivery modes' comparison.
+    #[arg(long, value_delimiter = ',', default_value = "2000,10000")]
+    mode_rates: Vec<usize>,
     /// Run only these sections (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<Section>,
@@ -114,6 +117,7 @@ enum Section {
     Recovery,
     Isolation,
     Stops,
+    Delivery,
 }
 
 impl Args {
@@ -146,8 +150,16 @@ impl Args {
         );
         let _ = write!(
             c,
-            " --isolation-rate {} --isolation-seconds {} --stop-tries {} --stop-records {}",
-            self.isolation_rate, self.isolation_seconds, self.stop_tries, self.stop_records
+            " --isolation-rate {} --isolation-seconds {} --stop-tries {} --stop-records {} --mode-rates {}",
+            self.isolation_rate,
+            self.isolation_seconds,
+            self.stop_tries,
+            self.stop_records,
+            self.mode_rates
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         );
         if !self.only.is_empty() {
             let only: Vec<String> = self
@@ -229,6 +241,7 @@ async fn main() {
             isolation_seconds: 6,
             stop_tries: 2,
             stop_records: 1_000,
+            mode_rates: vec![100],
             out: None,
             ..a
         };
@@ -574,6 +587,84 @@ A broker that does not create topics on demand (`auto.create.topics.enable=false
                 },
             ));
         }
+    }
+    if a.runs(Section::Delivery) {
+        let mut text = format!(
+            "## 10. The delivery modes side by side: at-least-once and exactly-once (`--delivery`)\n\nOn one fresh broker per rate: the ordinary client (section 0) to a plain topic (*broker alone*), then through a scheduler in each mode, one after the other (the order alternates between rates). The reader is the client's, with confluent-kafka's default `isolation.level=read_committed`. *At publish* is the scheduler's own p99 of acknowledgement minus due time (its histogram's bucket bound); in the exactly-once mode a record is acknowledged inside its transaction and visible only once that commits (every `--commit-interval`, 100 ms). *CPU ms/1k* is the scheduler's CPU per thousand records; *commit p99* the exactly-once mode's p99 of a transaction's commit, during which no new send starts. Then the burst of section 4 ({} records due in one instant) in each mode.\n\n| rate/s | mode | achieved | at publish p99 ms | on arrival p50 ms | p99 ms | max ms | p99 ÷ alone | early | missing | dups | CPU ms/1k | commit p99 ms |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            a.burst
+        );
+        for (i, &rate) in a.mode_rates.iter().enumerate() {
+            let modes = if i % 2 == 0 {
+                ["at-least-once", "exactly-once"]
+            } else {
+                ["exactly-once", "at-least-once"]
+            };
+            let (alone, runs) =
+                sections::delivery_modes(&bins, rate, a.seconds, a.delay, &modes).await;
+            let floor = alone.p99_ms.unwrap_or(f64::NAN);
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+            let _ = write!(
+                text,
+                "\n| {rate} | broker alone | {:.2} | - | {} | {} | {} | 1.00 | {} | {} | {} | - | - |",
+                alone.achieved_ratio,
+                ms(alone.p50_ms),
+                ms(alone.p99_ms),
+                ms(alone.max_ms),
+                alone.early,
+                alone.missing,
+                alone.duplicates
+            );
+            for r in &runs {
+                let c = &r.client;
+                let records = (rate as f64 * a.seconds as f64).max(1.0);
+                let _ = write!(
+                    text,
+                    "\n| {rate} | {} | {:.2} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {:.0} | {} |",
+                    r.mode,
+                    c.achieved_ratio,
+                    ms(r.publish_p99_ms),
+                    ms(c.p50_ms),
+                    ms(c.p99_ms),
+                    ms(c.max_ms),
+                    c.p99_ms.unwrap_or(f64::NAN) / floor,
+                    c.early,
+                    c.missing,
+                    c.duplicates,
+                    r.cpu_s * 1000.0 / records * 1000.0,
+                    ms(r.commit_p99_ms)
+                );
+                outcomes.push((
+                    format!("{} at {rate}/s", r.mode),
+                    Outcome {
+                        early: c.early,
+                        missing: c.missing,
+                        ..Outcome::default()
+                    },
+                ));
+            }
+        }
+        text.push_str("\n\n| burst, mode | last delivered after the instant | delivered/s | p99 ms | early | missing | duplicates |\n| --- | --- | --- | --- | --- | --- | --- |");
+        // `--burst 0` leaves the bursts out (the A/B runs of --commit-interval).
+        let modes: &[&str] = if a.burst > 0 {
+            &["at-least-once", "exactly-once"]
+        } else {
+            &[]
+        };
+        for &mode in modes {
+            let b = sections::burst_with(&bins, a.burst, &["--delivery", mode]).await;
+            let _ = write!(
+                text,
+                "\n| {mode} | {} ms | {:.0} | {} | {} | {} | {} |",
+                b.last_ms,
+                b.outcome.rate(),
+                b.outcome.arrival.p99,
+                b.outcome.early,
+                b.outcome.missing,
+                b.outcome.duplicates
+            );
+            outcomes.push((format!("burst, {mode}"), b.outcome));
+        }
+        emit(&mut out, &format!("{text}\n"));
     }
     if a.runs(Section::Stops) {
         let s = sections::stops(&bins, a.stop_tries, a.stop_records).await;

@@ -798,7 +798,12 @@ pub struct Burst {
 /// `n` records due in the same millisecond, produced ahead of time: how long until the last one
 /// is delivered, and how late the rest are.
 pub async fn burst(bins: &Binaries, n: usize) -> Burst {
-    let (outcome, at, _, accept_ms) = one_instant(bins, "burst", n, PAYLOAD, 20_000).await;
+    burst_with(bins, n, &[]).await
+}
+
+/// [`burst`] with more scheduler flags (`extra`).
+pub async fn burst_with(bins: &Binaries, n: usize, extra: &[&str]) -> Burst {
+    let (outcome, at, _, accept_ms) = one_instant(bins, "burst", n, PAYLOAD, 20_000, extra).await;
     Burst {
         n,
         accept_ms,
@@ -816,12 +821,13 @@ async fn one_instant(
     n: usize,
     payload: &[u8],
     lead_ms: i64,
+    extra: &[&str],
 ) -> (Outcome, i64, f64, i64) {
     let (broker, names) = set_up(&format!("bench-{name}")).await;
     let bootstrap = broker.bootstrap();
     let mut sched = Service::scheduler(
         &bins.scheduler,
-        &scheduler_args(&broker, &names, &[]),
+        &scheduler_args(&broker, &names, extra),
         &log_name(&names, name),
     )
     .await;
@@ -922,7 +928,7 @@ pub async fn backlog(bins: &Binaries, n: usize, bytes: usize) -> Pressure {
 /// default `--memory-budget`.
 pub async fn large_burst(bins: &Binaries, n: usize, bytes: usize) -> Pressure {
     let (outcome, at, peak_mib, _) =
-        one_instant(bins, "lburst", n, &vec![b'x'; bytes], 30_000).await;
+        one_instant(bins, "lburst", n, &vec![b'x'; bytes], 30_000, &[]).await;
     Pressure {
         n,
         bytes,
@@ -1181,6 +1187,68 @@ pub async fn ordinary_client(
         relay,
         scheduler,
     }
+}
+
+// ---- 10. the delivery modes ---------------------------------------------------------------------
+
+/// One delivery mode under the ordinary client at one rate.
+pub struct ModeRun {
+    pub mode: &'static str,
+    pub client: ClientFigures,
+    /// The scheduler's own p99 of acknowledgement minus due time (its histogram's bucket
+    /// bound): precision at publish.
+    pub publish_p99_ms: Option<f64>,
+    /// The scheduler's CPU seconds over the run.
+    pub cpu_s: f64,
+    /// The p99 of a transaction's commit, gate closed (exactly-once; its histogram's bucket
+    /// bound).
+    pub commit_p99_ms: Option<f64>,
+}
+
+/// The two delivery modes side by side, on one fresh broker: the ordinary client to a plain
+/// topic (the broker alone), then to the ingest topic with a scheduler in each mode, one after
+/// the other, in the order given.
+pub async fn delivery_modes(
+    bins: &Binaries,
+    rate: usize,
+    seconds: u64,
+    delay: Duration,
+    modes: &[&'static str],
+) -> (ClientFigures, Vec<ModeRun>) {
+    let (broker, names) = set_up("bench-modes").await;
+    let alone = steady_client(&broker, "broker", &names.ingest, rate, seconds, delay).await;
+    let mut runs = Vec::new();
+    for &mode in modes {
+        // Each mode its own topics and group on the same broker (the client makes a target
+        // topic of its own per run).
+        let names = Names::new(&format!("bench-{mode}"));
+        let mut sched = Service::scheduler(
+            &bins.scheduler,
+            &scheduler_args(&broker, &names, &["--delivery", mode]),
+            &log_name(&names, mode),
+        )
+        .await;
+        let cpu_before = sched.cpu_s();
+        let client = steady_client(&broker, "scheduler", &names.ingest, rate, seconds, delay).await;
+        let publish_p99_ms = sched
+            .histogram_quantile("sm_delivery_lateness_seconds", "path=\"kafka\"", 0.99)
+            .await
+            .map(|s| s * 1000.0);
+        let cpu_s = sched.cpu_s() - cpu_before;
+        let commit_p99_ms = sched
+            .histogram_quantile("sm_transaction_commit_seconds", "", 0.99)
+            .await
+            .map(|s| s * 1000.0);
+        sched.stop().await;
+        runs.push(ModeRun {
+            mode,
+            client,
+            publish_p99_ms,
+            cpu_s,
+            commit_p99_ms,
+        });
+    }
+    (alone, runs)
 }
 
 // ---- 9. one target failing, and stops under load -------------------------------------------------
