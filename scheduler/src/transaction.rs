@@ -182,7 +182,14 @@ impl Txn {
                     .send_offsets_to_transaction(&tpl, group, timeout)
             })?;
         }
+        let offsets_sent = started.elapsed();
         self.retried(timeout, || self.producer.commit_transaction(timeout))?;
+        tracing::debug!(
+            partitions = tpl.count(),
+            offsets_ms = offsets_sent.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "transaction committed"
+        );
         self.dirty.store(false, Ordering::SeqCst);
         let marks = std::mem::take(&mut *lock(&self.marks));
         metrics::counter!(m::TRANSACTIONS, "outcome" => "committed").increment(1);
