@@ -37,6 +37,17 @@ use crate::transaction::{Txn, TxnError};
 /// How long the committer lets notes gather after a batch (see [`Committer::run`]).
 const GATHER: Duration = Duration::from_millis(2);
 
+/// How long a transaction's commit waits for its sends to be settled before it aborts: the
+/// producer answers every send within its message timeout (10 s in the exactly-once mode).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Partitions a transaction commits for the last time, and the group's metadata as the
+/// rebalance callback saw it.
+struct Revoking<'a> {
+    tps: &'a [crate::offsets::Tp],
+    group: Option<&'a rdkafka::consumer::ConsumerGroupMetadata>,
+}
+
 /// Since when commits have been refused, and the last error (`None` while they succeed).
 pub(crate) type CommitsFailing = Option<(Instant, String)>;
 
@@ -151,15 +162,19 @@ impl Committer {
             };
             match note {
                 Ok(Note::Close) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Note::Revoked(tps, reply)) => {
+                Ok(Note::Revoked(tps, group, reply)) => {
                     // The partitions' progress commits with everything written for them, before
                     // they move; the callback then has nothing left to commit.
-                    let _ = self.transact(txn, &mut tracker, &tps, &mut deferred);
+                    let revoking = Revoking {
+                        tps: &tps,
+                        group: group.as_ref().map(|g| &*g.0),
+                    };
+                    let _ = self.transact(txn, &mut tracker, Some(revoking), &mut deferred);
                     let _ = reply.send(Vec::new());
                 }
                 Ok(Note::CommitNow(reply)) => {
                     let outcome = self
-                        .transact(txn, &mut tracker, &[], &mut deferred)
+                        .transact(txn, &mut tracker, None, &mut deferred)
                         .map(|()| tracker.in_flight());
                     let _ = reply.send(outcome);
                 }
@@ -169,7 +184,7 @@ impl Committer {
             if Instant::now() >= next_tick {
                 let moved = !tracker.commit_points().is_empty();
                 if txn.dirty() || moved {
-                    let _ = self.transact(txn, &mut tracker, &[], &mut deferred);
+                    let _ = self.transact(txn, &mut tracker, None, &mut deferred);
                 }
                 self.in_flight.send_replace(tracker.in_flight());
                 next_tick = Instant::now() + self.interval;
@@ -204,7 +219,7 @@ impl Committer {
         &self,
         txn: &Txn,
         tracker: &mut OffsetTracker,
-        revoking: &[crate::offsets::Tp],
+        revoking: Option<Revoking<'_>>,
         deferred: &mut std::collections::VecDeque<Note>,
     ) -> Result<(), String> {
         let failed = self.life.fatal().map(|f| f.reason().to_string());
@@ -220,6 +235,7 @@ impl Committer {
             }
             n => self.track(n, tracker),
         };
+        let settle_by = Instant::now() + SETTLE_TIMEOUT;
         while txn.unsettled() > 0 {
             match self.notes.recv_timeout(Duration::from_millis(1)) {
                 Ok(note) => take(note, tracker),
@@ -229,6 +245,15 @@ impl Committer {
             if self.life.token().is_cancelled() && self.life.fatal().is_some() {
                 break; // failed meanwhile: the commit below aborts (the transaction is doomed)
             }
+            if Instant::now() >= settle_by {
+                // A send the producer never answered (it answers every send within its
+                // timeout) or one lost at a stop: the commit below aborts.
+                txn.doom(format!(
+                    "{} sends unsettled after {SETTLE_TIMEOUT:?}",
+                    txn.unsettled()
+                ));
+                break;
+            }
         }
         while let Ok(note) = self.notes.try_recv() {
             take(note, tracker);
@@ -237,14 +262,15 @@ impl Committer {
             txn.doom(fatal.reason().to_string());
         }
         let mut points = tracker.transaction_points();
-        if !revoking.is_empty() {
-            points.retain(|p| !revoking.contains(&p.tp));
-            points.extend(tracker.revoke(revoking, true));
+        if let Some(r) = &revoking {
+            points.retain(|p| !r.tps.contains(&p.tp));
+            points.extend(tracker.revoke(r.tps, true));
             points.sort_by(|a, b| a.tp.cmp(&b.tp));
         }
-        let group = rdkafka::consumer::Consumer::group_metadata(&*self.consumer);
-        let mut result = txn.commit(&points, group.as_ref(), BROKER_TIMEOUT);
-        if let (false, Err(TxnError::Later(e))) = (revoking.is_empty(), &result) {
+        let now = rdkafka::consumer::Consumer::group_metadata(&*self.consumer);
+        let group = revoking.as_ref().and_then(|r| r.group).or(now.as_ref());
+        let mut result = txn.commit(&points, group, BROKER_TIMEOUT);
+        if let (Some(_), Err(TxnError::Later(e))) = (&revoking, &result) {
             result = Err(txn.abort(
                 format!("the commit before a revoke failed: {e}"),
                 BROKER_TIMEOUT,
@@ -297,7 +323,7 @@ impl Committer {
     ) {
         match note {
             Note::Assigned(list, done) => tracker.assign(list, &done),
-            Note::Revoked(tps, reply) => {
+            Note::Revoked(tps, _, reply) => {
                 let _ = reply.send(tracker.revoke(&tps, false));
             }
             Note::Begun(ticket) => {

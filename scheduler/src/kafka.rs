@@ -713,7 +713,15 @@ impl ConsumerContext for EngineContext {
             // First no stage may begin anything more of them, then the tracker gives their last
             // safe points (it has every note sent before this one).
             self.owned.send_modify(|o| o.revoke(&revoked));
-            let points = self.offsets.revoke(revoked.clone(), BROKER_TIMEOUT);
+            // Exactly-once: the committer commits them in a transaction after every write for
+            // them is settled, which may take a send's timeout; a commit it ends after this
+            // wait is refused (it carries this generation), and the transaction aborts.
+            let (group, wait) = if self.exactly_once {
+                (consumer.group_metadata(), REVOKE_COMMIT_TIMEOUT)
+            } else {
+                (None, BROKER_TIMEOUT)
+            };
+            let points = self.offsets.revoke(revoked.clone(), group, wait);
             if !points.is_empty() {
                 if let Err(e) = commit_offsets(consumer, &points) {
                     tracing::warn!(error = %e, "commit before revoke failed; the next owner re-reads from the previous commit");
@@ -783,6 +791,10 @@ pub(crate) async fn look<T: Send + 'static>(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
 }
+
+/// How long the rebalance callback waits for the exactly-once mode's commit of revoked
+/// partitions: the settling of their sends (at most a send's 10 s timeout) and the commit.
+pub const REVOKE_COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Timeout of the broker round trips the engine makes (watermarks, committed offsets, metadata).
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);

@@ -329,6 +329,16 @@ impl OffsetTracker {
 /// or why it failed.
 pub type CommitOutcome = Result<usize, String>;
 
+/// The group's metadata (generation, member) as the rebalance callback saw it.
+#[derive(Clone)]
+pub struct GroupSeen(pub Arc<rdkafka::consumer::ConsumerGroupMetadata>);
+
+impl std::fmt::Debug for GroupSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupSeen")
+    }
+}
+
 /// What the committer's thread receives, in the order it was sent.
 #[derive(Debug)]
 pub enum Note {
@@ -336,8 +346,14 @@ pub enum Note {
     /// previous owner's last transaction had done (from the rebalance callback, before any
     /// stage can see them as owned).
     Assigned(Vec<(Tp, u64)>, HashMap<Tp, Arc<Progress>>),
-    /// Partitions revoked: the reply carries their last safe commit points.
-    Revoked(Vec<Tp>, mpsc::SyncSender<Vec<CommitPoint>>),
+    /// Partitions revoked: the reply carries their last safe commit points. In the
+    /// exactly-once mode, with the group's metadata as the callback saw it: a commit that ends
+    /// after the partitions moved carries the generation they moved from, and is refused.
+    Revoked(
+        Vec<Tp>,
+        Option<GroupSeen>,
+        mpsc::SyncSender<Vec<CommitPoint>>,
+    ),
     Begun(Ticket),
     Also(Ticket),
     Finished(Ticket),
@@ -434,6 +450,14 @@ impl Offsets {
         })
     }
 
+    /// [`Offsets::also`] whatever the ownership says now (exactly-once: the write is a
+    /// follow-up the revoke's transaction waits for; the tracker still ignores a ticket of an
+    /// assignment it has forgotten).
+    pub fn also_whatever(&self, ticket: &Ticket) -> Ticket {
+        self.tell(Note::Also(ticket.clone()));
+        ticket.clone()
+    }
+
     /// Records that the ticket's record reached its next place.
     pub fn finish(&self, ticket: &Ticket) {
         self.tell(Note::Finished(ticket.clone()));
@@ -449,9 +473,18 @@ impl Offsets {
     /// `timeout`: the rebalance callback commits them before the partitions move. It runs on
     /// librdkafka's polling thread and the tracker on a thread of its own, so the wait never
     /// holds up the task that would answer it.
-    pub fn revoke(&self, tps: Vec<Tp>, timeout: Duration) -> Vec<CommitPoint> {
+    pub fn revoke(
+        &self,
+        tps: Vec<Tp>,
+        group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+        timeout: Duration,
+    ) -> Vec<CommitPoint> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.tell(Note::Revoked(tps, tx));
+        self.tell(Note::Revoked(
+            tps,
+            group.map(|g| GroupSeen(Arc::new(g))),
+            tx,
+        ));
         rx.recv_timeout(timeout).unwrap_or_default()
     }
 

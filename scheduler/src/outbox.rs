@@ -591,7 +591,7 @@ impl Outbox {
             if t.to_target() && !self.target_exists(&t.send.out.topic).await {
                 let why = Rejection::UnknownTopic(t.send.out.topic.clone());
                 tracing::warn!(topic = %t.send.out.topic, "target topic does not exist; dead-lettering");
-                return self.dead_letter_send(t.send, &why);
+                return Box::pin(self.dead_letter_send(t.send, &why)).await;
             }
             let entered = txn.enter().await;
             if !self.offsets.is_current(&t.send.ticket) {
@@ -735,6 +735,10 @@ impl Outbox {
     /// trouble, whose lane it opens: a record for a target that takes nothing must not join the
     /// producer's queue (and hold its share of the budget there) behind records it never takes.
     fn divert(self: &Arc<Self>, t: Tracked) -> Option<Tracked> {
+        if self.txn.is_some() {
+            // Exactly-once: no lanes (see `failed`); a failing target aborts the transaction.
+            return Some(t);
+        }
         let t = {
             let mut lanes = kafka::lock(&self.lanes);
             if lanes.is_empty() {
@@ -874,11 +878,21 @@ impl Outbox {
                 Fate::Halt(format!("{} refuses our writes: {err}", t.send.out.topic))
             };
         }
+        if let Some(txn) = self
+            .txn
+            .as_ref()
+            .filter(|_| !matches!(fate, Fate::DeadLetter(_) | Fate::Halt(_)))
+        {
+            // No retry lanes in the exactly-once mode: their re-sends would pass neither the
+            // gate nor the count. The transaction aborts and the engine starts again.
+            txn.doom(format!("a write to {} failed: {err}", t.send.out.topic));
+            return false;
+        }
         match fate {
             Fate::DeadLetter(why) => {
                 tracing::warn!(topic = %t.send.out.topic, reason = why.code(), detail = %why, "dead-lettering");
                 let send = t.send;
-                self.dead_letter_send(send, &why);
+                self.dead_letter_send(send, &why).await;
                 false
             }
             // The record stays uncommitted; the next owner (after a fix) sends it again.
@@ -926,7 +940,11 @@ impl Outbox {
 
     /// Sends a record that its destination will not take to the DLQ with the reason, in place
     /// of the original (its share of the budget and its ticket go with it).
-    fn dead_letter_send(self: &Arc<Self>, mut send: Send, why: &Rejection) {
+    ///
+    /// In the exactly-once mode it is a first send (through the gate, while the record's
+    /// partition is ours): it is not the follow-up of an acknowledgement in the open
+    /// transaction, so it must not slip into one whose offsets are being chosen.
+    async fn dead_letter_send(self: &Arc<Self>, mut send: Send, why: &Rejection) {
         let dlq = &self.settings.internal.dlq;
         send.out = match send.scheduled.as_mut() {
             Some(s) => {
@@ -941,7 +959,11 @@ impl Outbox {
         // A dead-lettered occurrence ends its schedule: its DLQ copy carries the recurrence.
         send.next = None;
         let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
-        self.follow_up(Tracked::new(send, seq));
+        if self.txn.is_some() {
+            self.dispatch(Tracked::new(send, seq)).await;
+        } else {
+            self.follow_up(Tracked::new(send, seq));
+        }
     }
 
     /// Puts a failed send in its topic's retry lane, starting the lane's task if it was closed.
@@ -1055,7 +1077,7 @@ impl Outbox {
         };
         tracing::warn!(%topic, records = expired.len(), reason = why.code(), detail = %why, "dead-lettering records a target did not take");
         for t in expired {
-            self.dead_letter_send(t.send, &why);
+            self.dead_letter_send(t.send, &why).await;
         }
     }
 
@@ -1156,8 +1178,15 @@ impl Outbox {
     fn file_next(self: &Arc<Self>, out: Outgoing, current: &Send) {
         // `None`: the partition was revoked; its next owner delivers the occurrence again and
         // files the next one.
-        let Some(ticket) = self.offsets.also(&current.ticket) else {
-            return;
+        let ticket = if self.txn.is_some() {
+            // Exactly-once: the revoke that may have begun meanwhile commits only once this
+            // write is settled, so the occurrence and its next one commit together.
+            self.offsets.also_whatever(&current.ticket)
+        } else {
+            match self.offsets.also(&current.ticket) {
+                Some(ticket) => ticket,
+                None => return,
+            }
         };
         self.file_instead(out, ticket, current._permit.clone());
     }
@@ -1166,7 +1195,27 @@ impl Outbox {
     /// not delivered (missed, and the schedule says `missed: none`), or beside one delivered
     /// ([`Outbox::file_next`]). The ticket's offset waits for it.
     pub(crate) fn file_instead(self: &Arc<Self>, out: Outgoing, ticket: Ticket, permit: Share) {
-        let send = Send {
+        let send = Self::next_occurrence(out, ticket, permit);
+        self.follow_up(Tracked::new(
+            send,
+            self.send_seq.fetch_add(1, Ordering::Relaxed),
+        ));
+    }
+
+    /// Files a recurring schedule's next occurrence in place of an occurrence not delivered
+    /// (missed, and the schedule says `missed: none`): a first send, as any the publisher hands
+    /// over.
+    pub(crate) async fn file_missed(
+        self: &Arc<Self>,
+        out: Outgoing,
+        ticket: Ticket,
+        permit: Share,
+    ) {
+        self.send(Self::next_occurrence(out, ticket, permit)).await;
+    }
+
+    fn next_occurrence(out: Outgoing, ticket: Ticket, permit: Share) -> Send {
+        Send {
             out,
             then: Then::Recur,
             scheduled: None,
@@ -1175,11 +1224,7 @@ impl Outbox {
             slice_write: None,
             next: None,
             _permit: permit,
-        };
-        self.follow_up(Tracked::new(
-            send,
-            self.send_seq.fetch_add(1, Ordering::Relaxed),
-        ));
+        }
     }
 }
 

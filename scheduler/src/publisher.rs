@@ -121,7 +121,11 @@ impl Publisher {
         if turn.is_some_and(|t| !t.deliver) {
             metrics::counter!(m::OCCURRENCES_SKIPPED).increment(1);
             return match next {
-                Some(next) => self.outbox.file_instead(*next, entry.ticket, entry.permit),
+                Some(next) => {
+                    self.outbox
+                        .file_missed(*next, entry.ticket, entry.permit)
+                        .await
+                }
                 None => self.offsets.finish(&entry.ticket),
             };
         }

@@ -173,17 +173,29 @@ impl Txn {
                 return Err(TxnError::Later(e.to_string()));
             }
         }
-        if tpl.count() > 0 {
-            let Some(group) = group else {
-                return Err(TxnError::Later("no group metadata yet".into()));
-            };
-            self.retried(timeout, || {
+        // Past this point a call the broker did not answer in time leaves the transaction in a
+        // state no send may enter: it aborts.
+        let must = |result: Result<(), TxnError>| match result {
+            Err(TxnError::Later(e)) => Err(self.abort(format!("{e} (timed out)"), timeout)),
+            other => other,
+        };
+        match group {
+            Some(group) if tpl.count() > 0 => must(self.retried(timeout, || {
                 self.producer
                     .send_offsets_to_transaction(&tpl, group, timeout)
-            })?;
+            }))?,
+            // Without offsets nothing checks the group's generation: a transaction that wrote
+            // anything must not commit so.
+            _ if self.dirty() => {
+                return Err(self.abort(
+                    "writes without a partition's offsets to commit them with".into(),
+                    timeout,
+                ))
+            }
+            _ => {}
         }
         let offsets_sent = started.elapsed();
-        self.retried(timeout, || self.producer.commit_transaction(timeout))?;
+        must(self.retried(timeout, || self.producer.commit_transaction(timeout)))?;
         tracing::debug!(
             partitions = tpl.count(),
             offsets_ms = offsets_sent.as_secs_f64() * 1e3,
