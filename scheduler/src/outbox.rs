@@ -33,6 +33,60 @@ use crate::status::FailingTarget;
 use crate::targets::{Mode, TargetHealth};
 use crate::time::Clock;
 
+/// Records and targets refused for good inside a transaction (exactly-once), with why and when:
+/// process-wide, so that the engine started again after the abort dead-letters them before
+/// sending, instead of aborting again on the same record for ever. Keyed by the record's source
+/// (`topic/partition/offset`) when the record itself was refused (too large for its target), by
+/// the target when the target refuses everything (not authorised, a policy). Forgotten after
+/// `--target-give-up`, when they are tried again.
+static REFUSING_TARGETS: Mutex<Option<HashMap<String, (Instant, Rejection)>>> = Mutex::new(None);
+
+/// Remembers that `topic` refused a record for good (see [`REFUSING_TARGETS`]).
+fn remember_refusal(topic: &str, why: Rejection) {
+    kafka::lock(&REFUSING_TARGETS)
+        .get_or_insert_with(HashMap::new)
+        .insert(topic.to_string(), (Instant::now(), why));
+}
+
+/// What a refusal inside a transaction is remembered under: the record's source when the broker
+/// refused the record itself, else the target.
+fn refusal_key(err: &KafkaError, send: &Send) -> String {
+    match err.rdkafka_error_code() {
+        Some(code) if refuses_the_record(code) => source_key(&send.ticket),
+        _ => send.out.topic.clone(),
+    }
+}
+
+/// Whether a send error says the record itself is unacceptable (wherever it is sent), not its
+/// destination.
+fn refuses_the_record(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::BadMessage
+            | C::InvalidTimestamp
+    )
+}
+
+fn source_key(t: &Ticket) -> String {
+    format!("{}/{}/{}", t.topic, t.partition, t.offset)
+}
+
+/// Why the send's target, or its record, is refused, if it was within `window`.
+fn refusal(send: &Send, window: Duration) -> Option<Rejection> {
+    let mut refusing = kafka::lock(&REFUSING_TARGETS);
+    let map = refusing.as_mut().filter(|m| !m.is_empty())?;
+    map.retain(|_, (at, _)| at.elapsed() < window);
+    map.get(&send.out.topic)
+        .or_else(|| map.get(&source_key(&send.ticket)))
+        .map(|(_, why)| why.clone())
+}
+
 /// Sends of one record retried this many times for an error code [`fate`] does not know, before
 /// the record is dead-lettered (a target) or the process halts (our own topics).
 const UNKNOWN_ERROR_ATTEMPTS: usize = 5;
@@ -306,13 +360,7 @@ pub fn fate(err: &KafkaError, to: Destination, topic: &str) -> Fate {
             Destination::Ingest => Fate::Halt(format!("the ingest topic is missing: {code}")),
         },
         // The record itself is unacceptable, whoever sends it wherever.
-        C::MessageSizeTooLarge
-        | C::InvalidMessageSize
-        | C::MessageBatchTooLarge
-        | C::InvalidMessage
-        | C::InvalidRecord
-        | C::BadMessage
-        | C::InvalidTimestamp => refused(),
+        c if refuses_the_record(c) => refused(),
         // The destination will not take our writes: a target's problem is the record's; our own
         // topics' is the deployment's.
         C::InvalidTopic
@@ -588,10 +636,19 @@ impl Outbox {
         let mut t = t;
         let mut pass = None;
         if let Some(txn) = self.txn.as_ref().filter(|_| !t.counted) {
-            if t.to_target() && !self.target_exists(&t.send.out.topic).await {
-                let why = Rejection::UnknownTopic(t.send.out.topic.clone());
-                tracing::warn!(topic = %t.send.out.topic, "target topic does not exist; dead-lettering");
-                return Box::pin(self.dead_letter_send(t.send, &why)).await;
+            if t.to_target() {
+                let topic = &t.send.out.topic;
+                let why = match refusal(&t.send, self.settings.config.target_give_up) {
+                    Some(why) => Some(why),
+                    None if !self.target_exists(topic).await => {
+                        Some(Rejection::UnknownTopic(topic.clone()))
+                    }
+                    None => None,
+                };
+                if let Some(why) = why {
+                    tracing::warn!(%topic, reason = why.code(), "the target refuses records; dead-lettering before sending");
+                    return Box::pin(self.dead_letter_send(t.send, &why)).await;
+                }
             }
             let entered = txn.enter().await;
             if !self.offsets.is_current(&t.send.ticket) {
@@ -784,7 +841,13 @@ impl Outbox {
             Outcome::Abandoned => {}
             Outcome::Failed(e) => match &self.txn {
                 Some(txn) if t.enqueued => {
-                    txn.doom(format!("a write to {} failed: {e}", t.send.out.topic));
+                    let topic = &t.send.out.topic;
+                    if let Fate::DeadLetter(why) = fate(&e, Destination::Target, topic) {
+                        if t.to_target() {
+                            remember_refusal(&refusal_key(&e, &t.send), why);
+                        }
+                    }
+                    txn.doom(format!("a write to {topic} failed: {e}"));
                 }
                 _ => {
                     t.enqueued = false;

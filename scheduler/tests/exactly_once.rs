@@ -11,6 +11,46 @@ use scheduler::testkit::*;
 
 const EXACTLY_ONCE: &[&str] = &["--delivery", "exactly-once"];
 
+/// `/healthz` of a child process, or `Null` while it does not answer: in this mode a process
+/// starts its engine (and HTTP API) again after an aborted transaction, which a broker that
+/// stalls for longer than a send's timeout causes.
+async fn health(http: &str) -> serde_json::Value {
+    match reqwest::get(format!("http://{http}/healthz")).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// A counter of the child process on `port`, waiting (up to 30 s) while it starts again.
+async fn metric(port: u16, name: &str) -> f64 {
+    let http = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(n) = try_metric_sum(&http, name).await {
+            return n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{http} does not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A scheduler child process in this mode on `port` (so that it starts again after an abort,
+/// as `run` does), once it answers.
+async fn child(names: &Names, log: &str, port: u16) -> ChildGuard {
+    let child = spawn_on_port(
+        env!("CARGO_BIN_EXE_scheduler"),
+        names,
+        &format!("{}-{log}.log", names.group),
+        port,
+        EXACTLY_ONCE,
+    );
+    answers_ok(port).await;
+    child
+}
+
 /// Every expected id arrived exactly once and none before its due time; returns how many copies
 /// arrived beyond one.
 fn duplicates_and_early(due: &HashMap<String, i64>, got: &[Received]) -> (usize, usize) {
@@ -28,7 +68,8 @@ fn duplicates_and_early(due: &HashMap<String, i64>, got: &[Received]) -> (usize,
 async fn one_process_delivers_each_record_once_through_transactions() {
     let names = Names::new("eos1");
     create_topic(&names.target, 2).await;
-    let sched = start_in_process_with(&names, EXACTLY_ONCE).await;
+    let port = free_port();
+    let _sched = child(&names, "one", port).await;
     let base = now_ms() + 1_000;
     let records = scattered("e", 2_000, base, 8_000);
     schedule_records(&names, &records).await;
@@ -61,8 +102,11 @@ async fn one_process_delivers_each_record_once_through_transactions() {
     assert_eq!((dups, early), (0, 0), "duplicates, early");
 
     let dlq = reader(&names.dlq, 4);
-    let mut dead: Vec<(String, String)> = drain_to_end(&dlq)
-        .await
+    let first = collect(&dlq, Duration::from_secs(30), |r| r.len() >= 2).await;
+    let mut dead: Vec<(String, String)> = first
+        .into_iter()
+        .chain(drain_to_end(&dlq).await)
+        .collect::<Vec<_>>()
         .iter()
         .map(|r| {
             let value = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default());
@@ -78,7 +122,6 @@ async fn one_process_delivers_each_record_once_through_transactions() {
         ],
         "each bad record dead-lettered once"
     );
-    let port = sched.http_addr.port();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while schedule_status(port, "e-7").await["status"] != "delivered" {
         assert!(
@@ -88,12 +131,8 @@ async fn one_process_delivers_each_record_once_through_transactions() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let http = sched.http_addr.to_string();
-    assert!(
-        metric_sum(&http, "sm_transactions_total").await >= 1.0,
-        "deliveries went through transactions"
-    );
-    sched.stop().await.expect("clean stop");
+    let transactions = metric(port, "sm_transactions_total").await;
+    assert!(transactions >= 1.0, "deliveries went through transactions");
 }
 
 /// A zombie: one of two processes is stopped (SIGSTOP) until the group has given its partitions
@@ -105,22 +144,10 @@ async fn a_zombie_is_fenced_and_nothing_it_sent_becomes_visible() {
     let names = Names::new("eosz");
     create_topic(&names.target, 2).await;
     let ports = [free_port(), free_port()];
-    let mut procs: Vec<ChildGuard> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, &port)| {
-            spawn_on_port(
-                env!("CARGO_BIN_EXE_scheduler"),
-                &names,
-                &format!("{}-{i}.log", names.group),
-                port,
-                EXACTLY_ONCE,
-            )
-        })
-        .collect();
-    for port in ports {
-        answers_ok(port).await;
-    }
+    let mut procs = vec![
+        child(&names, "0", ports[0]).await,
+        child(&names, "1", ports[1]).await,
+    ];
     // Records due every 5 ms for 30 s: the zombie has deliveries in its open transaction when
     // it is stopped.
     let base = now_ms() + 3_000;
@@ -141,8 +168,8 @@ async fn a_zombie_is_fenced_and_nothing_it_sent_becomes_visible() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let total = loop {
         let (z, o) = (
-            assigned(&healthz(&https[zombie]).await),
-            assigned(&healthz(&https[other]).await),
+            assigned(&health(&https[zombie]).await),
+            assigned(&health(&https[other]).await),
         );
         if z > 0 && o > 0 {
             break z + o;
@@ -159,7 +186,7 @@ async fn a_zombie_is_fenced_and_nothing_it_sent_becomes_visible() {
     // all topics, so the ingest partitions alone can be the other's from the start).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let h = healthz(&https[other]).await;
+        let h = health(&https[other]).await;
         if assigned(&h) >= total {
             break;
         }
@@ -175,7 +202,7 @@ async fn a_zombie_is_fenced_and_nothing_it_sent_becomes_visible() {
     let refused = loop {
         let aborted = try_metric_sum(zombie_http, "sm_engine_restarts_total").await;
         if aborted.is_some_and(|n| n >= 1.0) {
-            break healthz(zombie_http).await;
+            break health(zombie_http).await;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -193,4 +220,42 @@ async fn a_zombie_is_fenced_and_nothing_it_sent_becomes_visible() {
     let (dups, early) = duplicates_and_early(&due, &got);
     assert_eq!((dups, early), (0, 0), "duplicates, early");
     drop(procs.drain(..));
+}
+
+/// A record its target refuses for good (too large for the target's `max.message.bytes`): the
+/// refusal aborts its transaction, the engine starts again, and the record goes to the DLQ once,
+/// before it is sent again; the records around it arrive once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_its_target_refuses_is_dead_lettered_once_not_retried_for_ever() {
+    let names = Names::new("eosr");
+    create_topic_with(&names.target, 1, &[("max.message.bytes", "65536")]).await;
+    let port = free_port();
+    let _proc = child(&names, "refused", port).await;
+    // The large record falls due alone, a second before the others, so that no other record
+    // shares its batch (the broker refuses a whole batch).
+    let base = now_ms() + 3_000;
+    let records = scattered("r", 500, base + 1_000, 4_000);
+    schedule_records(&names, &records).await;
+    let p = producer();
+    let due = base.to_string();
+    let large = vec![b'x'; 200_000];
+    let headers = [("time", due.as_bytes()), ("topic", names.target.as_bytes())];
+    produce(&p, &names.ingest, Some(b"large"), &large, &headers).await;
+
+    let due: HashMap<String, i64> = records.into_iter().collect();
+    let target = reader(&names.target, 1);
+    let got = collect_all(&target, due.keys(), Vec::new(), Duration::from_secs(60)).await;
+    let (dups, early) = duplicates_and_early(&due, &got);
+    assert_eq!((dups, early), (0, 0), "duplicates, early");
+    let dlq = reader(&names.dlq, 4);
+    let dead = collect(&dlq, Duration::from_secs(30), |r| !r.is_empty()).await;
+    let dead: Vec<Received> = dead.into_iter().chain(drain_to_end(&dlq).await).collect();
+    assert_eq!(dead.len(), 1, "the refused record dead-lettered once");
+    assert_eq!(dead[0].key.as_deref(), Some(&b"large"[..]));
+    assert_eq!(
+        dead[0].header("sm-error").as_deref(),
+        Some("refused-by-broker")
+    );
+    let restarts = metric(port, "sm_engine_restarts_total").await;
+    assert!(restarts >= 1.0, "the refusal aborted a transaction");
 }
