@@ -161,20 +161,32 @@ impl PartitionState {
         }
     }
 
-    /// The commit point with what is done above it.
-    fn point(&self, tp: &Tp) -> Option<CommitPoint> {
+    /// The commit point; with what is done above it when `progress` (a transaction commits it:
+    /// a list of every record in flight, not built for a plain commit every tick).
+    fn point(&self, tp: &Tp, progress: bool) -> Option<CommitPoint> {
         let offset = self.commit_point()?;
-        let mut pending: Vec<i64> = self.in_flight.keys().copied().collect();
-        pending.extend(self.unread.iter().copied());
-        pending.sort_unstable();
-        pending.dedup();
+        let pending = if progress {
+            // Both sorted; the unread are never in flight (a begin takes them out).
+            let mut pending: Vec<i64> = self.in_flight.keys().copied().collect();
+            if !self.unread.is_empty() {
+                pending.extend(self.unread.iter().copied());
+                pending.sort_unstable();
+            }
+            pending
+        } else {
+            Vec::new()
+        };
         Some(CommitPoint {
             tp: tp.clone(),
             offset,
             generation: self.generation,
             progress: Progress {
                 from: offset,
-                upto: self.next.unwrap_or(offset).max(offset),
+                upto: if progress {
+                    self.next.unwrap_or(offset).max(offset)
+                } else {
+                    offset
+                },
                 pending,
             },
         })
@@ -227,7 +239,7 @@ impl OffsetTracker {
         tps.into_iter()
             .filter_map(|tp| {
                 let state = self.partitions.remove(tp)?;
-                let point = state.point(tp)?;
+                let point = state.point(tp, all)?;
                 (all || Some(point.offset) != state.committed).then_some(point)
             })
             .collect()
@@ -287,8 +299,8 @@ impl OffsetTracker {
         let mut out: Vec<CommitPoint> = self
             .partitions
             .iter()
-            .filter_map(|(tp, state)| state.point(tp))
-            .filter(|p| self.partitions[&p.tp].committed != Some(p.offset))
+            .filter(|(_, state)| state.commit_point() != state.committed)
+            .filter_map(|(tp, state)| state.point(tp, false))
             .collect();
         out.sort_by(|a, b| a.tp.cmp(&b.tp));
         out
@@ -301,7 +313,7 @@ impl OffsetTracker {
         let mut out: Vec<CommitPoint> = self
             .partitions
             .iter()
-            .filter_map(|(tp, state)| state.point(tp))
+            .filter_map(|(tp, state)| state.point(tp, true))
             .collect();
         out.sort_by(|a, b| a.tp.cmp(&b.tp));
         out
