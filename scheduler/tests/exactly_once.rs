@@ -51,13 +51,27 @@ async fn child(names: &Names, log: &str, port: u16) -> ChildGuard {
     child
 }
 
-/// Every expected id arrived exactly once and none before its due time; returns how many copies
-/// arrived beyond one.
-fn duplicates_and_early(due: &HashMap<String, i64>, got: &[Received]) -> (usize, usize) {
-    assert_all_arrived(due.keys(), got);
-    let dups = got.len() - by_id(got).len();
+/// Reads the target (`partitions` of it) until every expected id has arrived, and asserts each
+/// arrived exactly once and none before its due time.
+async fn assert_each_once(
+    names: &Names,
+    partitions: i32,
+    due: &HashMap<String, i64>,
+    within: Duration,
+) {
+    let target = reader(&names.target, partitions);
+    let got = collect_all(&target, due.keys(), Vec::new(), within).await;
+    assert_all_arrived(due.keys(), &got);
+    let dups = got.len() - by_id(&got).len();
     let early = got.iter().filter(|r| r.timestamp_ms < due[&r.id()]).count();
-    (dups, early)
+    assert_eq!((dups, early), (0, 0), "duplicates, early");
+}
+
+/// Everything in the DLQ, once at least `n` records have come (or 30 s passed).
+async fn dead_letters(names: &Names, n: usize) -> Vec<Received> {
+    let dlq = reader(&names.dlq, 4);
+    let first = collect(&dlq, Duration::from_secs(30), |r| r.len() >= n).await;
+    first.into_iter().chain(drain_to_end(&dlq).await).collect()
 }
 
 /// One process: records with ids, due over 8 s, arrive once each, none early, and their status
@@ -96,17 +110,10 @@ async fn one_process_delivers_each_record_once_through_transactions() {
     )
     .await;
     let due: HashMap<String, i64> = records.into_iter().collect();
-    let target = reader(&names.target, 2);
-    let got = collect_all(&target, due.keys(), Vec::new(), Duration::from_secs(60)).await;
-    let (dups, early) = duplicates_and_early(&due, &got);
-    assert_eq!((dups, early), (0, 0), "duplicates, early");
+    assert_each_once(&names, 2, &due, Duration::from_secs(60)).await;
 
-    let dlq = reader(&names.dlq, 4);
-    let first = collect(&dlq, Duration::from_secs(30), |r| r.len() >= 2).await;
-    let mut dead: Vec<(String, String)> = first
-        .into_iter()
-        .chain(drain_to_end(&dlq).await)
-        .collect::<Vec<_>>()
+    let mut dead: Vec<(String, String)> = dead_letters(&names, 2)
+        .await
         .iter()
         .map(|r| {
             let value = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default());
@@ -215,10 +222,7 @@ async fn a_zombie_is_fenced_and_nothing_it_sent_becomes_visible() {
         .unwrap_or_default();
     assert!(!reason.is_empty(), "/healthz says why: {refused}");
 
-    let reader = reader(&names.target, 2);
-    let got = collect_all(&reader, due.keys(), Vec::new(), Duration::from_secs(90)).await;
-    let (dups, early) = duplicates_and_early(&due, &got);
-    assert_eq!((dups, early), (0, 0), "duplicates, early");
+    assert_each_once(&names, 2, &due, Duration::from_secs(90)).await;
     drop(procs.drain(..));
 }
 
@@ -243,13 +247,8 @@ async fn a_record_its_target_refuses_is_dead_lettered_once_not_retried_for_ever(
     produce(&p, &names.ingest, Some(b"large"), &large, &headers).await;
 
     let due: HashMap<String, i64> = records.into_iter().collect();
-    let target = reader(&names.target, 1);
-    let got = collect_all(&target, due.keys(), Vec::new(), Duration::from_secs(60)).await;
-    let (dups, early) = duplicates_and_early(&due, &got);
-    assert_eq!((dups, early), (0, 0), "duplicates, early");
-    let dlq = reader(&names.dlq, 4);
-    let dead = collect(&dlq, Duration::from_secs(30), |r| !r.is_empty()).await;
-    let dead: Vec<Received> = dead.into_iter().chain(drain_to_end(&dlq).await).collect();
+    assert_each_once(&names, 1, &due, Duration::from_secs(60)).await;
+    let dead = dead_letters(&names, 1).await;
     assert_eq!(dead.len(), 1, "the refused record dead-lettered once");
     assert_eq!(dead[0].key.as_deref(), Some(&b"large"[..]));
     assert_eq!(
