@@ -721,7 +721,18 @@ impl ConsumerContext for EngineContext {
             } else {
                 (None, BROKER_TIMEOUT)
             };
-            let points = self.offsets.revoke(revoked.clone(), group, wait);
+            let revoke = || self.offsets.revoke(revoked.clone(), group, wait);
+            // This runs on the async worker that polls the consumer. The exactly-once commit
+            // waits for the acknowledgement collector, a task that may sit in this very worker's
+            // queue (its next-task slot, which no other worker takes): without handing the
+            // worker's queue over, the wait ran out at 30 s and the transaction aborted.
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            let points = if self.exactly_once && multi_thread {
+                tokio::task::block_in_place(revoke)
+            } else {
+                revoke()
+            };
             if !points.is_empty() {
                 if let Err(e) = commit_offsets(consumer, &points) {
                     tracing::warn!(error = %e, "commit before revoke failed; the next owner re-reads from the previous commit");
