@@ -193,7 +193,7 @@ impl Committer {
         self.in_flight.send_replace(tracker.in_flight());
     }
 
-    /// The notes that only change the tracker.
+    /// The notes that only change the tracker (others change nothing here).
     fn track(&self, note: Note, tracker: &mut OffsetTracker) {
         match note {
             Note::Assigned(list, done) => tracker.assign(list, &done),
@@ -287,18 +287,11 @@ impl Committer {
                         }
                     });
                 }
-                self.failing.send_if_modified(|f| f.take().is_some());
+                self.commits_succeed();
                 Ok(())
             }
             Err(TxnError::Later(e)) => {
-                metrics::counter!(m::COMMIT_FAILURES).increment(1);
-                self.failing.send_modify(|failing| {
-                    let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
-                    if failing.is_none() {
-                        tracing::warn!(error = %e, "transaction not committed yet; trying again");
-                    }
-                    *failing = Some((since, e.clone()));
-                });
+                self.commit_refused(&e);
                 Err(e)
             }
             Err(TxnError::Aborted(e)) => {
@@ -322,17 +315,9 @@ impl Committer {
         points_tx: &mpsc::SyncSender<Vec<CommitPoint>>,
     ) {
         match note {
-            Note::Assigned(list, done) => tracker.assign(list, &done),
             Note::Revoked(tps, _, reply) => {
                 let _ = reply.send(tracker.revoke(&tps, false));
             }
-            Note::Begun(ticket) => {
-                tracker.begin(&ticket);
-            }
-            Note::Also(ticket) => {
-                tracker.also(&ticket);
-            }
-            Note::Finished(ticket) => tracker.finish(&ticket),
             Note::CommitNow(reply) => {
                 commits.queued.push(reply);
                 if !commits.running {
@@ -350,7 +335,7 @@ impl Committer {
                 }
                 self.in_flight.send_replace(tracker.in_flight());
             }
-            Note::Close => {}
+            note => self.track(note, tracker),
         }
     }
 
@@ -389,23 +374,34 @@ impl Committer {
         match result {
             Ok(()) => {
                 tracker.committed(points);
-                self.failing.send_if_modified(|f| f.take().is_some());
+                self.commits_succeed();
                 Ok(tracker.in_flight())
             }
             Err(e) => {
-                metrics::counter!(m::COMMIT_FAILURES).increment(1);
-                self.failing.send_modify(|failing| {
-                    let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
-                    if failing.is_none() {
-                        tracing::warn!(error = %e, "commit failed; retrying");
-                    } else {
-                        tracing::debug!(error = %e, "commit failed again; retrying");
-                    }
-                    *failing = Some((since, e.clone()));
-                });
+                self.commit_refused(&e);
                 Err(e)
             }
         }
+    }
+
+    /// A commit (or transaction) went through: commits no longer fail.
+    fn commits_succeed(&self) {
+        self.failing.send_if_modified(|f| f.take().is_some());
+    }
+
+    /// A commit (or transaction) was refused and is offered again on the next tick: counted,
+    /// and published with since when commits fail.
+    fn commit_refused(&self, e: &str) {
+        metrics::counter!(m::COMMIT_FAILURES).increment(1);
+        self.failing.send_modify(|failing| {
+            let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
+            if failing.is_none() {
+                tracing::warn!(error = %e, "commit failed; retrying");
+            } else {
+                tracing::debug!(error = %e, "commit failed again; retrying");
+            }
+            *failing = Some((since, e.to_string()));
+        });
     }
 }
 

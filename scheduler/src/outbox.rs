@@ -39,13 +39,12 @@ use crate::time::Clock;
 /// (`topic/partition/offset`) when the record itself was refused (too large for its target), by
 /// the target when the target refuses everything (not authorised, a policy). Forgotten after
 /// `--target-give-up`, when they are tried again.
-static REFUSING_TARGETS: Mutex<Option<HashMap<String, (Instant, Rejection)>>> = Mutex::new(None);
+static REFUSING_TARGETS: std::sync::LazyLock<Mutex<HashMap<String, (Instant, Rejection)>>> =
+    std::sync::LazyLock::new(Mutex::default);
 
-/// Remembers that `topic` refused a record for good (see [`REFUSING_TARGETS`]).
-fn remember_refusal(topic: &str, why: Rejection) {
-    kafka::lock(&REFUSING_TARGETS)
-        .get_or_insert_with(HashMap::new)
-        .insert(topic.to_string(), (Instant::now(), why));
+/// Remembers that `key` (see [`refusal_key`]) was refused for good (see [`REFUSING_TARGETS`]).
+fn remember_refusal(key: String, why: Rejection) {
+    kafka::lock(&REFUSING_TARGETS).insert(key, (Instant::now(), why));
 }
 
 /// What a refusal inside a transaction is remembered under: the record's source when the broker
@@ -79,8 +78,10 @@ fn source_key(t: &Ticket) -> String {
 
 /// Why the send's target, or its record, is refused, if it was within `window`.
 fn refusal(send: &Send, window: Duration) -> Option<Rejection> {
-    let mut refusing = kafka::lock(&REFUSING_TARGETS);
-    let map = refusing.as_mut().filter(|m| !m.is_empty())?;
+    let mut map = kafka::lock(&REFUSING_TARGETS);
+    if map.is_empty() {
+        return None;
+    }
     map.retain(|_, (at, _)| at.elapsed() < window);
     map.get(&send.out.topic)
         .or_else(|| map.get(&source_key(&send.ticket)))
@@ -844,7 +845,7 @@ impl Outbox {
                     let topic = &t.send.out.topic;
                     if let Fate::DeadLetter(why) = fate(&e, Destination::Target, topic) {
                         if t.to_target() {
-                            remember_refusal(&refusal_key(&e, &t.send), why);
+                            remember_refusal(refusal_key(&e, &t.send), why);
                         }
                     }
                     txn.doom(format!("a write to {topic} failed: {e}"));
