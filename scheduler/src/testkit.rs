@@ -194,9 +194,15 @@ impl Drop for ChildGuard {
 }
 
 /// Starts a service binary as a child process (for kill -9 tests and the benchmark). Its stderr
-/// goes to `log` in the temporary directory, filtered by `RUST_LOG` (default info).
+/// goes to `log` in the temporary directory, filtered by `RUST_LOG` (default info). A process
+/// started again under the same log name appends to it, so that what a killed predecessor said
+/// is still there to read when a test fails.
 pub fn spawn_binary(binary: &str, args: &[String], log: &str) -> ChildGuard {
-    let log = std::fs::File::create(std::env::temp_dir().join(log)).expect("log file");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join(log))
+        .expect("log file");
     let child = Command::new(binary)
         .args(args)
         .env(
@@ -481,7 +487,15 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         kill9(&mut self.child);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // A failing test's broker log is what explains a transaction or a group that hung.
+            eprintln!(
+                "the test failed: its broker's directory is kept, {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

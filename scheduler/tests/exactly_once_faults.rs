@@ -64,7 +64,37 @@ async fn run(mode: &'static str, seed: u64) -> Run {
     let reader = reader(&names.target, TARGET_PARTITIONS);
     let got = collect_all(&reader, due.keys(), Vec::new(), Duration::from_secs(120)).await;
     assert_all_arrived(due.keys(), &got);
-    let duplicates = got.len() - by_id(&got).len();
+    let copies = by_id(&got);
+    let duplicates = got.len() - copies.len();
+    // What a failure needs to be traced in the processes' logs: each copy's place and time.
+    // (The at-least-once run's duplicates are expected, and too many to list.)
+    let listed = if mode == "exactly-once" { 20 } else { 0 };
+    for (id, seen) in copies
+        .iter()
+        .filter(|(_, seen)| seen.len() > 1)
+        .take(listed)
+    {
+        eprintln!(
+            "{mode}: {id} (due {}) arrived {} times (logs: {}/{}-{mode}-*.log):",
+            due[id],
+            seen.len(),
+            std::env::temp_dir().display(),
+            names.group
+        );
+        for r in seen {
+            eprintln!(
+                "  partition {} offset {} timestamp {} headers {:?}",
+                r.partition,
+                r.offset,
+                r.timestamp_ms,
+                r.headers
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("sm-"))
+                    .map(|(n, v)| (n, v.as_deref().map(String::from_utf8_lossy)))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
     let early = got.iter().filter(|r| r.timestamp_ms < due[&r.id()]).count();
     let (p50, p99, worst) = lateness(&got);
     eprintln!(
