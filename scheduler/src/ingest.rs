@@ -87,21 +87,20 @@ impl Ingest {
 
     /// A record from the ingest topic: accepted and routed, or dead-lettered with its reason.
     async fn ingest(&self, rec: Incoming) {
+        if let Some(done) = self
+            .offsets
+            .skip_done(&rec.topic, rec.partition, rec.offset)
+        {
+            // Placed by the previous owner's committed transaction (exactly-once): read, and
+            // handled for the watermarks; the commit point already passes it.
+            self.offsets.read_marks(|m| m.read(&done, false));
+            metrics::counter!(m::REPLAY_SKIPPED).increment(1);
+            return;
+        }
         let Some(ticket) = self.offsets.begin(&rec.topic, rec.partition, rec.offset) else {
             tracing::debug!(source = %rec.source(), "a record of a partition not assigned here: left to its owner");
             return;
         };
-        if self
-            .offsets
-            .already_done(&rec.topic, rec.partition, rec.offset)
-        {
-            // Placed by the previous owner's committed transaction (exactly-once): read and
-            // finished at once, so the commit point passes it.
-            self.offsets.read_marks(|m| m.read(&ticket, false));
-            self.offsets.finish(&ticket);
-            metrics::counter!(m::REPLAY_SKIPPED).increment(1);
-            return;
-        }
         tracing::trace!(source = %rec.source(), "ingested");
         let r = &*self.router;
         let internal = &r.settings.internal;

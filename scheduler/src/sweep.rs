@@ -425,16 +425,14 @@ impl Sweeper {
                 if p.done || rec.offset < p.next {
                     continue; // past where this partition stops, or read again after a seek
                 }
-                if self.offsets.already_done(topic, rec.partition, rec.offset) {
+                if self
+                    .offsets
+                    .skip_done(topic, rec.partition, rec.offset)
+                    .is_some()
+                {
                     // Written on by the previous owner's committed transaction (exactly-once):
-                    // begun and finished at once, so the commit point passes it.
-                    if let Some(t) =
-                        self.offsets
-                            .begin_in(&rec.topic, rec.partition, rec.offset, p.generation)
-                    {
-                        self.offsets.finish(&t);
-                        metrics::counter!(m::REPLAY_SKIPPED).increment(1);
-                    }
+                    // skipped; the commit point already passes it.
+                    metrics::counter!(m::REPLAY_SKIPPED).increment(1);
                     p.next = rec.offset + 1;
                     if p.next >= p.end {
                         self.caught_up(p).await?;
