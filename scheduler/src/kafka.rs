@@ -666,6 +666,11 @@ fn replayed<C: ConsumerContext>(
     let committed = loop {
         match consumer.committed_offsets(tpl.clone(), BROKER_TIMEOUT) {
             Ok(c) => break c,
+            // The consumer is being closed (its engine stopped): nothing to read it for.
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerDestroy) => {
+                tracing::debug!(error = %e, "the consumer is closing; its assignment is not read");
+                return None;
+            }
             Err(e) if std::time::Instant::now() < end => {
                 tracing::warn!(error = %e, "reading the committed progress of assigned partitions; trying again");
                 std::thread::sleep(delays.next().unwrap_or(Duration::from_secs(2)));
