@@ -86,7 +86,10 @@ impl Planner {
                 }
                 Some(RebalanceEvent::Unreadable(tps)) => {
                     return self.life.fail(crate::kafka::Fatal::Aborted(format!(
-                        "could not read where the previous owner left {} assigned partitions",
+                        "could not read where the previous owner left {} assigned partitions \
+                         (their committed offsets stayed unstable for a minute: a transaction \
+                         still holds them; one that outlives the broker's transaction timeout \
+                         is hanging, see `kafka-transactions.sh find-hanging`)",
                         tps.len()
                     )));
                 }
