@@ -478,8 +478,18 @@ impl Broker {
     /// SIGKILL (no controlled shutdown, nothing flushed), `down` of silence, then the same broker
     /// again on the same ports and data directory.
     pub fn kill_and_restart(&mut self, down: Duration) {
-        kill9(&mut self.child);
+        self.kill();
         std::thread::sleep(down);
+        self.start_again();
+    }
+
+    /// SIGKILL, nothing flushed; [`Broker::start_again`] brings it back.
+    pub fn kill(&mut self) {
+        kill9(&mut self.child);
+    }
+
+    /// The same broker again on the same ports and data directory, after [`Broker::kill`].
+    pub fn start_again(&mut self) {
         self.child = Broker::spawn(&self.dir, self.port);
     }
 }
@@ -493,6 +503,10 @@ impl Drop for Broker {
                 "the test failed: its broker's directory is kept, {}",
                 self.dir.display()
             );
+            let log = std::fs::read_to_string(self.dir.join("logs/server.log")).unwrap_or_default();
+            for line in log.lines().filter(|l| l.contains("likely deleted already")) {
+                eprintln!("the broker left a transaction hanging: {line}");
+            }
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -8,6 +8,7 @@
 //! The kills are random but seeded; the seed is printed, and `SM_TEST_SEED` replays a run.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -20,6 +21,10 @@ const SPREAD_MS: i64 = 60_000;
 const LEAD_MS: i64 = 5_000;
 const TARGET_PARTITIONS: i32 = 4;
 
+/// The pids of the exactly-once run's two processes, for the broker restart to pause them (see
+/// the test), and held by the run while it kills and starts one.
+type Pids = Arc<tokio::sync::Mutex<[u32; 2]>>;
+
 /// What one mode's run saw.
 struct Run {
     duplicates: usize,
@@ -28,7 +33,7 @@ struct Run {
 }
 
 /// One mode's run: its two processes, its kills; the broker restart is the caller's.
-async fn run(mode: &'static str, seed: u64) -> Run {
+async fn run(mode: &'static str, seed: u64, pids: Option<Pids>) -> Run {
     let names = Names::new(&format!("eosf-{mode}"));
     create_topic(&names.target, TARGET_PARTITIONS).await;
     let ports = [free_port(), free_port()];
@@ -43,6 +48,9 @@ async fn run(mode: &'static str, seed: u64) -> Run {
         )
     };
     let mut procs = [start(0), start(1)];
+    if let Some(pids) = &pids {
+        *pids.lock().await = [procs[0].id(), procs[1].id()];
+    }
     for port in ports {
         answers_ok(port).await;
     }
@@ -57,8 +65,16 @@ async fn run(mode: &'static str, seed: u64) -> Run {
     while now_ms() < base + SPREAD_MS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(3_000..7_000))).await;
         let i = rng.random_range(0..2);
+        let mut held = match &pids {
+            Some(pids) => Some(pids.lock().await),
+            None => None,
+        };
         kill9(&mut procs[i]);
         procs[i] = start(i);
+        if let Some(held) = held.as_mut() {
+            held[i] = procs[i].id();
+        }
+        drop(held);
         kills += 1;
     }
     let reader = reader(&names.target, TARGET_PARTITIONS);
@@ -108,6 +124,14 @@ async fn run(mode: &'static str, seed: u64) -> Run {
     }
 }
 
+/// Sends `sig` to each process.
+fn signal(pids: &[u32], sig: libc::c_int) {
+    for &pid in pids {
+        let pid = libc::pid_t::try_from(pid).expect("a pid");
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {pid}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_survives_kills_and_a_broker_restart_where_at_least_once_duplicates() {
     let seed = std::env::var("SM_TEST_SEED")
@@ -119,15 +143,31 @@ async fn exactly_once_survives_kills_and_a_broker_restart_where_at_least_once_du
     // Every helper of this test binary talks to this broker.
     std::env::set_var("SM_BOOTSTRAP_SERVERS", broker.bootstrap());
     let started = Instant::now();
+    let pids = Pids::default();
     let restart = async {
         // In the middle of the deliveries: the first records are due LEAD_MS after the set-up.
         tokio::time::sleep(Duration::from_secs(40)).await;
-        tokio::task::block_in_place(|| broker.kill_and_restart(Duration::from_secs(2)));
+        // The exactly-once processes are paused for a second before the kill, so that no
+        // commit of theirs is between its PrepareCommit and its markers when the broker dies:
+        // Kafka 4.4 restarted after a SIGKILL can complete such a transaction without writing
+        // its markers (its coordinator runs before the controller fences the dead incarnation,
+        // and a partition without a leader is "likely deleted already"), and the transaction
+        // then hangs for ever, stopping read_committed readers and the group's offsets (traced
+        // in this test's kept broker; README, "Delivery guarantees"). The transactions the kill
+        // interrupts are still open ones, as a process that is not paused would have.
+        let held = pids.lock().await;
+        signal(&*held, libc::SIGSTOP);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::task::block_in_place(|| broker.kill());
+        signal(&*held, libc::SIGCONT);
+        drop(held);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::block_in_place(|| broker.start_again());
         started.elapsed()
     };
     let (exactly, at_least, restarted_at) = tokio::join!(
-        run("exactly-once", seed),
-        run("at-least-once", seed.wrapping_add(1)),
+        run("exactly-once", seed, Some(pids.clone())),
+        run("at-least-once", seed.wrapping_add(1), None),
         restart
     );
     eprintln!(
