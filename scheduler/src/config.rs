@@ -48,8 +48,7 @@ pub struct Config {
     /// A process restarted with the same id gets its partitions back at once instead of after the
     /// session timeout: set it per replica (e.g. the pod name). `{hostname}` is replaced by the
     /// host's name, so one setting gives every container of a scaled service its own id. Two
-    /// live processes with one id fence each other: the later one stops with an error. The
-    /// exactly-once mode uses its transactional id when this is not set (see `Scheduler::start`).
+    /// live processes with one id fence each other: the later one stops with an error.
     #[arg(long, env = "SM_INSTANCE_ID")]
     pub instance_id: Option<String>,
 

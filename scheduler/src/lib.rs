@@ -70,15 +70,7 @@ impl Scheduler {
         let http_addr = listener.local_addr()?;
         let mut settings = settings;
         if settings.exactly_once() {
-            let id = settings.transactional_id(http_addr.port());
-            settings.config.transactional_id = Some(id.clone());
-            // A static member: a process (or an engine after an abort) that starts again gets
-            // its partitions back without a rebalance. A rebalance makes every other process's
-            // open transaction fail its offset commit (the generation moved on) and abort,
-            // and each abort's restart was the next rebalance: under the faults test's kills
-            // the processes aborted one another in turn. The id is the transactional id, which
-            // two live processes already cannot share.
-            settings.config.instance_id.get_or_insert(id);
+            settings.config.transactional_id = Some(settings.transactional_id(http_addr.port()));
         }
         let state_dir = settings.state_dir(http_addr.port());
         let engine = engine::Engine::start(settings, clock, &state_dir).await?;
