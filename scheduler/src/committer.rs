@@ -86,6 +86,10 @@ impl Committer {
     }
 
     fn run(self) {
+        if let Some(txn) = self.txn.clone() {
+            // Transactions commit on this thread: no commit thread, no plain commits.
+            return self.run_transactions(&txn, OffsetTracker::default());
+        }
         let (points_tx, points_rx) = mpsc::sync_channel::<Vec<CommitPoint>>(1);
         let consumer = self.consumer.clone();
         let back = self.offsets.clone();
@@ -104,9 +108,6 @@ impl Committer {
         }
         let mut tracker = OffsetTracker::default();
         let mut commits = Commits::default();
-        if let Some(txn) = self.txn.clone() {
-            return self.run_transactions(&txn, tracker);
-        }
         let mut trimmer = Trimmer::default();
         let mut next_tick = Instant::now() + self.interval;
         loop {
@@ -182,8 +183,7 @@ impl Committer {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             if Instant::now() >= next_tick {
-                let moved = !tracker.commit_points().is_empty();
-                if txn.dirty() || moved {
+                if txn.dirty() || tracker.moved() {
                     let _ = self.transact(txn, &mut tracker, None, &mut deferred);
                 }
                 self.in_flight.send_replace(tracker.in_flight());
@@ -261,11 +261,10 @@ impl Committer {
         if let Some(fatal) = self.life.fatal() {
             txn.doom(fatal.reason().to_string());
         }
-        let mut points = tracker.transaction_points();
+        // The revoking partitions are among them; they leave the tracker now.
+        let points = tracker.transaction_points();
         if let Some(r) = &revoking {
-            points.retain(|p| !r.tps.contains(&p.tp));
-            points.extend(tracker.revoke(r.tps, true));
-            points.sort_by(|a, b| a.tp.cmp(&b.tp));
+            tracker.revoke(r.tps);
         }
         let now = rdkafka::consumer::Consumer::group_metadata(&*self.consumer);
         let group = revoking.as_ref().and_then(|r| r.group).or(now.as_ref());
@@ -316,7 +315,7 @@ impl Committer {
     ) {
         match note {
             Note::Revoked(tps, _, reply) => {
-                let _ = reply.send(tracker.revoke(&tps, false));
+                let _ = reply.send(tracker.revoke(&tps));
             }
             Note::CommitNow(reply) => {
                 commits.queued.push(reply);

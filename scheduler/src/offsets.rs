@@ -86,6 +86,10 @@ impl Owned {
     /// Whether the record at `offset` was already written where it goes, in a committed
     /// transaction, by an earlier owner: it is skipped (begun and finished at once).
     pub fn already_done(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        // Empty in the at-least-once mode: no key is built for each record read.
+        if self.done.is_empty() {
+            return false;
+        }
         self.done
             .get(&(topic.to_string(), partition))
             .is_some_and(|p| p.is_done(offset))
@@ -228,19 +232,15 @@ impl OffsetTracker {
         }
     }
 
-    /// Stops tracking revoked partitions; returns their last safe commit points, to commit before
-    /// they are handed to another member: those that moved since the last commit, or every one
-    /// (`all`: a transaction states each partition's progress).
-    pub fn revoke<'a>(
-        &mut self,
-        tps: impl IntoIterator<Item = &'a Tp>,
-        all: bool,
-    ) -> Vec<CommitPoint> {
+    /// Stops tracking revoked partitions; returns their last safe commit points that moved since
+    /// the last commit, to commit before they are handed to another member.
+    pub fn revoke<'a>(&mut self, tps: impl IntoIterator<Item = &'a Tp>) -> Vec<CommitPoint> {
         tps.into_iter()
             .filter_map(|tp| {
                 let state = self.partitions.remove(tp)?;
-                let point = state.point(tp, all)?;
-                (all || Some(point.offset) != state.committed).then_some(point)
+                state
+                    .point(tp, false)
+                    .filter(|p| Some(p.offset) != state.committed)
             })
             .collect()
     }
@@ -299,11 +299,22 @@ impl OffsetTracker {
         let mut out: Vec<CommitPoint> = self
             .partitions
             .iter()
-            .filter(|(_, state)| state.commit_point() != state.committed)
-            .filter_map(|(tp, state)| state.point(tp, false))
+            .filter_map(|(tp, state)| {
+                state
+                    .point(tp, false)
+                    .filter(|p| Some(p.offset) != state.committed)
+            })
             .collect();
         out.sort_by(|a, b| a.tp.cmp(&b.tp));
         out
+    }
+
+    /// Whether any commit point moved since the last acknowledged commit (what
+    /// [`OffsetTracker::commit_points`] would list, without building the list).
+    pub fn moved(&self) -> bool {
+        self.partitions
+            .values()
+            .any(|s| s.commit_point().is_some_and(|p| Some(p) != s.committed))
     }
 
     /// Every partition's commit point with its progress, moved or not: a transaction states
@@ -456,10 +467,7 @@ impl Offsets {
     /// Makes the ticket's record wait for a second acknowledgement; returns the ticket for that
     /// write, or `None` when the ticket is no longer current.
     pub fn also(&self, ticket: &Ticket) -> Option<Ticket> {
-        self.is_current(ticket).then(|| {
-            self.tell(Note::Also(ticket.clone()));
-            ticket.clone()
-        })
+        self.is_current(ticket).then(|| self.also_whatever(ticket))
     }
 
     /// [`Offsets::also`] whatever the ownership says now (exactly-once: the write is a
@@ -723,7 +731,7 @@ mod tests {
         }
         fn revoke(&mut self, tps: &[Tp]) -> Vec<CommitPoint> {
             self.owned.revoke(tps);
-            self.t.revoke(tps, false)
+            self.t.revoke(tps)
         }
         fn begin(&mut self, p: i32, offset: i64) -> Option<Ticket> {
             let ticket = self.owned.ticket("t", p, offset)?;

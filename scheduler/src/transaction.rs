@@ -162,16 +162,10 @@ impl Txn {
                     metadata.len()
                 )));
             }
-            let added = tpl
-                .add_partition_offset(&p.tp.0, p.tp.1, Offset::Offset(p.offset))
-                .and_then(|()| {
-                    tpl.find_partition(&p.tp.0, p.tp.1)
-                        .map(|mut e| e.set_metadata(metadata))
-                        .ok_or(KafkaError::Subscription("no partition".into()))
-                });
-            if let Err(e) = added {
-                return Err(TxnError::Later(e.to_string()));
-            }
+            let mut e = tpl.add_partition(&p.tp.0, p.tp.1);
+            e.set_offset(Offset::Offset(p.offset))
+                .map_err(|e| TxnError::Later(e.to_string()))?;
+            e.set_metadata(metadata);
         }
         // Past this point a call the broker did not answer in time leaves the transaction in a
         // state no send may enter: it aborts.
