@@ -60,11 +60,7 @@ const STATE_SEGMENT_MS: i64 = 3_600_000;
 /// Takes this process's transactional id (the exactly-once mode), which aborts what an earlier
 /// process with the id left open, and opens the first transaction.
 async fn start_transactions(settings: &Settings) -> Result<crate::transaction::Txn, Error> {
-    let id = settings
-        .config
-        .transactional_id
-        .clone()
-        .unwrap_or_else(|| settings.transactional_id(0));
+    let id = settings.transactional_id(0);
     let producer: FutureProducer = kafka::transactional_producer_config(settings, &id).create()?;
     let txn = tokio::task::spawn_blocking(move || {
         crate::transaction::Txn::start(producer, kafka::BROKER_TIMEOUT)

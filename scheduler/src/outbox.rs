@@ -1252,14 +1252,7 @@ impl Outbox {
                 None => return,
             }
         };
-        self.file_instead(out, ticket, current._permit.clone());
-    }
-
-    /// Files a recurring schedule's next occurrence under `ticket`: in place of an occurrence
-    /// not delivered (missed, and the schedule says `missed: none`), or beside one delivered
-    /// ([`Outbox::file_next`]). The ticket's offset waits for it.
-    pub(crate) fn file_instead(self: &Arc<Self>, out: Outgoing, ticket: Ticket, permit: Share) {
-        let send = Self::next_occurrence(out, ticket, permit);
+        let send = Self::next_occurrence(out, ticket, current._permit.clone());
         self.follow_up(Tracked::new(
             send,
             self.send_seq.fetch_add(1, Ordering::Relaxed),

@@ -287,9 +287,13 @@ impl Sweeper {
             held.push((tp, generation, cursor));
         }
         let tps: Vec<Tp> = held.iter().map(|(tp, ..)| tp.clone()).collect();
+        // Neither swept under this assignment nor read by the rebalance callback (exactly-once):
+        // only those need the group's committed offsets.
         let unknown: Vec<Tp> = held
             .iter()
-            .filter(|(_, _, c)| c.next.is_none())
+            .filter(|(tp, _, c)| {
+                c.next.is_none() && self.offsets.committed_at(&tp.0, tp.1).is_none()
+            })
             .map(|(tp, ..)| tp.clone())
             .collect();
         let (marks, committed) = kafka::look(&self.lookup, move |l| {
